@@ -1,0 +1,86 @@
+"""Commands into the scan, and the events it reports. Plain frozen values.
+
+Every operator action (an OPC UA write or method call, the CLI) becomes one of these commands
+with the user behind it; the runtime queues them and the next scan drains the queue. The scan
+answers each command with a ``command_accepted`` or ``command_refused`` event carrying the
+reason, so a caller can map a refusal onto the right status code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    user: str = field(default="", kw_only=True)
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+
+@dataclass(frozen=True, slots=True)
+class StartRecipe(Command):
+    recipe_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Hold(Command):
+    """Pause the sequence: timers stop, temperatures are held, pouring is not released."""
+
+
+@dataclass(frozen=True, slots=True)
+class Resume(Command):
+    """Continue a held sequence, or one interrupted by a restart."""
+
+
+@dataclass(frozen=True, slots=True)
+class Stop(Command):
+    """End pouring normally: the batch is complete, outputs go off."""
+
+
+@dataclass(frozen=True, slots=True)
+class Abort(Command):
+    """End the batch at once from any running state: outputs go off."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reset(Command):
+    """Clear latched trips whose conditions are gone. Never restarts anything."""
+
+
+@dataclass(frozen=True, slots=True)
+class Acknowledge(Command):
+    alarm_id: str | None = None  # None acknowledges every alarm
+
+
+@dataclass(frozen=True, slots=True)
+class SetManual(Command):
+    zone: str
+    output_pct: float | None  # None returns the zone to automatic (bumpless)
+
+
+@dataclass(frozen=True, slots=True)
+class SetTrim(Command):
+    zone: str
+    trim_k: float  # operator set-point trim added to the recipe goal, within +-MAX_TRIM_K
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown(Command):
+    """The controller is stopping cleanly (Ctrl-C): end any batch, outputs safe."""
+
+
+MAX_TRIM_K = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    kind: str            # phase | batch_start | batch_end | alarm | trip | command_accepted | command_refused
+    time_s: float
+    message: str
+    data: tuple[tuple[str, object], ...] = ()
+
+    def get(self, key: str, default: object = None) -> object:
+        return dict(self.data).get(key, default)

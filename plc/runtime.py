@@ -1,0 +1,293 @@
+"""The runtime: the only loop. Runs the pure scan on absolute deadlines and does its I/O.
+
+    deadline = now + period
+    loop: sleep until deadline -> read latest inputs -> scan -> write outputs -> publish snapshot
+          -> measure logic time and lateness -> deadline += period
+
+Rules (DESIGN.md §2): the scan never awaits the network (``io.read_inputs`` returns the latest
+values, ``io.write_outputs`` stores the output image for the drivers); observers get snapshots
+through a non-blocking channel; persistence is handed to a writer thread.
+
+Watchdog (configurable): ``max_consecutive_overruns`` scans in a row that finish after their
+next deadline, or one scan whose logic takes longer than ``max_cycle_factor`` x period, fault the
+PLC: the outputs are forced safe at once through ``io.force_safe()`` and the next scan latches
+the ``plc.watchdog`` trip. A separate thread (``HangWatchdog``) forces the outputs safe when no
+scan completes for ``max_cycle_factor`` x period at all (a hung scan cannot protect itself).
+
+Two clocks: ``MonotonicClock`` (real time) and ``VirtualClock`` (scans back to back, time only
+advances when the loop sleeps), so the same loop runs in virtual time for tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Iterable, Protocol
+
+import numpy as np
+
+from .channel import Snapshot, SnapshotChannel
+from .commands import Command
+from .image import ProcessImage
+from .persist import StateStore
+from .program import Program
+from .scan import ScanContext, ScanResult, scan
+from .state import PlcState, restored
+
+
+class PlantIo(Protocol):
+    def read_inputs(self) -> ProcessImage: ...
+    def write_outputs(self, outputs: ProcessImage) -> None: ...
+    def force_safe(self) -> None: ...
+
+
+class Clock(Protocol):
+    def now(self) -> float: ...            # monotonic seconds, for deadlines
+    def wall(self) -> float: ...           # timestamps (s since the epoch, or virtual seconds)
+    async def sleep_until(self, t: float) -> None: ...
+
+
+class MonotonicClock:
+    def now(self) -> float:
+        return time.monotonic()
+
+    def wall(self) -> float:
+        return time.time()
+
+    async def sleep_until(self, t: float) -> None:
+        await asyncio.sleep(max(0.0, t - time.monotonic()))
+
+
+class VirtualClock:
+    """Time advances only when someone sleeps; scans run back to back."""
+
+    def __init__(self, start_s: float = 0.0):
+        self.t = start_s
+
+    def now(self) -> float:
+        return self.t
+
+    def wall(self) -> float:
+        return self.t
+
+    async def sleep_until(self, t: float) -> None:
+        self.t = max(self.t, t)
+        await asyncio.sleep(0)
+
+
+class ScanStats:
+    """Per-scan logic time and lateness over a sliding window, overrun counters."""
+
+    def __init__(self, window: int = 3000):
+        self.logic_s: deque[float] = deque(maxlen=window)
+        self.late_s: deque[float] = deque(maxlen=window)
+        self.scans = 0
+        self.overruns = 0
+        self.consecutive_overruns = 0
+        self.skipped_deadlines = 0
+        self.max_logic_s = 0.0
+        self.max_late_s = 0.0
+
+    def record(self, logic_s: float, late_s: float, overrun: bool) -> None:
+        self.scans += 1
+        self.logic_s.append(logic_s)
+        self.late_s.append(late_s)
+        self.max_logic_s = max(self.max_logic_s, logic_s)
+        self.max_late_s = max(self.max_late_s, late_s)
+        if overrun:
+            self.overruns += 1
+            self.consecutive_overruns += 1
+        else:
+            self.consecutive_overruns = 0
+
+    def summary(self) -> dict[str, float]:
+        out = {"scans": float(self.scans), "overruns": float(self.overruns),
+               "skipped_deadlines": float(self.skipped_deadlines),
+               "logic_ms_max": self.max_logic_s * 1e3, "late_ms_max": self.max_late_s * 1e3}
+        if self.logic_s:
+            lg = np.fromiter(self.logic_s, float) * 1e3
+            lt = np.fromiter(self.late_s, float) * 1e3
+            out.update(logic_ms_last=float(lg[-1]), logic_ms_p50=float(np.percentile(lg, 50)),
+                       logic_ms_p99=float(np.percentile(lg, 99)),
+                       late_ms_p50=float(np.percentile(lt, 50)),
+                       late_ms_p99=float(np.percentile(lt, 99)))
+        return out
+
+
+class Controller:
+    """The scan around its state: commands in, scan, persistence and snapshots out.
+
+    Shared by the real-time ``Runtime`` and the virtual-time ``run_virtual`` so both run the
+    very same code path.
+    """
+
+    def __init__(self, program: Program, store: StateStore | None = None,
+                 channel: SnapshotChannel | None = None, state: PlcState | None = None):
+        self.program = program
+        self.store = store
+        self.channel = channel
+        if state is None:
+            state = restored(store.load() if store else None, program.recipes,
+                             tuple(z.name for z in program.zones))
+        self.state = state
+        self.tick = 0
+        self._commands: deque[Command] = deque()
+        self.stats = ScanStats()
+        self.last: ScanResult | None = None
+
+    def submit(self, cmd: Command) -> None:
+        """Queue a command for the next scan (safe from any thread: deque.append is atomic)."""
+        self._commands.append(cmd)
+
+    def _drain(self) -> list[Command]:
+        out = []
+        while self._commands:
+            out.append(self._commands.popleft())
+        return out
+
+    def cycle(self, inputs: ProcessImage, now_s: float, watchdog: str = "") -> ScanResult:
+        ctx = ScanContext(self.tick, self.program.period_s, now_s, watchdog)
+        result = scan(self.program, self.state, inputs, self._drain(), ctx)
+        self.state = result.state
+        self.last = result
+        if self.store is not None:
+            self.store.save(result.state.persistent())
+        if self.channel is not None:
+            self.channel.publish(self.snapshot(result, inputs, now_s))
+        self.tick += 1
+        return result
+
+    def snapshot(self, r: ScanResult, inputs: ProcessImage, now_s: float) -> Snapshot:
+        s = r.state
+        alarms = tuple(sorted((a for a in s.alarms.values() if a.state.value != "normal"),
+                              key=lambda a: (-int(a.priority), a.id)))
+        return Snapshot(self.tick, now_s, s.phase.value, s.held, s.interrupted, s.recipe_id,
+                        s.batch_id, s.phase_time_s, s.tempered, s.pouring_released, r.zones,
+                        inputs, r.outputs, alarms, tuple(sorted(s.trips)), s.first_out, r.events,
+                        self.stats.summary() if self.tick % 10 == 0 or not self.channel.last
+                        else self.channel.last.stats)
+
+
+@dataclass(frozen=True)
+class WatchdogSettings:
+    max_consecutive_overruns: int = 5
+    max_cycle_factor: float = 10.0
+
+
+class HangWatchdog:
+    """A thread that forces the outputs safe if no scan completes in time."""
+
+    def __init__(self, io: PlantIo, timeout_s: float):
+        self.io = io
+        self.timeout_s = timeout_s
+        self._beat = time.monotonic()
+        self._stop = threading.Event()
+        self.fired = 0
+        self._thread = threading.Thread(target=self._run, name="scan-hang-watchdog", daemon=True)
+
+    def start(self) -> None:
+        self._beat = time.monotonic()
+        self._thread.start()
+
+    def beat(self) -> None:
+        self._beat = time.monotonic()
+
+    def _run(self) -> None:
+        armed = True
+        while not self._stop.wait(self.timeout_s / 4):
+            late = time.monotonic() - self._beat > self.timeout_s
+            if late and armed:
+                self.fired += 1
+                self.io.force_safe()
+            armed = not late
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class Runtime:
+    def __init__(self, controller: Controller, io: PlantIo, clock: Clock | None = None,
+                 watchdog: WatchdogSettings = WatchdogSettings(),
+                 after_scan: Callable[[ScanResult], None] | None = None):
+        self.c = controller
+        self.io = io
+        self.clock = clock or MonotonicClock()
+        self.wd = watchdog
+        self.after_scan = after_scan
+        self.watchdog_reason = ""
+
+    async def run(self, stop: asyncio.Event, max_scans: int | None = None,
+                  final: Iterable[Command] = ()) -> None:
+        """Scan until ``stop`` is set (or ``max_scans``); then one last scan with ``final``."""
+        period = self.c.program.period_s
+        clock = self.clock
+        hang = None
+        if isinstance(clock, MonotonicClock):
+            hang = HangWatchdog(self.io, period * self.wd.max_cycle_factor)
+            hang.start()
+        deadline = clock.now() + period
+        n = 0
+        try:
+            while not stop.is_set() and (max_scans is None or n < max_scans):
+                await clock.sleep_until(deadline)
+                self._one(deadline, period)
+                if hang:
+                    hang.beat()
+                n += 1
+                deadline += period
+                now = clock.now()
+                if now > deadline:  # re-anchor on the grid: missed deadlines are skipped, counted
+                    missed = int((now - deadline) / period) + 1
+                    deadline += missed * period
+                    self.c.stats.skipped_deadlines += missed
+        finally:
+            if hang:
+                hang.stop()
+            for cmd in final:
+                self.c.submit(cmd)
+            self._one(clock.now(), period)
+            self.io.force_safe()
+
+    def _one(self, deadline: float, period: float) -> None:
+        clock = self.clock
+        start = clock.now()
+        late = max(0.0, start - deadline)
+        reason, self.watchdog_reason = self.watchdog_reason, ""
+        result = self.c.cycle(self.io.read_inputs(), clock.wall(), reason)
+        self.io.write_outputs(result.outputs)
+        if self.after_scan:
+            self.after_scan(result)
+        end = clock.now()
+        logic = end - start
+        overrun = end > deadline + period
+        self.c.stats.record(logic, late, overrun)
+        if logic > self.wd.max_cycle_factor * period:
+            self.watchdog_reason = (f"one scan took {logic * 1e3:.0f} ms "
+                                    f"(> {self.wd.max_cycle_factor:g} x {period * 1e3:.0f} ms)")
+        elif self.c.stats.consecutive_overruns >= self.wd.max_consecutive_overruns:
+            self.watchdog_reason = f"{self.c.stats.consecutive_overruns} consecutive overruns"
+        if self.watchdog_reason:
+            self.io.force_safe()
+
+
+def run_virtual(controller: Controller, io: PlantIo, advance: Callable[[float], None],
+                scans: int, on_scan: Callable[[ScanResult], None] | None = None,
+                start_s: float = 0.0) -> float:
+    """Run ``scans`` scans back to back in virtual time; ``advance(dt)`` moves the plant.
+
+    Same order as the real-time loop: read, scan, write, then the plant runs for one period.
+    Returns the virtual time reached.
+    """
+    period = controller.program.period_s
+    t = start_s
+    for _ in range(scans):
+        result = controller.cycle(io.read_inputs(), t)
+        io.write_outputs(result.outputs)
+        if on_scan:
+            on_scan(result)
+        advance(period)
+        t += period
+    return t

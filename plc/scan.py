@@ -1,0 +1,151 @@
+"""The scan: one pure function from (program, state, inputs, commands, context) to results.
+
+    result = scan(program, state, inputs, commands, ScanContext(tick, dt_s, now_s))
+
+Order within a scan (IEC 61131-3 style read -> logic -> write; the runtime does the I/O):
+1. drain the commands (each accepted or refused with a reason, see ``sequencer``);
+2. read the zone sensors and evaluate the interlocks (``interlocks``); update the alarms
+   (ISA-18.2, ``alarms``); latch trips and record the first-out;
+3. a latched trip puts the sequence into Fault; the outputs of this very scan are safe;
+4. otherwise advance the sequence and run one PID per zone, split into heater and cooling duties,
+   time-proportioned into on/off outputs;
+5. return the output image, the new state, the events and a view of the zones.
+
+No clock, no I/O, no randomness: the same arguments always give the same result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Iterable
+
+from . import alarms as alarm_mod
+from . import interlocks, sequencer
+from .commands import Command, Event
+from .image import Point, ProcessImage, Quality
+from .pid import PidState, PwmState, pid_update, pwm_step, split_range
+from .program import OUTPUT_SPECS, SAFE_OUTPUTS, Program
+from .state import RUNNING, Phase, PlcState, ZoneState
+
+
+@dataclass(frozen=True, slots=True)
+class ScanContext:
+    tick: int
+    dt_s: float
+    now_s: float
+    watchdog: str = ""   # non-empty: the runtime's watchdog fired, with the reason
+
+
+@dataclass(frozen=True, slots=True)
+class ZoneView:
+    name: str
+    pv_c: float | None
+    sp_c: float | None
+    output_pct: float
+    quality: Quality
+    manual: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ScanResult:
+    outputs: ProcessImage
+    state: PlcState
+    events: tuple[Event, ...]
+    zones: tuple[ZoneView, ...]
+    demands: sequencer.Demands
+
+
+def scan(p: Program, s: PlcState, inputs: ProcessImage, commands: Iterable[Command],
+         ctx: ScanContext) -> ScanResult:
+    dt, now = ctx.dt_s, ctx.now_s
+    events: list[Event] = []
+    for cmd in commands:
+        s, ev = sequencer.apply_command(p, s, cmd, now)
+        events += ev
+
+    # --- sensors and interlocks ----------------------------------------------------------------
+    readings = {z.name: interlocks.read_zone(p, inputs, z.name) for z in p.zones}
+    zones = dict(s.zones)
+    stuck: dict[str, bool] = {}
+    for z in p.zones:
+        zs = zones.get(z.name) or ZoneState()
+        v = readings[z.name].pv
+        driven = abs(zs.pid.output) > interlocks.STUCK_DRIVE_PCT and s.phase in RUNNING
+        unchanged = zs.unchanged_s + dt if (v is not None and v == zs.last_reading and driven) else 0.0
+        zones[z.name] = replace(zs, last_reading=v, unchanged_s=unchanged)
+        stuck[z.name] = unchanged >= p.limits.stuck_s
+    s = replace(s, zones=zones)
+    sps = sequencer.setpoints(p, s)
+    recipe = p.recipes.get(s.recipe_id) if s.recipe_id else None
+    working_max = recipe.working_max_c if (recipe and s.tempered and s.phase in RUNNING) else None
+    conditions, timers = interlocks.evaluate(
+        p, inputs, readings, stuck, sps, {n: zones[n].reached for n in zones}, working_max,
+        ctx.watchdog, s.timers, dt)
+    new_alarms, changes = alarm_mod.update(s.alarms, conditions, now)
+    events += [sequencer.alarm_event(c) for c in changes]
+    trips = set(s.trips)
+    first_out = s.first_out
+    for c in conditions:
+        if c.trip and c.active and c.id not in trips:
+            if not trips and first_out is None:
+                first_out = c.id
+            trips.add(c.id)
+            events.append(Event("trip", now, f"trip {c.id}: {c.message}",
+                                (("alarm_id", c.id), ("first_out", first_out == c.id),
+                                 ("batch_id", s.batch_id))))
+    s = replace(s, alarms=new_alarms, timers=timers, trips=frozenset(trips), first_out=first_out)
+    if s.trips and s.phase is not Phase.FAULT:
+        s, ev = sequencer.end_batch(s, Phase.FAULT, now, f"fault: {first_out}")
+        events += ev
+
+    # --- sequence and control -----------------------------------------------------------------
+    active = {c.id for c in conditions if c.active}
+    pv = {n: (None if (r.pv is None or stuck[n]) else r.pv) for n, r in readings.items()}
+    demands = sequencer.IDLE_DEMANDS
+    if s.phase in RUNNING and not s.trips:
+        pedal_pt = inputs.get_point("pedal")
+        pedal = bool(pedal_pt.value) if pedal_pt.good else None
+        dev_err = any(f"zone.{z.name}.deviation_error" in active for z in p.zones)
+        s, demands, ev = sequencer.step(p, s, pv, pedal, dev_err, dt, now)
+        events += ev
+    sps = sequencer.setpoints(p, s)
+
+    duties: dict[str, float] = {}
+    zones = dict(s.zones)
+    views = []
+    for z in p.zones:
+        zs = zones[z.name]
+        manual = s.manual.get(z.name)
+        if demands.control and demands.heaters_enabled and sps[z.name] is not None:
+            u, pid = pid_update(z.tuning, zs.pid, sps[z.name], pv[z.name], dt, manual)
+        else:
+            u, pid = 0.0, PidState(manual=manual is not None)
+        zones[z.name] = replace(zs, pid=pid)
+        split = split_range(u, z.fc_threshold_pct)
+        heat = 0.0 if f"zone.{z.name}.above_working_max" in active else split.heat
+        for name in z.heating_outputs:
+            duties[name] = heat
+        for name in z.cool1_outputs:
+            duties[name] = split.cool1
+        for name in z.cool2_outputs:
+            duties[name] = split.cool2
+        views.append(ZoneView(z.name, readings[z.name].pv, sps[z.name], u,
+                              inputs.get_point(f"temp_{z.name}").quality if pv[z.name] is not None
+                              else Quality.BAD, manual is not None))
+
+    # --- outputs ------------------------------------------------------------------------------
+    values = dict(SAFE_OUTPUTS)
+    pwm = dict(s.pwm)
+    if demands.control:
+        for name, duty in duties.items():
+            values[name], pwm[name] = pwm_step(pwm.get(name) or _PWM0, duty, p.pwm_window_ticks)
+        values.update(mixer=demands.mixer, pump=demands.pump, vibration=demands.vibration,
+                      vib_heater=demands.vib_heater, mold_heater=demands.mold_heater)
+    else:
+        pwm = {}
+    s = replace(s, zones=zones, pwm=pwm)
+    outputs = ProcessImage({n: Point(v, Quality.GOOD, now) for n, v in values.items()})
+    return ScanResult(outputs, s, tuple(events), tuple(views), demands)
+
+
+_PWM0 = PwmState()

@@ -1,0 +1,256 @@
+"""The tempering sequence: commands, phases and what each phase asks of the machine. Pure.
+
+    Idle --Start--> Heating --at heating goal for heating_delay--> Cooling
+    Cooling --tank at cooling goal for cooling_delay--> Pouring (tempered)
+    Pouring --at pouring goal for pouring_delay--> pouring released (fountain / pedal)
+    Pouring --Stop--> Stopped           any running phase --Abort--> Stopped
+    Heating/Cooling/Pouring --Hold--> held (timers stop, temperatures held, no pouring) --Resume-->
+    any phase --trip--> Fault --Reset (conditions gone)--> Idle      (never restarts heating)
+    restart while running --> interrupted (outputs safe) --Resume / Abort-->
+
+``check_command`` holds the rules of which command is allowed in which state; anything else is
+refused with the reason. Motor sequencing (seed delays, see ``program.py``): the mixer runs
+``mixer_delay`` before the heaters are enabled; the pump runs only once the pump zone has been
+above its start temperature for ``pump_delay`` and stops at once below ``pump_min_heat``;
+fountain, vibration and the heaters of the table and molds follow the recipe's flags.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Mapping
+
+from . import alarms as alarm_mod
+from .commands import (MAX_TRIM_K, Abort, Acknowledge, Command, Event, Hold, Reset, Resume,
+                       SetManual, SetTrim, Shutdown, StartRecipe, Stop)
+from .pid import reset as pid_reset
+from .program import TANK_ZONES, Program, RecipeProgram
+from .state import RUNNING, Phase, PlcState, ZoneState
+
+
+@dataclass(frozen=True, slots=True)
+class Demands:
+    """What the sequence asks of the machine this scan (before interlocks)."""
+    control: bool = False          # zone loops active
+    heaters_enabled: bool = False
+    mixer: bool = False
+    pump: bool = False
+    vibration: bool = False
+    vib_heater: bool = False
+    mold_heater: bool = False
+
+
+IDLE_DEMANDS = Demands()
+
+
+def check_command(p: Program, s: PlcState, cmd: Command) -> str:
+    """'' if ``cmd`` is allowed in state ``s``, else the reason it is refused."""
+    running = s.phase in RUNNING
+    if isinstance(cmd, StartRecipe):
+        if cmd.recipe_id not in p.recipes:
+            return f"unknown recipe {cmd.recipe_id!r} (known: {', '.join(sorted(p.recipes))})"
+        if s.trips:
+            return "a trip is latched (first-out: %s); reset first" % s.first_out
+        if s.phase not in (Phase.IDLE, Phase.STOPPED):
+            return f"a batch is {s.phase.value}; stop or abort it first"
+        return ""
+    if isinstance(cmd, Hold):
+        if not running:
+            return f"nothing to hold in phase {s.phase.value}"
+        if s.held or s.interrupted:
+            return "already held" if s.held else "the batch is interrupted; resume or abort it"
+        return ""
+    if isinstance(cmd, Resume):
+        if not running or not (s.held or s.interrupted):
+            return "nothing to resume (not held or interrupted)"
+        if s.trips:
+            return "a trip is latched; reset first"
+        return ""
+    if isinstance(cmd, Stop):
+        return "" if s.phase is Phase.POURING else (
+            f"stop ends pouring; in phase {s.phase.value} use abort")
+    if isinstance(cmd, Abort):
+        return "" if running else f"no running batch to abort (phase {s.phase.value})"
+    if isinstance(cmd, Reset):
+        if not s.trips:
+            return "no trip is latched"
+        active = sorted(t for t in s.trips if t in s.alarms and s.alarms[t].active)
+        return f"conditions still active: {', '.join(active)}" if active else ""
+    if isinstance(cmd, Acknowledge):
+        if cmd.alarm_id is not None and cmd.alarm_id not in s.alarms:
+            return f"unknown alarm {cmd.alarm_id!r}"
+        return ""
+    if isinstance(cmd, (SetManual, SetTrim)):
+        if cmd.zone not in {z.name for z in p.zones}:
+            return f"unknown zone {cmd.zone!r}"
+        if isinstance(cmd, SetManual) and cmd.output_pct is not None and not (
+                -100.0 <= cmd.output_pct <= 100.0):
+            return f"output must be within -100..100 % (got {cmd.output_pct})"
+        if isinstance(cmd, SetTrim) and not -MAX_TRIM_K <= cmd.trim_k <= MAX_TRIM_K:
+            return f"trim must be within -{MAX_TRIM_K}..{MAX_TRIM_K} K (got {cmd.trim_k})"
+        return ""
+    if isinstance(cmd, Shutdown):
+        return ""
+    return f"unknown command {cmd.name}"
+
+
+def _phase(s: PlcState, phase: Phase, now_s: float, why: str) -> tuple[PlcState, list[Event]]:
+    ev = [Event("phase", now_s, f"{s.phase.value} -> {phase.value}: {why}",
+                (("from", s.phase.value), ("to", phase.value), ("batch_id", s.batch_id)))]
+    zones = {n: replace(z, reached=False) for n, z in s.zones.items()}
+    return replace(s, phase=phase, phase_time_s=0.0, dwell_s=0.0, zones=zones,
+                   pouring_released=False, pedal_cycle_s=0.0), ev
+
+
+def end_batch(s: PlcState, phase: Phase, now_s: float, outcome: str) -> tuple[PlcState, list[Event]]:
+    s2, ev = _phase(s, phase, now_s, outcome)
+    if s.phase in RUNNING:
+        ev.append(Event("batch_end", now_s, f"batch {s.batch_id} {outcome}",
+                        (("batch_id", s.batch_id), ("recipe_id", s.recipe_id), ("outcome", outcome))))
+    return replace(s2, held=False, interrupted=False, pump_ready=False, pump_warm_s=0.0), ev
+
+
+def apply_command(p: Program, s: PlcState, cmd: Command, now_s: float) -> tuple[PlcState, list[Event]]:
+    why = check_command(p, s, cmd)
+    data = (("command", cmd.name), ("user", cmd.user))
+    if why:
+        return s, [Event("command_refused", now_s, f"{cmd.name} refused: {why}", data + (("reason", why),))]
+    ev: list[Event] = [Event("command_accepted", now_s, f"{cmd.name} by {cmd.user or '?'}", data)]
+    if isinstance(cmd, StartRecipe):
+        seq = s.batch_seq + 1
+        batch = f"{p.machine_id}-{seq:06d}"
+        s = replace(s, recipe_id=cmd.recipe_id, batch_id=batch, batch_seq=seq, tempered=False,
+                    held=False, interrupted=False, mixer_run_s=0.0, pump_warm_s=0.0,
+                    pump_ready=False, zones={n: ZoneState(pid=pid_reset(z.pid))
+                                             for n, z in s.zones.items()})
+        s, e = _phase(s, Phase.HEATING, now_s, f"recipe {cmd.recipe_id} started by {cmd.user or '?'}")
+        ev += e
+        ev.append(Event("batch_start", now_s, f"batch {batch} recipe {cmd.recipe_id}",
+                        (("batch_id", batch), ("recipe_id", cmd.recipe_id), ("user", cmd.user))))
+    elif isinstance(cmd, Hold):
+        s = replace(s, held=True)
+    elif isinstance(cmd, Resume):
+        if s.interrupted:  # after a restart: re-run the mixer delay and pump checks from scratch
+            s = replace(s, mixer_run_s=0.0, pump_warm_s=0.0, pump_ready=False)
+        s = replace(s, held=False, interrupted=False)
+    elif isinstance(cmd, Stop):
+        s, e = end_batch(s, Phase.STOPPED, now_s, "completed")
+        ev += e
+    elif isinstance(cmd, (Abort, Shutdown)):
+        if s.phase in RUNNING:
+            s, e = end_batch(s, Phase.STOPPED, now_s, "aborted" if isinstance(cmd, Abort) else "shutdown")
+            ev += e
+    elif isinstance(cmd, Reset):
+        s = replace(s, trips=frozenset(), first_out=None)
+        if s.phase is Phase.FAULT:
+            s, e = _phase(s, Phase.IDLE, now_s, f"reset by {cmd.user or '?'}")
+            ev += e
+    elif isinstance(cmd, Acknowledge):
+        new_alarms, changes = alarm_mod.acknowledge(s.alarms, cmd.alarm_id, cmd.user, now_s)
+        s = replace(s, alarms=new_alarms)
+        ev += [alarm_event(c) for c in changes]
+    elif isinstance(cmd, SetManual):
+        manual = dict(s.manual)
+        if cmd.output_pct is None:
+            manual.pop(cmd.zone, None)
+        else:
+            manual[cmd.zone] = float(cmd.output_pct)
+        s = replace(s, manual=manual)
+    elif isinstance(cmd, SetTrim):
+        s = replace(s, trims={**s.trims, cmd.zone: float(cmd.trim_k)})
+    return s, ev
+
+
+def alarm_event(c: alarm_mod.AlarmTransition) -> Event:
+    return Event("alarm", c.time_s, f"{c.id}: {c.old.value} -> {c.new.value}: {c.message}",
+                 (("alarm_id", c.id), ("from", c.old.value), ("to", c.new.value),
+                  ("priority", int(c.priority)), ("user", c.user)))
+
+
+def goal_c(recipe: RecipeProgram, phase: Phase) -> float | None:
+    return {Phase.HEATING: recipe.heating_goal_c, Phase.COOLING: recipe.cooling_goal_c,
+            Phase.POURING: recipe.pouring_goal_c}.get(phase)
+
+
+def setpoints(p: Program, s: PlcState) -> dict[str, float | None]:
+    """Zone set-points of the current phase: goal + offset + operator trim, within ceilings."""
+    recipe = p.recipes.get(s.recipe_id) if s.recipe_id else None
+    goal = goal_c(recipe, s.phase) if recipe and s.phase in RUNNING else None
+    out: dict[str, float | None] = {}
+    for z in p.zones:
+        if goal is None:
+            out[z.name] = None
+            continue
+        sp = min(goal + z.setpoint_offset_k + s.trims.get(z.name, 0.0), z.setpoint_max_c)
+        if s.tempered:  # never aim at or above the working maximum once tempered
+            sp = min(sp, recipe.working_max_c - p.sequence.tolerance_k)
+        out[z.name] = sp
+    return out
+
+
+def step(p: Program, s: PlcState, pv: Mapping[str, float | None], pedal: bool | None,
+         deviation_error: bool, dt_s: float, now_s: float) -> tuple[PlcState, Demands, list[Event]]:
+    """Advance a running, untripped sequence by one scan."""
+    recipe = p.recipes[s.recipe_id]  # running implies a known recipe
+    seq = p.sequence
+    if s.interrupted:
+        return s, IDLE_DEMANDS, []
+    ev: list[Event] = []
+    sps = setpoints(p, s)
+    # zones at goal; the dwell timer runs while every zone that decides the phase is at goal
+    zones = dict(s.zones)
+    for z in p.zones:
+        v, sp = pv.get(z.name), sps[z.name]
+        at = v is not None and sp is not None and abs(v - sp) <= seq.tolerance_k
+        zs = zones.get(z.name, ZoneState())
+        if at and not zs.reached:
+            zones[z.name] = replace(zs, reached=True)
+    deciding = TANK_ZONES if s.phase is Phase.COOLING else tuple(z.name for z in p.zones)
+    all_at = all(pv.get(n) is not None and sps[n] is not None and abs(pv[n] - sps[n]) <= seq.tolerance_k
+                 for n in deciding)
+    held = s.held
+    s = replace(s, zones=zones,
+                phase_time_s=s.phase_time_s + (0.0 if held else dt_s),
+                dwell_s=(s.dwell_s + dt_s if all_at else 0.0) if not held else s.dwell_s)
+
+    mixer = recipe.mixer
+    mixer_run = s.mixer_run_s + dt_s if mixer else s.mixer_run_s
+    heaters = (not mixer) or mixer_run >= seq.mixer_delay_s
+
+    pump_pv = pv.get("pump")
+    warm_needed = seq.pump_min_c if s.pump_ready else seq.pump_start_c
+    warm_s = s.pump_warm_s + dt_s if (pump_pv is not None and pump_pv >= warm_needed) else 0.0
+    pump_ready = warm_s >= seq.pump_delay_s
+    s = replace(s, mixer_run_s=mixer_run, pump_warm_s=warm_s, pump_ready=pump_ready)
+
+    if not held:
+        if s.phase is Phase.HEATING and s.dwell_s >= seq.heating_dwell_s:
+            s, e = _phase(s, Phase.COOLING, now_s, "heating goal held")
+            ev += e
+        elif s.phase is Phase.COOLING and s.dwell_s >= seq.cooling_dwell_s:
+            s, e = _phase(replace(s, tempered=True), Phase.POURING, now_s, "cooling goal held; tempered")
+            ev += e
+        elif s.phase is Phase.POURING and not s.pouring_released and s.dwell_s >= seq.pouring_dwell_s:
+            s = replace(s, pouring_released=True)
+            ev.append(Event("pouring_released", now_s, "pouring goal held; pouring released",
+                            (("batch_id", s.batch_id),)))
+
+    pouring = s.phase is Phase.POURING and s.pouring_released and not held and not deviation_error
+    pump = False
+    if pump_ready:
+        if s.phase is not Phase.POURING:
+            pump = True                      # circulate while heating and cooling
+        elif recipe.fountain:
+            pump = True                      # the fountain runs continuously
+        elif pouring and recipe.pedal_auto:
+            cycle = recipe.pedal_on_s + recipe.pedal_off_s
+            pump = (s.pedal_cycle_s % cycle) < recipe.pedal_on_s
+        elif pouring:
+            pump = bool(pedal)
+    if pouring:
+        s = replace(s, pedal_cycle_s=s.pedal_cycle_s + dt_s)
+    in_pouring = s.phase is Phase.POURING
+    return s, Demands(control=True, heaters_enabled=heaters, mixer=mixer, pump=pump,
+                      vibration=pouring and recipe.vibration,
+                      vib_heater=in_pouring and recipe.vib_heater,
+                      mold_heater=in_pouring and recipe.mold_heater), ev

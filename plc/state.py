@@ -1,0 +1,101 @@
+"""The PLC's state between scans, and the part of it that survives a restart.
+
+``PlcState`` is a frozen value; the scan returns a new one each cycle (its dict fields are never
+mutated after construction). ``persistent()`` extracts what must survive a restart or a power
+loss — active recipe and phase, batch, latched trips and first-out, operator trims and manual
+outputs — and ``restored()`` builds the state the PLC comes up in: outputs safe, the last state
+visible, and a running batch *interrupted* until an operator resumes or aborts it (never
+resuming heating by itself).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from .alarms import Alarm
+from .pid import PidState, PwmState
+
+
+class Phase(enum.Enum):
+    IDLE = "idle"
+    HEATING = "heating"
+    COOLING = "cooling"
+    POURING = "pouring"
+    STOPPED = "stopped"
+    FAULT = "fault"
+
+
+RUNNING = (Phase.HEATING, Phase.COOLING, Phase.POURING)
+
+
+@dataclass(frozen=True, slots=True)
+class ZoneState:
+    pid: PidState = PidState()
+    reached: bool = False            # the zone has been at its goal in this phase
+    last_reading: float | None = None
+    unchanged_s: float = 0.0         # for the stuck-sensor check
+
+
+@dataclass(frozen=True, slots=True)
+class PlcState:
+    phase: Phase = Phase.IDLE
+    recipe_id: str | None = None
+    batch_id: str | None = None
+    batch_seq: int = 0
+    held: bool = False
+    interrupted: bool = False
+    tempered: bool = False
+    phase_time_s: float = 0.0
+    dwell_s: float = 0.0
+    mixer_run_s: float = 0.0
+    pump_warm_s: float = 0.0
+    pump_ready: bool = False
+    pouring_released: bool = False
+    pedal_cycle_s: float = 0.0
+    zones: Mapping[str, ZoneState] = field(default_factory=dict)
+    pwm: Mapping[str, PwmState] = field(default_factory=dict)
+    manual: Mapping[str, float] = field(default_factory=dict)
+    trims: Mapping[str, float] = field(default_factory=dict)
+    alarms: Mapping[str, Alarm] = field(default_factory=dict)
+    trips: frozenset[str] = frozenset()
+    first_out: str | None = None
+    timers: Mapping[str, float] = field(default_factory=dict)   # on-delay timers of conditions
+
+    def persistent(self) -> dict:
+        """The JSON-able subset that survives a restart."""
+        return {
+            "version": 1,
+            "phase": self.phase.value,
+            "recipe_id": self.recipe_id,
+            "batch_id": self.batch_id,
+            "batch_seq": self.batch_seq,
+            "held": self.held,
+            "interrupted": self.interrupted,
+            "tempered": self.tempered,
+            "trips": sorted(self.trips),
+            "first_out": self.first_out,
+            "trims": dict(sorted(self.trims.items())),
+            "manual": dict(sorted(self.manual.items())),
+        }
+
+
+def restored(data: Mapping | None, recipes: Mapping[str, object], zones: tuple[str, ...]) -> PlcState:
+    """The state after a restart. Unknown or damaged content falls back to a safe default."""
+    if not data:
+        return PlcState()
+    phase = Phase(data.get("phase", "idle"))
+    recipe_id = data.get("recipe_id")
+    if recipe_id is not None and recipe_id not in recipes:
+        recipe_id = None
+        if phase in RUNNING:
+            phase = Phase.STOPPED
+    interrupted = bool(data.get("interrupted")) or phase in RUNNING
+    return PlcState(
+        phase=phase, recipe_id=recipe_id, batch_id=data.get("batch_id"),
+        batch_seq=int(data.get("batch_seq", 0)), held=bool(data.get("held")),
+        interrupted=interrupted and phase in RUNNING, tempered=bool(data.get("tempered")),
+        trips=frozenset(data.get("trips", ())), first_out=data.get("first_out"),
+        trims={k: float(v) for k, v in dict(data.get("trims", {})).items() if k in zones},
+        manual={k: float(v) for k, v in dict(data.get("manual", {})).items() if k in zones})
