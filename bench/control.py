@@ -88,8 +88,9 @@ class Run:
     wall_s: float = 0.0
 
 
-def run(cfg, book, recipe_id: str, baseline: bool, seed: int = 7) -> tuple[Run, float]:
-    p = Program.from_config(cfg, book)
+def run(cfg, book, recipe_id: str, baseline: bool, seed: int = 7,
+        program: Program | None = None) -> tuple[Run, float]:
+    p = program or Program.from_config(cfg, book)
     if baseline:  # a thermostat cycles +-hysteresis plus its lag: it never dwells within 0.3 K
         p = replace(p, sequence=replace(p.sequence, tolerance_k=max(
             p.sequence.tolerance_k, BASELINE_TOLERANCE_K)))

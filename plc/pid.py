@@ -17,7 +17,8 @@ Why each piece (the ISA/"textbook" improvements, cf. simple-pid, Åström & Häg
   heat-up at full power does not leave a charge that overshoots the goal.
 - **Control band** (the seed's ``heat_control_range``, K): outside ±band around the set-point
   the loop saturates (full heat below, full cooling above) and the integral is conditioned to
-  the value that makes the output continuous at the band edge, so the hand-over is bumpless.
+  the value that makes the output continuous at the band edge (never of the opposite sign of
+  the error), so the hand-over is bumpless and does not brake the approach.
 - **Set-point ramp** (the seed's ``kl``, read as K/min): the ramped set-point starts from the
   measurement when the loop goes to auto, so a new goal is approached at a bounded rate.
 - **Manual/auto, bumpless**: in manual the operator's output is passed through and the integral
@@ -99,8 +100,11 @@ def pid_update(t: PidTuning, s: PidState, sp: float, pv: float | None, dt_s: flo
     p_term = t.kp * e
     if abs(e) > t.control_band_k:
         u = t.out_max if e > 0 else t.out_min
+        # condition the integral so the output is continuous when the error enters the band,
+        # but never let it oppose the error (with kp * band beyond the output range, P alone
+        # already saturates at the edge and the integral starts from zero)
         edge = math.copysign(t.control_band_k, e)
-        integral = _clamp(u - t.kp * edge, t.out_min, t.out_max)
+        integral = max(0.0, u - t.kp * edge) if e > 0 else min(0.0, u - t.kp * edge)
         return u, PidState(integral, pv, d_f, sp_r, u, False)
 
     integral = s.integral
