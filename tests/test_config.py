@@ -254,8 +254,8 @@ def test_several_cross_field_problems_of_one_section(tmp_path, machine_data):
 
 
 def test_yaml_syntax_error_names_line_and_column(tmp_path):
-    text = MACHINE_FILE.read_text().replace("    kp: 30.0\n", "    kp: [30.0\n", 1)
-    line = text.splitlines().index("    kp: [30.0") + 1
+    text = MACHINE_FILE.read_text().replace("    kp: 80.0\n", "    kp: [80.0\n", 1)
+    line = text.splitlines().index("    kp: [80.0") + 1
     file = write(tmp_path / "m.yaml", text)
     with pytest.raises(ConfigError) as info:
         load_machine_config(file)
@@ -275,7 +275,7 @@ def test_yaml_syntax_error_on_the_line_itself(tmp_path):
 
 
 def test_duplicate_key_is_an_error(tmp_path):
-    text = MACHINE_FILE.read_text().replace("    kp: 30.0\n", "    kp: 30.0\n    kp: 3.0\n", 1)
+    text = MACHINE_FILE.read_text().replace("    kp: 80.0\n", "    kp: 80.0\n    kp: 3.0\n", 1)
     line = text.splitlines().index("    kp: 3.0") + 1
     file = write(tmp_path / "m.yaml", text)
     with pytest.raises(ConfigError) as info:
@@ -286,8 +286,8 @@ def test_duplicate_key_is_an_error(tmp_path):
 @pytest.mark.parametrize("line, replacement, expected", [
     ("  parity: none", "  parity: no", "system.parity: must be one of none, odd, even (got 'no')"),
     ("  parity: none", "  parity: off", "system.parity: must be one of none, odd, even (got 'off')"),
-    ("    kp: 30.0", "    kp: yes", "zones.pump.kp: must be a number (got 'yes')"),
-    ("    kp: 30.0", "    kp: '30.0'", "zones.pump.kp: must be a number (got '30.0')"),
+    ("    kp: 80.0", "    kp: yes", "zones.pump.kp: must be a number (got 'yes')"),
+    ("    kp: 80.0", "    kp: '80.0'", "zones.pump.kp: must be a number (got '80.0')"),
 ])
 def test_yaml_1_1_words_stay_strings(tmp_path, line, replacement, expected):
     text = MACHINE_FILE.read_text().replace(line + " ", replacement + " ", 1)
