@@ -1,0 +1,174 @@
+"""The ``tempering`` command: the application's composition root.
+
+    tempering run [--config FILE] [--recipe ID] [--no-start] [--period-ms N] [--duration-s S]
+    tempering check-config [FILE]
+    tempering simulate [--config FILE] [--recipe ID] [--hours H]
+
+``run`` starts the soft-PLC against the twin (in-process, real time) with the live terminal view;
+Ctrl-C (or SIGTERM, or ``--duration-s``) stops it cleanly: one last scan ends the batch and the
+outputs go safe. ``check-config`` validates a machine file and its recipes and exits 1 with one
+message per problem. ``simulate`` runs a whole tempering cycle in virtual time and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+from plc.commands import Shutdown, StartRecipe, Stop
+from plc.config import ConfigError
+
+from .config import DEFAULT_CONFIG, load
+
+
+def _period(args, cfg) -> float:
+    return args.period_ms / 1000.0 if args.period_ms else cfg.period_s
+
+
+def cmd_check_config(args) -> int:
+    path = args.file or DEFAULT_CONFIG
+    try:
+        cfg, book = load(path)
+    except ConfigError as e:
+        for m in e.messages:
+            print(m, file=sys.stderr)
+        return 1
+    print(f"{path}: ok (machine {cfg.machine.id}, {len(book)} recipes: {', '.join(book.ids)}, "
+          f"scan period {cfg.period_ms} ms)")
+    return 0
+
+
+async def _run(args, cfg, book) -> int:
+    from plc.channel import SnapshotChannel
+    from plc.persist import StateStore
+    from plc.program import Program
+    from plc.runtime import Controller, MonotonicClock, Runtime, WatchdogSettings
+    from twin import Twin
+    from twin.inprocess import InProcessTwinIo
+
+    from .console import Console
+
+    program = Program.from_config(cfg, book, period_s=_period(args, cfg))
+    store = StateStore(Path(args.state_file or cfg.machine.state_file))
+    channel = SnapshotChannel()
+    controller = Controller(program, store, channel)
+    twin = Twin(cfg.twin, seed=args.seed, initial_temp_c=args.initial_temp_c)
+    io = InProcessTwinIo(twin, wall=time.time)
+    runtime = Runtime(controller, io, MonotonicClock(), WatchdogSettings(
+        cfg.scan.watchdog_max_consecutive_overruns, cfg.scan.watchdog_max_cycle_factor))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if args.duration_s:
+        loop.call_later(args.duration_s, stop.set)
+    recipe = args.recipe or cfg.machine.default_recipe
+    if not args.no_start:
+        controller.submit(StartRecipe(recipe, user="operator"))
+    console = Console(channel, f"{cfg.machine.id} ({cfg.machine.name})", controller.submit, recipe, stop)
+    tasks = [asyncio.create_task(io.run_realtime(stop)), asyncio.create_task(console.run())]
+    try:
+        await runtime.run(stop, final=[Shutdown(user="operator")])
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        store.close()
+    s = controller.state
+    safe = not any(io.outputs.values())
+    print(f"stopped: phase {s.phase.value}, batch {s.batch_id or '-'}, outputs "
+          f"{'safe (all off)' if safe else 'NOT SAFE'}, {controller.stats.scans} scans, "
+          f"{controller.stats.overruns} overruns; state saved to {store.path}")
+    return 0 if safe else 1
+
+
+def cmd_run(args) -> int:
+    try:
+        cfg, book = load(args.config)
+    except ConfigError as e:
+        print("\n".join(e.messages), file=sys.stderr)
+        return 1
+    if args.recipe and args.recipe not in book:
+        print(f"unknown recipe {args.recipe!r} (known: {', '.join(book.ids)})", file=sys.stderr)
+        return 2
+    return asyncio.run(_run(args, cfg, book))
+
+
+def cmd_simulate(args) -> int:
+    from plc.program import Program
+    from plc.runtime import Controller, run_virtual
+    from twin import Twin
+    from twin.inprocess import InProcessTwinIo
+
+    try:
+        cfg, book = load(args.config)
+    except ConfigError as e:
+        print("\n".join(e.messages), file=sys.stderr)
+        return 1
+    program = Program.from_config(cfg, book)
+    recipe = args.recipe or cfg.machine.default_recipe
+    if recipe not in program.recipes:
+        print(f"unknown recipe {recipe!r} (known: {', '.join(sorted(program.recipes))})", file=sys.stderr)
+        return 2
+    twin = Twin(cfg.twin, seed=args.seed)
+    io = InProcessTwinIo(twin)
+    c = Controller(program)
+    c.submit(StartRecipe(recipe, user="simulate"))
+    released: list[float] = []
+
+    def show(r) -> None:
+        for e in r.events:
+            if e.kind in ("phase", "pouring_released", "trip", "command_refused", "batch_end"):
+                print(f"{twin.time_s:8.1f} s  {e.kind:<17} {e.message}   "
+                      f"(pouring point {twin.pouring_temp_c():.2f} degC)")
+            if e.kind == "pouring_released":
+                released.append(twin.time_s)
+
+    t0 = time.perf_counter()
+    step = int(60 / program.period_s)
+    t, limit = 0.0, args.hours * 3600
+    while t < limit and not released:
+        t = run_virtual(c, io, io.advance, step, show, start_s=t)
+    if released:  # hold a quarter of an hour of pouring, then stop
+        t = run_virtual(c, io, io.advance, int(900 / program.period_s), show, start_s=t)
+        c.submit(Stop(user="simulate"))
+        t = run_virtual(c, io, io.advance, 1, show, start_s=t)
+    wall = time.perf_counter() - t0
+    print(f"simulated {t / 60:.1f} min of machine time in {wall:.1f} s ({t / wall:.0f}x real time), "
+          f"final phase {c.state.phase.value}")
+    return 0 if released else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ap = argparse.ArgumentParser(prog="tempering", description="Soft-PLC of a chocolate tempering machine")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run the PLC against the twin in real time with a live view")
+    r.add_argument("--config", help="machine file (default: the embedded default machine)")
+    r.add_argument("--recipe", help="recipe to start (default: the machine's default recipe)")
+    r.add_argument("--no-start", action="store_true", help="do not start a recipe (press s to start)")
+    r.add_argument("--period-ms", type=int, help="scan period override, ms")
+    r.add_argument("--duration-s", type=float, help="stop cleanly after this many seconds")
+    r.add_argument("--state-file", help="persisted PLC state (default: machine.state_file)")
+    r.add_argument("--initial-temp-c", type=float, help="twin's starting temperature (default: ambient, solid)")
+    r.add_argument("--seed", type=int, default=0, help="twin's noise seed")
+    r.set_defaults(func=cmd_run)
+    c = sub.add_parser("check-config", help="validate a machine file and its recipes")
+    c.add_argument("file", nargs="?", help="machine file (default: the embedded default machine)")
+    c.set_defaults(func=cmd_check_config)
+    s = sub.add_parser("simulate", help="run a whole tempering cycle in virtual time")
+    s.add_argument("--config")
+    s.add_argument("--recipe")
+    s.add_argument("--hours", type=float, default=3.0, help="give up after this much machine time")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_simulate)
+    args = ap.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,133 @@
+"""The live terminal view of ``tempering run``: what the machine does, at a glance.
+
+``render(snapshot)`` is pure (snapshot in, text out) so it is tested without a terminal. The
+``Console`` task redraws it twice a second from the latest snapshot (it never touches the scan:
+it only reads the snapshot channel), and turns single keys into operator commands when stdin
+is a terminal. When stdout is not a terminal (a log, CI) it prints events as lines instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import time
+from typing import Callable, TextIO
+
+from plc.channel import Snapshot, SnapshotChannel
+from plc.commands import Abort, Acknowledge, Command, Hold, Reset, Resume, StartRecipe, Stop
+
+KEYS = "s start  h hold  r resume  p stop pouring  a abort  x reset  k ack all  q quit"
+MOTORS = ("mixer", "pump", "vibration", "vib_heater", "mold_heater")
+
+
+def _f(v: float | None, fmt: str = "{:6.2f}") -> str:
+    return "   ---" if v is None else fmt.format(v)
+
+
+def render(s: Snapshot, machine: str = "", now_wall: float | None = None) -> str:
+    state = s.phase.upper() + (" (HELD)" if s.held else "") + (
+        " (INTERRUPTED: resume or abort)" if s.interrupted else "")
+    lines = [
+        f"{machine}  phase {state}  for {int(s.phase_time_s) // 60:d}:{int(s.phase_time_s) % 60:02d}"
+        f"  recipe {s.recipe_id or '-'}  batch {s.batch_id or '-'}"
+        + ("  TEMPERED" if s.tempered else "") + ("  POURING RELEASED" if s.pouring_released else ""),
+        "",
+        "zone          PV degC   SP degC   out %   quality",
+    ]
+    for z in s.zones:
+        q = z.quality.name.lower() + (" manual" if z.manual else "")
+        lines.append(f"{z.name:<12} {_f(z.pv_c)}    {_f(z.sp_c)}   {z.output_pct:6.1f}   {q}")
+    out = s.outputs
+    on = lambda n: "ON " if n in out and out[n].value else "off"  # noqa: E731
+    lines += ["", "outputs  " + "  ".join(f"{n} {on(n)}" for n in
+                                          ("heater_tank_bottom", "heater_tank_wall", "heater_pump",
+                                           "heater_fountain", "cool1_tank", "cool2_tank")),
+              "motors   " + "  ".join(f"{n} {on(n)}" for n in MOTORS)]
+    cur = [f"{n.removeprefix('current_')} {s.inputs[n].value:.1f} A" for n in
+           ("current_mixer", "current_pump", "current_vibration", "current_total") if n in s.inputs]
+    if cur:
+        lines.append("currents " + "  ".join(cur))
+    lines += ["", f"alarms ({len(s.alarms)})" + (f"   TRIPPED, first-out: {s.first_out}" if s.trips else "")]
+    for a in s.alarms[:8]:
+        lines.append(f"  {a.priority.name:<8} {a.state.value:<34} {a.message}")
+    st = s.stats
+    if st:
+        lines += ["", "scan  logic p50 {:.2f} ms  p99 {:.2f} ms   late p50 {:.2f} ms  p99 {:.2f} ms  max {:.2f} ms"
+                  "   overruns {:.0f}   scans {:.0f}".format(
+                      st.get("logic_ms_p50", 0), st.get("logic_ms_p99", 0), st.get("late_ms_p50", 0),
+                      st.get("late_ms_p99", 0), st.get("late_ms_max", 0), st.get("overruns", 0),
+                      st.get("scans", 0))]
+    return "\n".join(lines)
+
+
+def key_command(key: str, default_recipe: str, user: str) -> Command | None:
+    return {
+        "s": lambda: StartRecipe(default_recipe, user=user),
+        "h": lambda: Hold(user=user), "r": lambda: Resume(user=user),
+        "p": lambda: Stop(user=user), "a": lambda: Abort(user=user),
+        "x": lambda: Reset(user=user), "k": lambda: Acknowledge(None, user=user),
+    }.get(key.lower(), lambda: None)()
+
+
+class Console:
+    def __init__(self, channel: SnapshotChannel, machine: str, submit: Callable[[Command], None],
+                 default_recipe: str, stop: asyncio.Event, out: TextIO = sys.stdout,
+                 user: str = "console"):
+        self.sub = channel.subscribe(maxlen=256)
+        self.machine = machine
+        self.submit = submit
+        self.recipe = default_recipe
+        self.stop = stop
+        self.out = out
+        self.user = user
+        self.interactive = out.isatty()
+        self.messages: list[str] = []
+
+    async def run(self, refresh_s: float = 0.5) -> None:
+        with self._keys():
+            while not self.stop.is_set():
+                snaps = self.sub.drain()
+                for snap in snaps:
+                    for e in snap.events:
+                        line = f"{time.strftime('%H:%M:%S', time.localtime(e.time_s))} {e.kind}: {e.message}"
+                        if self.interactive:
+                            self.messages = (self.messages + [line])[-6:]
+                        else:
+                            print(line, file=self.out, flush=True)
+                if snaps and self.interactive:
+                    text = render(snaps[-1], self.machine)
+                    self.out.write("\x1b[H\x1b[2J" + text + "\n\nlast events\n  " +
+                                   "\n  ".join(self.messages) + f"\n\nkeys: {KEYS}\n")
+                    self.out.flush()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.stop.wait(), refresh_s)
+
+    @contextlib.contextmanager
+    def _keys(self):
+        stdin = sys.stdin
+        if not (self.interactive and stdin.isatty()):
+            yield
+            return
+        import termios
+        import tty
+        fd = stdin.fileno()
+        old = termios.tcgetattr(fd)
+        loop = asyncio.get_running_loop()
+
+        def on_key() -> None:
+            ch = stdin.read(1)
+            if ch.lower() == "q":
+                self.stop.set()
+                return
+            cmd = key_command(ch, self.recipe, self.user)
+            if cmd is not None:
+                self.submit(cmd)
+
+        tty.setcbreak(fd)
+        loop.add_reader(fd, on_key)
+        try:
+            yield
+        finally:
+            loop.remove_reader(fd)
+            termios.tcsetattr(fd, termios.TCSADRAIN, old)
