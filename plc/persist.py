@@ -65,6 +65,7 @@ class StateStore:
         self._closed = False
         self._thread: threading.Thread | None = None
         self.errors = 0
+        self._failing = False
         if background:
             self._thread = threading.Thread(target=self._run, name="plc-state-writer", daemon=True)
             self._thread.start()
@@ -91,7 +92,14 @@ class StateStore:
             write_atomic(self.path, data)
         except OSError as e:
             self.errors += 1
-            log.error("%s: cannot persist PLC state: %s", self.path, e)
+            self._last = None  # retry on the next save, even if the content has not changed
+            if not self._failing:  # once per outage, then quietly (retries come every scan)
+                log.error("%s: cannot persist PLC state: %s", self.path, e)
+            self._failing = True
+        else:
+            if self._failing:
+                log.warning("%s: PLC state persisted again", self.path)
+            self._failing = False
 
     def _run(self) -> None:
         while True:

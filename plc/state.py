@@ -85,6 +85,13 @@ def restored(data: Mapping | None, recipes: Mapping[str, object], zones: tuple[s
     """The state after a restart. Unknown or damaged content falls back to a safe default."""
     if not data:
         return PlcState()
+    try:
+        return _restored(data, recipes, zones)
+    except (TypeError, ValueError, AttributeError):  # valid JSON, damaged values
+        return PlcState()
+
+
+def _restored(data: Mapping, recipes: Mapping[str, object], zones: tuple[str, ...]) -> PlcState:
     phase = Phase(data.get("phase", "idle"))
     recipe_id = data.get("recipe_id")
     if recipe_id is not None and recipe_id not in recipes:

@@ -1,0 +1,305 @@
+"""plc.interlocks: each condition id of the module docstring, for its cause and not otherwise.
+
+``evaluate`` is driven directly with hand-made input images (healthy inputs from conftest,
+with overrides) in virtual time; on-delays are checked by stepping ``dt`` and carrying the
+timers, as the scan does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from types import MappingProxyType
+
+import pytest
+
+from plc.image import Point, Quality, bad
+from plc.interlocks import ZoneReading, evaluate, read_zone
+from plc.program import ZONES
+
+DT = 0.1
+
+
+def conditions(program, image, *, goals=None, reached=None, working_max=None, watchdog="",
+               timers=None, stuck=None, dt=DT):
+    readings = {z: read_zone(program, image, z) for z in ZONES}
+    conds, timers = evaluate(
+        program, image, readings, {z: False for z in ZONES} | (stuck or {}),
+        goals or {z: None for z in ZONES}, {z: False for z in ZONES} | (reached or {}),
+        working_max, watchdog, timers or {}, dt)
+    return {c.id: c for c in conds}, timers
+
+
+def active_ids(conds) -> set[str]:
+    return {i for i, c in conds.items() if c.active}
+
+
+def first_active(program, make_image, cid, seconds, **kw):
+    """Step evaluate for ``seconds``; return the virtual time at which ``cid`` first is active."""
+    timers: dict = {}
+    for k in range(1, round(seconds / DT) + 1):
+        conds, timers = conditions(program, make_image(k * DT), timers=timers, **kw)
+        if conds[cid].active:
+            return k * DT
+    return None
+
+
+# --- read_zone --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("point, pv, fault", [
+    (Point(31.5), 31.5, ""),
+    (Point(70.0), 70.0, ""),                       # at the plausibility limit: still a reading
+    (Point(-20.0), -20.0, ""),
+    (Point(70.1), None, "open sensor"),
+    (Point(850.0), None, "open sensor"),
+    (Point(-20.1), None, "shorted sensor"),
+    (Point(-50.0), None, "shorted sensor"),
+    (Point(math.nan), None, "NaN"),
+    (bad("timeout"), None, "input bad: timeout"),
+    (bad(""), None, "input bad: no reason given"),
+    (Point(31.5, Quality.UNCERTAIN), 31.5, ""),     # uncertain: usable, flagged by io.uncertain
+    (None, None, "not provided"),
+])
+def test_read_zone(program, make_inputs, point, pv, fault):
+    image = make_inputs(temp_pump=point)
+    r = read_zone(program, image, "pump")
+    assert r.pv == pv
+    assert (fault in r.fault) and (bool(r.fault) == bool(fault))
+
+
+# --- healthy ----------------------------------------------------------------------------------
+
+ALL_IDS = {"estop", "plc.watchdog", "io.uncertain", "grid.current", "grid.phase_loss",
+           "grid.voltage", "grid.frequency",
+           *(f"motor.{m}.over_current" for m in ("mixer", "pump", "vibration")),
+           *(f"zone.{z}.{k}" for z in ZONES for k in ("sensor", "over_temp", "under_temp",
+                                                      "deviation_warning", "deviation_error",
+                                                      "above_working_max"))}
+
+
+def test_healthy_inputs_raise_nothing_and_every_id_is_reported(program, make_inputs):
+    timers: dict = {}
+    for _ in range(100):
+        conds, timers = conditions(program, make_inputs({z: 31.5 for z in ZONES}),
+                                   goals={z: 31.5 for z in ZONES},
+                                   reached={z: True for z in ZONES}, working_max=34.5,
+                                   timers=timers)
+        assert active_ids(conds) == set()
+    assert set(conds) == ALL_IDS
+    assert timers == {}
+
+
+def test_trip_flags_follow_the_docstring(program, make_inputs):
+    conds, _ = conditions(program, make_inputs())
+    trips = {i for i, c in conds.items() if c.trip}
+    assert trips == ALL_IDS - {"io.uncertain", *(f"zone.{z}.{k}" for z in ZONES for k in (
+        "deviation_warning", "deviation_error", "above_working_max"))}
+
+
+# --- immediate conditions ---------------------------------------------------------------------
+
+UNC = Quality.UNCERTAIN
+
+
+@pytest.mark.parametrize("overrides, expected, text", [
+    ({"estop_ok": False}, {"estop"}, "chain open"),
+    ({"estop_ok": bad("device timeout", value=False)}, {"estop"}, "not good: device timeout"),
+    ({"estop_ok": Point(True, UNC)}, {"estop", "io.uncertain"}, "not good"),
+    ({"estop_ok": None}, {"estop"}, "not provided"),
+    ({"temp_pump": bad("timeout")}, {"zone.pump.sensor"}, "input bad: timeout"),
+    ({"temp_pump": math.nan}, {"zone.pump.sensor"}, "NaN"),
+    ({"temp_fountain": 75.0}, {"zone.fountain.sensor"}, "open sensor"),
+    ({"temp_tank_wall": -30.0}, {"zone.tank_wall.sensor"}, "shorted sensor"),
+    ({"temp_tank_bottom": 60.5}, {"zone.tank_bottom.over_temp"}, "over-temperature"),
+    ({"temp_tank_bottom": 9.5}, {"zone.tank_bottom.under_temp"}, "under-temperature"),
+    ({"temp_pump": Point(31.0, UNC)}, {"io.uncertain"}, "temp_pump"),
+    ({"current_mixer": bad("crc")}, {"motor.mixer.over_current"}, "current input bad: crc"),
+    ({"current_vibration": None}, {"motor.vibration.over_current"}, "not provided"),
+    ({"grid_v_l2": 50.0}, {"grid.phase_loss"}, "grid_v_l2"),
+    ({"grid_v_l1": 0.0, "grid_v_l3": 0.0}, {"grid.phase_loss"}, "grid_v_l1, grid_v_l3"),
+    ({"grid_freq": bad("timeout")}, {"grid.voltage"}, "grid_freq: input bad"),
+    ({"current_total": bad("timeout")}, {"grid.voltage"}, "unavailable"),
+    ({"grid_v_l3": None}, {"grid.voltage"}, "grid_v_l3"),
+])
+def test_immediate_condition(program, make_inputs, overrides, expected, text):
+    conds, _ = conditions(program, make_inputs({z: 31.5 for z in ZONES}, **overrides))
+    assert active_ids(conds) == expected
+    assert any(text in conds[i].message for i in expected)
+
+
+@pytest.mark.parametrize("temp, expected", [
+    (60.0, set()), (60.01, {"over_temp"}), (10.0, set()), (9.99, {"under_temp"}),
+    (65.5, {"over_temp"}), (70.01, {"sensor"}), (5.0, {"under_temp"}),
+])
+def test_temperature_limits_are_inclusive(program, make_inputs, temp, expected):
+    conds, _ = conditions(program, make_inputs({"pump": temp}))
+    assert active_ids(conds) == {f"zone.pump.{k}" for k in expected}
+
+
+def test_over_temp_uses_the_lower_of_zone_max_and_abs_max(program, make_inputs):
+    zones = tuple(replace(z, max_temp_c=80.0) if z.name == "pump" else z for z in program.zones)
+    p = replace(program, zones=zones)                     # abs_max 65 now decides
+    assert "zone.pump.over_temp" not in active_ids(conditions(p, make_inputs({"pump": 64.9}))[0])
+    assert "zone.pump.over_temp" in active_ids(conditions(p, make_inputs({"pump": 65.1}))[0])
+
+
+def test_a_faulty_sensor_does_not_also_raise_over_or_under_temperature(program, make_inputs):
+    conds, _ = conditions(program, make_inputs({"pump": 75.0}))
+    assert active_ids(conds) == {"zone.pump.sensor"}
+
+
+def test_stuck_sensor(program, make_inputs):
+    conds, _ = conditions(program, make_inputs(), stuck={"tank_wall": True})
+    assert active_ids(conds) == {"zone.tank_wall.sensor"}
+    assert "stuck" in conds["zone.tank_wall.sensor"].message
+
+
+def test_watchdog(program, make_inputs):
+    conds, _ = conditions(program, make_inputs(), watchdog="3 consecutive overruns")
+    assert active_ids(conds) == {"plc.watchdog"}
+    assert "3 consecutive overruns" in conds["plc.watchdog"].message
+
+
+def test_motor_without_limit_is_not_monitored(program, make_inputs):
+    p = replace(program, limits=replace(program.limits, motor_current_a=MappingProxyType(
+        {**program.limits.motor_current_a, "vibration": 0.0})))
+    conds, _ = conditions(p, make_inputs(current_vibration=bad("gone")))
+    assert "motor.vibration.over_current" not in conds
+    assert active_ids(conds) == set()
+
+
+def test_single_phase_machine_monitors_l1_only(program, make_inputs):
+    p = replace(program, limits=replace(program.limits, phase_count=1))
+    conds, _ = conditions(p, make_inputs(grid_v_l2=0.0, grid_v_l3=None))
+    assert active_ids(conds) == set()
+    conds, _ = conditions(p, make_inputs(grid_v_l1=0.0))
+    assert active_ids(conds) == {"grid.phase_loss"}
+
+
+# --- delayed conditions -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides, cid", [
+    ({"current_mixer": 4.5}, "motor.mixer.over_current"),
+    ({"current_pump": 3.5}, "motor.pump.over_current"),
+    ({"current_vibration": 9.0}, "motor.vibration.over_current"),
+    ({"current_total": 20.5}, "grid.current"),
+    ({"grid_v_l1": 190.0}, "grid.voltage"),
+    ({"grid_v_l3": 250.0}, "grid.voltage"),
+    ({"grid_freq": 48.9}, "grid.frequency"),
+    ({"grid_freq": 51.2}, "grid.frequency"),
+])
+def test_delayed_trip_after_alarm_delay(program, make_inputs, overrides, cid):
+    delay = program.limits.alarm_delay_s
+    t = first_active(program, lambda _t: make_inputs(**overrides), cid, 10.0)
+    assert t is not None and delay - DT / 2 <= t <= delay + DT + 1e-9
+    conds, _ = conditions(program, make_inputs(**overrides))
+    assert active_ids(conds) == set()        # not in the first scan
+    assert conds[cid].trip
+
+
+@pytest.mark.parametrize("point, limit_of", [
+    ("current_mixer", lambda lim: lim.motor_current_a["mixer"]),
+    ("current_pump", lambda lim: lim.motor_current_a["pump"]),
+    ("current_total", lambda lim: lim.current_total_a),
+    ("grid_v_l1", lambda lim: lim.voltage_low_v),
+    ("grid_v_l2", lambda lim: lim.voltage_high_v),
+    ("grid_freq", lambda lim: lim.frequency_hz - lim.frequency_tol_hz),
+    ("grid_freq", lambda lim: lim.frequency_hz + lim.frequency_tol_hz),
+])
+def test_delayed_conditions_at_their_limit_do_not_trip(program, make_inputs, point, limit_of):
+    image = make_inputs(**{point: limit_of(program.limits)})
+    timers: dict = {}
+    for _ in range(50):
+        conds, timers = conditions(program, image, timers=timers)
+        assert active_ids(conds) == set()
+
+
+@pytest.mark.parametrize("inrush_s", [0.5, 1.0, 1.5, 1.8])
+def test_motor_inrush_shorter_than_the_delay_does_not_trip(program, make_inputs, inrush_s):
+    """Repeated starts: 5x running current for ``inrush_s``, then 2 s running. The timer must
+    restart at each start, so no accumulation over several starts trips the motor."""
+    def image(t):
+        return make_inputs(current_mixer=7.5 if (t % (inrush_s + 2.0)) < inrush_s else 1.5)
+    assert first_active(program, image, "motor.mixer.over_current", 30.0) is None
+
+
+def test_delay_timer_restarts_after_a_gap(program, make_inputs):
+    timers: dict = {}
+    for k in range(15):                 # 1.5 s over
+        conds, timers = conditions(program, make_inputs(current_total=25.0), timers=timers)
+    conds, timers = conditions(program, make_inputs(), timers=timers)         # one good scan
+    assert "grid.i" not in timers
+    for k in range(15):
+        conds, timers = conditions(program, make_inputs(current_total=25.0), timers=timers)
+        assert not conds["grid.current"].active
+
+
+# --- deviation --------------------------------------------------------------------------------
+
+GOALS = {z: 31.5 for z in ZONES}
+
+
+@pytest.mark.parametrize("pump_c, reached, expected", [
+    (32.9, True, set()),                                    # 1.4 K: inside the warning limit
+    (33.2, True, {"deviation_warning"}),                    # 1.7 K
+    (29.8, True, {"deviation_warning"}),                    # -1.7 K
+    (34.8, True, {"deviation_warning", "deviation_error"}),  # 3.3 K
+    (28.0, True, {"deviation_warning", "deviation_error"}),
+    (34.8, False, set()),                                   # not yet at goal in this phase
+])
+def test_deviation_alarms_with_on_delay(program, make_inputs, pump_c, reached, expected):
+    delay = program.limits.alarm_delay_s
+    temps = {**GOALS, "pump": pump_c}
+    timers: dict = {}
+    seen_at: dict[str, float] = {}
+    for k in range(1, 60):
+        conds, timers = conditions(program, make_inputs(temps), goals=GOALS,
+                                   reached={z: reached for z in ZONES}, timers=timers)
+        for i in active_ids(conds):
+            seen_at.setdefault(i, k * DT)
+    assert set(seen_at) == {f"zone.pump.{k}" for k in expected}
+    for t in seen_at.values():
+        assert delay - DT / 2 <= t <= delay + DT + 1e-9
+    for k in expected:
+        assert not conds[f"zone.pump.{k}"].trip
+        assert conds[f"zone.pump.{k}"].value == pytest.approx(abs(pump_c - 31.5))
+
+
+def test_deviation_needs_a_goal(program, make_inputs):
+    timers: dict = {}
+    for _ in range(50):
+        conds, timers = conditions(program, make_inputs({"pump": 40.0}),
+                                   reached={z: True for z in ZONES}, timers=timers)
+    assert active_ids(conds) == set()
+
+
+def test_short_deviation_does_not_alarm(program, make_inputs):
+    timers: dict = {}
+    for k in range(200):
+        pump = 35.0 if (k % 20) < 15 else 31.5     # 1.5 s out, 0.5 s back, repeatedly
+        conds, timers = conditions(program, make_inputs({**GOALS, "pump": pump}), goals=GOALS,
+                                   reached={z: True for z in ZONES}, timers=timers)
+        assert active_ids(conds) == set()
+
+
+# --- working maximum --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("working_max, temp, active", [
+    (34.5, 34.6, True), (34.5, 34.5, False), (34.5, 33.0, False), (None, 40.0, False),
+])
+def test_above_working_max(program, make_inputs, working_max, temp, active):
+    conds, _ = conditions(program, make_inputs({"fountain": temp}), working_max=working_max)
+    assert active_ids(conds) == ({"zone.fountain.above_working_max"} if active else set())
+    if active:
+        assert "heater off" in conds["zone.fountain.above_working_max"].message
+        assert not conds["zone.fountain.above_working_max"].trip
+
+
+def test_zone_reading_type_is_used_as_given(program, make_inputs):
+    """evaluate trusts the readings it is handed (the scan computes them once)."""
+    image = make_inputs()
+    readings = {z: ZoneReading(20.0, "") for z in ZONES}
+    readings["pump"] = ZoneReading(None, "open sensor (reads 850.0 degC)")
+    conds, _ = evaluate(program, image, readings, {z: False for z in ZONES},
+                        {z: None for z in ZONES}, {z: False for z in ZONES}, None, "", {}, DT)
+    assert {c.id for c in conds if c.active} == {"zone.pump.sensor"}
