@@ -1,0 +1,1 @@
+"""The OPC UA server and the application's composition root (``tempering`` command)."""

@@ -1,0 +1,1 @@
+"""The soft-PLC: pure scan core (image, PID, sequencer, interlocks, alarms) and its runtime."""
