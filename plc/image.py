@@ -79,6 +79,16 @@ class PointSpec:
         raise TypeError(f"{self.name}: expected {t.value}, got {type(value).__name__} {value!r}")
 
 
+_ZERO = {PointType.BOOL: False, PointType.INT: 0, PointType.FLOAT: 0.0}
+
+
+def _fits(t: PointType, value: object) -> bool:
+    if t is PointType.BOOL:
+        return isinstance(value, bool)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and (
+        t is PointType.FLOAT or isinstance(value, int))
+
+
 class ProcessImage(Mapping[str, Point]):
     """An immutable, typed set of points. Build with :meth:`build`; never mutated."""
 
@@ -95,6 +105,8 @@ class ProcessImage(Mapping[str, Point]):
             spec = specs.get(name)
             if spec is None:
                 raise KeyError(f"{name}: not a point of this image")
+            if point.quality is Quality.BAD and not _fits(spec.type, point.value):
+                point = Point(_ZERO[spec.type], point.quality, point.timestamp_s, point.reason)
             value = spec.check(point.value)
             checked[name] = point if value is point.value else Point(
                 value, point.quality, point.timestamp_s, point.reason)

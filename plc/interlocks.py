@@ -35,7 +35,8 @@ from .alarms import Condition, Priority
 from .image import ProcessImage, Quality
 from .program import MOTORS, Program
 
-STUCK_DRIVE_PCT = 50.0  # a zone driven harder than this must show its reading move
+STUCK_DRIVE_PCT = 50.0
+TIME_EPS_S = 1e-6  # timers sum dt in floating point: 20 x 0.1 s must count as 2 s  # a zone driven harder than this must show its reading move
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +66,7 @@ def _delayed(timers: dict[str, float], key: str, raw: bool, dt_s: float, delay_s
         timers[key] = t
     else:
         timers.pop(key, None)
-    return raw and t >= delay_s
+    return raw and t >= delay_s - TIME_EPS_S
 
 
 def evaluate(p: Program, inputs: ProcessImage, readings: Mapping[str, ZoneReading],

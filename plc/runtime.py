@@ -12,7 +12,8 @@ Watchdog (configurable): ``max_consecutive_overruns`` scans in a row that finish
 next deadline, or one scan whose logic takes longer than ``max_cycle_factor`` x period, fault the
 PLC: the outputs are forced safe at once through ``io.force_safe()`` and the next scan latches
 the ``plc.watchdog`` trip. A separate thread (``HangWatchdog``) forces the outputs safe when no
-scan completes for ``max_cycle_factor`` x period at all (a hung scan cannot protect itself).
+scan completes for ``max_cycle_factor`` x period at all (a hung scan cannot protect itself, and
+a blocked event loop never runs it); the first scan after it fired latches the same trip.
 
 Two clocks: ``MonotonicClock`` (real time) and ``VirtualClock`` (scans back to back, time only
 advances when the loop sleeps), so the same loop runs in virtual time for tests and benchmarks.
@@ -230,9 +231,14 @@ class Runtime:
             hang.start()
         deadline = clock.now() + period
         n = 0
+        fired = 0
         try:
             while not stop.is_set() and (max_scans is None or n < max_scans):
                 await clock.sleep_until(deadline)
+                if hang and hang.fired != fired:  # outputs were forced safe behind our back:
+                    fired = hang.fired            # latch it in this very scan (DESIGN.md rule 6)
+                    self.watchdog_reason = self.watchdog_reason or (
+                        f"no scan completed for {hang.timeout_s * 1e3:.0f} ms")
                 self._one(deadline, period)
                 if hang:
                     hang.beat()
@@ -246,10 +252,12 @@ class Runtime:
         finally:
             if hang:
                 hang.stop()
-            for cmd in final:
-                self.c.submit(cmd)
-            self._one(clock.now(), period)
-            self.io.force_safe()
+            try:
+                for cmd in final:
+                    self.c.submit(cmd)
+                self._one(clock.now(), period)
+            finally:  # even when the loop or the last scan failed
+                self.io.force_safe()
 
     def _one(self, deadline: float, period: float) -> None:
         clock = self.clock

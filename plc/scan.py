@@ -111,6 +111,7 @@ def scan(p: Program, s: PlcState, inputs: ProcessImage, commands: Iterable[Comma
     sps = sequencer.setpoints(p, s)
 
     duties: dict[str, float] = {}
+    forced_off: set[str] = set()     # off in this very scan, whatever the PWM window says
     zones = dict(s.zones)
     views = []
     for z in p.zones:
@@ -122,9 +123,10 @@ def scan(p: Program, s: PlcState, inputs: ProcessImage, commands: Iterable[Comma
             u, pid = 0.0, PidState(manual=manual is not None)
         zones[z.name] = replace(zs, pid=pid)
         split = split_range(u, z.fc_threshold_pct)
-        heat = 0.0 if f"zone.{z.name}.above_working_max" in active else split.heat
+        if f"zone.{z.name}.above_working_max" in active:
+            forced_off.update(z.heating_outputs)
         for name in z.heating_outputs:
-            duties[name] = heat
+            duties[name] = split.heat
         for name in z.cool1_outputs:
             duties[name] = split.cool1
         for name in z.cool2_outputs:
@@ -139,6 +141,8 @@ def scan(p: Program, s: PlcState, inputs: ProcessImage, commands: Iterable[Comma
     if demands.control:
         for name, duty in duties.items():
             values[name], pwm[name] = pwm_step(pwm.get(name) or _PWM0, duty, p.pwm_window_ticks)
+        for name in forced_off:
+            values[name], pwm[name] = False, _PWM0
         values.update(mixer=demands.mixer, pump=demands.pump, vibration=demands.vibration,
                       vib_heater=demands.vib_heater, mold_heater=demands.mold_heater)
     else:

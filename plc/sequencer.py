@@ -23,6 +23,7 @@ from typing import Mapping
 from . import alarms as alarm_mod
 from .commands import (MAX_TRIM_K, Abort, Acknowledge, Command, Event, Hold, Reset, Resume,
                        SetManual, SetTrim, Shutdown, StartRecipe, Stop)
+from .interlocks import TIME_EPS_S
 from .pid import reset as pid_reset
 from .program import TANK_ZONES, Program, RecipeProgram
 from .state import RUNNING, Phase, PlcState, ZoneState
@@ -74,7 +75,8 @@ def check_command(p: Program, s: PlcState, cmd: Command) -> str:
     if isinstance(cmd, Reset):
         if not s.trips:
             return "no trip is latched"
-        active = sorted(t for t in s.trips if t in s.alarms and s.alarms[t].active)
+        # a trip restored after a restart has no alarm yet: not known to be clear, so active
+        active = sorted(t for t in s.trips if t not in s.alarms or s.alarms[t].active)
         return f"conditions still active: {', '.join(active)}" if active else ""
     if isinstance(cmd, Acknowledge):
         if cmd.alarm_id is not None and cmd.alarm_id not in s.alarms:
@@ -215,22 +217,22 @@ def step(p: Program, s: PlcState, pv: Mapping[str, float | None], pedal: bool | 
 
     mixer = recipe.mixer
     mixer_run = s.mixer_run_s + dt_s if mixer else s.mixer_run_s
-    heaters = (not mixer) or mixer_run >= seq.mixer_delay_s
+    heaters = (not mixer) or mixer_run >= seq.mixer_delay_s - TIME_EPS_S
 
     pump_pv = pv.get("pump")
     warm_needed = seq.pump_min_c if s.pump_ready else seq.pump_start_c
     warm_s = s.pump_warm_s + dt_s if (pump_pv is not None and pump_pv >= warm_needed) else 0.0
-    pump_ready = warm_s >= seq.pump_delay_s
+    pump_ready = warm_s >= seq.pump_delay_s - TIME_EPS_S
     s = replace(s, mixer_run_s=mixer_run, pump_warm_s=warm_s, pump_ready=pump_ready)
 
     if not held:
-        if s.phase is Phase.HEATING and s.dwell_s >= seq.heating_dwell_s:
+        if s.phase is Phase.HEATING and s.dwell_s >= seq.heating_dwell_s - TIME_EPS_S:
             s, e = _phase(s, Phase.COOLING, now_s, "heating goal held")
             ev += e
-        elif s.phase is Phase.COOLING and s.dwell_s >= seq.cooling_dwell_s:
+        elif s.phase is Phase.COOLING and s.dwell_s >= seq.cooling_dwell_s - TIME_EPS_S:
             s, e = _phase(replace(s, tempered=True), Phase.POURING, now_s, "cooling goal held; tempered")
             ev += e
-        elif s.phase is Phase.POURING and not s.pouring_released and s.dwell_s >= seq.pouring_dwell_s:
+        elif s.phase is Phase.POURING and not s.pouring_released and s.dwell_s >= seq.pouring_dwell_s - TIME_EPS_S:
             s = replace(s, pouring_released=True)
             ev.append(Event("pouring_released", now_s, "pouring goal held; pouring released",
                             (("batch_id", s.batch_id),)))
@@ -240,8 +242,8 @@ def step(p: Program, s: PlcState, pv: Mapping[str, float | None], pedal: bool | 
     if pump_ready:
         if s.phase is not Phase.POURING:
             pump = True                      # circulate while heating and cooling
-        elif recipe.fountain:
-            pump = True                      # the fountain runs continuously
+        elif recipe.fountain:                # the fountain runs, unless held or out of temperature
+            pump = not held and not deviation_error
         elif pouring and recipe.pedal_auto:
             cycle = recipe.pedal_on_s + recipe.pedal_off_s
             pump = (s.pedal_cycle_s % cycle) < recipe.pedal_on_s

@@ -15,6 +15,7 @@ import pytest
 
 from plc.commands import (Abort, Acknowledge, Command, Hold, Reset, Resume, SetManual, SetTrim,
                           StartRecipe, Stop)
+from plc.alarms import Alarm, AlarmState
 from plc.image import bad
 from plc.program import OUTPUT_SPECS, TANK_ZONES, ZONES, Program
 from plc.sequencer import check_command, setpoints
@@ -620,7 +621,7 @@ def test_heater_forced_off_above_working_max_once_tempered(rig, everything_on):
     r = resume_rig(rig, everything_on)
     wm = r.p.recipes["white-28"].working_max_c
     r.set(fountain=wm + 0.1)
-    r.run(r.p.pwm_window_ticks * r.dt)            # see the xfail below: up to one PWM window
+    r.run(r.p.pwm_window_ticks * r.dt)
     assert r.state.alarms["zone.fountain.above_working_max"].active
     res = r.run(3)
     assert all(not outs(x)["heater_fountain"] for x in res)      # manual 100 %, yet off
@@ -630,10 +631,6 @@ def test_heater_forced_off_above_working_max_once_tempered(rig, everything_on):
     assert all(outs(x)["heater_fountain"] for x in r.run(1))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "plc/scan.py:125 forces the heater *duty* to 0, but pwm_step takes a new duty only at the "
-    "start of its window, so the heater stays on for up to pwm_period_s (1 s) above the working "
-    "maximum; the forced-off should bypass the PWM as the trip path does"))
 def test_heater_forced_off_above_working_max_in_the_same_scan(rig, everything_on):
     r = resume_rig(rig, everything_on)
     r.run(0.5)                                    # mid-window, heater_fountain on (manual 100 %)
@@ -663,7 +660,11 @@ def test_no_working_max_before_tempered(rig, program):
     (PlcState(phase=Phase.POURING, recipe_id="dark-70", interrupted=True), Resume(), ""),
     (PlcState(phase=Phase.COOLING, recipe_id="dark-70"), StartRecipe("dark-70"),
      "a batch is cooling; stop or abort it first"),
-    (PlcState(phase=Phase.FAULT, trips=frozenset({"estop"}), first_out="estop"), Reset(), ""),
+    (PlcState(phase=Phase.FAULT, trips=frozenset({"estop"}), first_out="estop",
+              alarms={"estop": Alarm("estop", AlarmState.UNACK_RTN)}), Reset(), ""),
+    # restored after a restart: the condition has not been evaluated yet, so not known clear
+    (PlcState(phase=Phase.FAULT, trips=frozenset({"estop"}), first_out="estop"), Reset(),
+     "conditions still active: estop"),
     (PlcState(phase=Phase.STOPPED), StartRecipe("white-28"), ""),
     (PlcState(phase=Phase.STOPPED), Abort(), "no running batch to abort (phase stopped)"),
 ])
