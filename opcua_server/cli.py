@@ -30,14 +30,21 @@ def _period(args, cfg) -> float:
     return args.period_ms / 1000.0 if args.period_ms else cfg.period_s
 
 
+def _load(path):
+    """The validated config, or None after printing one message per problem to stderr."""
+    try:
+        return load(path)
+    except ConfigError as e:
+        print("\n".join(e.messages), file=sys.stderr)
+        return None
+
+
 def cmd_check_config(args) -> int:
     path = args.file or DEFAULT_CONFIG
-    try:
-        cfg, book = load(path)
-    except ConfigError as e:
-        for m in e.messages:
-            print(m, file=sys.stderr)
+    loaded = _load(path)
+    if loaded is None:
         return 1
+    cfg, book = loaded
     print(f"{path}: ok (machine {cfg.machine.id}, {len(book)} recipes: {', '.join(book.ids)}, "
           f"scan period {cfg.period_ms} ms)")
     return 0
@@ -87,11 +94,10 @@ async def _run(args, cfg, book) -> int:
 
 
 def cmd_run(args) -> int:
-    try:
-        cfg, book = load(args.config)
-    except ConfigError as e:
-        print("\n".join(e.messages), file=sys.stderr)
+    loaded = _load(args.config)
+    if loaded is None:
         return 1
+    cfg, book = loaded
     if args.recipe and args.recipe not in book:
         print(f"unknown recipe {args.recipe!r} (known: {', '.join(book.ids)})", file=sys.stderr)
         return 2
@@ -104,11 +110,10 @@ def cmd_simulate(args) -> int:
     from twin import Twin
     from twin.inprocess import InProcessTwinIo
 
-    try:
-        cfg, book = load(args.config)
-    except ConfigError as e:
-        print("\n".join(e.messages), file=sys.stderr)
+    loaded = _load(args.config)
+    if loaded is None:
         return 1
+    cfg, book = loaded
     program = Program.from_config(cfg, book)
     recipe = args.recipe or cfg.machine.default_recipe
     if recipe not in program.recipes:

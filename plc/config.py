@@ -58,6 +58,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from .program import OUTPUT_SPECS
+
 __all__ = [
     "ConfigError",
     "ErrorSettings",
@@ -88,14 +90,7 @@ ZONE_NUMBERS: dict[str, int] = {"tank_bottom": 1, "tank_wall": 2, "pump": 3, "fo
 #: Zone names in zone-number order.
 ZONE_NAMES: tuple[str, ...] = tuple(ZONE_NUMBERS)
 #: The outputs a zone may drive (heaters and the two tank cooling stages).
-ZONE_OUTPUTS: tuple[str, ...] = (
-    "heater_tank_bottom",
-    "heater_tank_wall",
-    "heater_pump",
-    "heater_fountain",
-    "cool1_tank",
-    "cool2_tank",
-)
+ZONE_OUTPUTS: tuple[str, ...] = tuple(n for n in OUTPUT_SPECS if n.startswith(("heater_", "cool")))
 #: Top-level sections owned by components outside ``plc``; dropped unless the model declares them.
 OPTIONAL_SECTIONS: tuple[str, ...] = ("twin",)
 #: Recipe ids and the default recipe: lower-case letters, digits and '-'.

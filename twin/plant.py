@@ -104,6 +104,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from plc.program import OUTPUT_SPECS
 from twin.config import TwinConfig
 
 __all__ = ["Twin"]
@@ -111,19 +112,7 @@ __all__ = ["Twin"]
 _ZONES = ("tank_bottom", "tank_wall", "pump", "fountain")
 _HEATERS = ("heater_tank_bottom", "heater_tank_wall", "heater_pump", "heater_fountain", "vib_heater", "mold_heater")
 _MOTORS = ("mixer", "pump", "vibration")
-_OUTPUTS = (
-    "heater_tank_bottom",
-    "heater_tank_wall",
-    "heater_pump",
-    "heater_fountain",
-    "cool1_tank",
-    "cool2_tank",
-    "mixer",
-    "pump",
-    "vibration",
-    "vib_heater",
-    "mold_heater",
-)
+_OUTPUTS = tuple(OUTPUT_SPECS)  # the PLC's output names: the machine's wiring, one list
 _OUTPUT_SET = frozenset(_OUTPUTS)
 # phase (0 = L1, 1 = L2, 2 = L3) of each heater in _HEATERS order
 _HEATER_PHASE = (0, 1, 2, 2, 2, 2)
