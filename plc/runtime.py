@@ -118,6 +118,9 @@ class ScanStats:
         return out
 
 
+STATS_EVERY = 10
+
+
 class Controller:
     """The scan around its state: commands in, scan, persistence and snapshots out.
 
@@ -138,6 +141,7 @@ class Controller:
         self._commands: deque[Command] = deque()
         self.stats = ScanStats()
         self.last: ScanResult | None = None
+        self._summary: dict[str, float] | None = None
 
     def submit(self, cmd: Command) -> None:
         """Queue a command for the next scan (safe from any thread: deque.append is atomic)."""
@@ -168,8 +172,14 @@ class Controller:
         return Snapshot(self.tick, now_s, s.phase.value, s.held, s.interrupted, s.recipe_id,
                         s.batch_id, s.phase_time_s, s.tempered, s.pouring_released, r.zones,
                         inputs, r.outputs, alarms, tuple(sorted(s.trips)), s.first_out, r.events,
-                        self.stats.summary() if self.tick % 10 == 0 or not self.channel.last
-                        else self.channel.last.stats)
+                        self._stats_summary())
+
+    def _stats_summary(self) -> dict[str, float]:
+        """Scan statistics for observers, recomputed every STATS_EVERY scans (percentiles over
+        the window are not worth computing on every scan of the hot path)."""
+        if self._summary is None or self.tick % STATS_EVERY == 0:
+            self._summary = self.stats.summary()
+        return self._summary
 
 
 @dataclass(frozen=True)
