@@ -61,6 +61,21 @@ def render(s: Snapshot, machine: str = "", now_wall: float | None = None) -> str
     return "\n".join(lines)
 
 
+def render_links(links) -> str:
+    """One line per Modbus link and one per device: state, requests, errors, round trip."""
+    lines = []
+    for d in links:
+        errs = " ".join(f"{k} {v}" for k, v in d.errors.items() if v) or "no errors"
+        lines.append(f"link {d.name} {d.transport} {d.endpoint}: {d.state}, {d.requests} requests "
+                     f"({d.requests_per_poll}/poll), rtt p50 {d.rtt_ms_p50:.1f} ms p99 "
+                     f"{d.rtt_ms_p99:.1f} ms, {errs}")
+        for dev in d.devices:
+            if dev.state != "connected" or dev.last_error:
+                lines.append(f"  unit {dev.unit}: {dev.state}" +
+                             (f", last error: {dev.last_error}" if dev.last_error else ""))
+    return "\n".join(lines)
+
+
 def key_command(key: str, default_recipe: str, user: str) -> Command | None:
     return {
         "s": lambda: StartRecipe(default_recipe, user=user),
@@ -73,7 +88,8 @@ def key_command(key: str, default_recipe: str, user: str) -> Command | None:
 class Console:
     def __init__(self, channel: SnapshotChannel, machine: str, submit: Callable[[Command], None],
                  default_recipe: str, stop: asyncio.Event, out: TextIO = sys.stdout,
-                 user: str = "console"):
+                 user: str = "console", links: Callable[[], tuple] = lambda: ()):
+        self.links = links
         self.sub = channel.subscribe(maxlen=256)
         self.machine = machine
         self.submit = submit
@@ -97,6 +113,9 @@ class Console:
                             print(line, file=self.out, flush=True)
                 if snaps and self.interactive:
                     text = render(snaps[-1], self.machine)
+                    link_text = render_links(self.links())
+                    if link_text:
+                        text += "\n\n" + link_text
                     self.out.write("\x1b[H\x1b[2J" + text + "\n\nlast events\n  " +
                                    "\n  ".join(self.messages) + f"\n\nkeys: {KEYS}\n")
                     self.out.flush()

@@ -1,0 +1,96 @@
+"""The plant the PLC runs against, chosen with ``tempering run --plant``.
+
+- ``modbus-twin`` (default when the config has a ``fieldbus`` section): the twin served as a
+  Modbus TCP slave on each TCP link's endpoint of the register map, and the PLC talking to it
+  over real Modbus TCP on loopback (``plc.modbus``). Everything a real machine would exercise
+  runs: the register map, coalesced polling, qualities, reconnects.
+- ``modbus``: the PLC's links only, to a real machine or to a twin started on its own with
+  ``tempering twin`` (TCP or RTU).
+- ``inprocess``: the twin inside the PLC's process with no Modbus in between.
+
+``Plant.outputs()`` is what the machine holds (the twin's I/O module, or the image last sent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+PLANTS = ("modbus-twin", "modbus", "inprocess")
+
+
+class PlantError(Exception):
+    """The plant asked for cannot be built from this configuration."""
+
+
+@dataclass
+class Plant:
+    io: object                                   # plc.runtime.PlantIo
+    description: str
+    outputs: Callable[[], Mapping[str, bool]]
+    _io_stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _twin_stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _io_tasks: list = field(default_factory=list)
+    _twin_tasks: list = field(default_factory=list)
+    _closers: list = field(default_factory=list)
+    diagnostics: Callable[[], tuple] = lambda: ()
+
+    async def close(self) -> None:
+        """Stop the links (they write the last, safe, image first), then the twin."""
+        self._io_stop.set()
+        await asyncio.gather(*self._io_tasks, return_exceptions=True)
+        self._twin_stop.set()
+        await asyncio.gather(*self._twin_tasks, return_exceptions=True)
+        for close in self._closers:
+            await close()
+
+
+def default_plant(cfg) -> str:
+    return "modbus-twin" if cfg.fieldbus is not None else "inprocess"
+
+
+async def start_plant(kind: str, cfg, *, seed: int = 0, initial_temp_c: float | None = None) -> Plant:
+    from twin import Twin
+
+    if kind == "inprocess":
+        from twin.inprocess import InProcessTwinIo
+
+        io = InProcessTwinIo(Twin(cfg.twin, seed=seed, initial_temp_c=initial_temp_c), wall=time.time)
+        plant = Plant(io, "twin in-process (no Modbus)", lambda: io.outputs)
+        plant._twin_tasks.append(asyncio.create_task(io.run_realtime(plant._twin_stop)))
+        return plant
+
+    if cfg.fieldbus is None:
+        raise PlantError(f"--plant {kind} needs a fieldbus section in the machine file")
+    from plc.modbus.io import ModbusPlantIo
+
+    io = ModbusPlantIo(cfg.fieldbus)
+    links = ", ".join(f"{n} ({link.endpoint})" for n, link in io.links.items())
+    if kind == "modbus":
+        plant = Plant(io, f"Modbus links {links}", lambda: io.outputs, diagnostics=io.diagnostics)
+    elif kind == "modbus-twin":
+        from twin.modbus_slave import TwinSlave
+
+        tcp = {n: link for n, link in cfg.fieldbus.links.items() if link.transport == "tcp"}
+        if len(tcp) != len(cfg.fieldbus.links) or len(tcp) != 1:
+            raise PlantError("--plant modbus-twin serves the twin on one Modbus TCP link; for RTU "
+                             "links run `tempering twin --rtu DEVICE` and `tempering run --plant modbus`")
+        (name, link), = tcp.items()
+        twin = Twin(cfg.twin, seed=seed, initial_temp_c=initial_temp_c)
+        slave = TwinSlave(twin, cfg.fieldbus.points)
+        try:
+            await slave.start_tcp(link.host, link.port)
+        except OSError as e:
+            raise PlantError(f"cannot serve the twin on {link.host}:{link.port} (link {name}): "
+                             f"{e.strerror or e}") from None
+        slave.update_inputs()
+        plant = Plant(io, f"twin as Modbus TCP slave on {link.host}:{link.port}, PLC links {links}",
+                      slave.outputs, diagnostics=io.diagnostics)
+        plant._twin_tasks.append(asyncio.create_task(slave.run(plant._twin_stop)))
+        plant._closers.append(slave.close)
+    else:
+        raise PlantError(f"unknown plant {kind!r} (one of {', '.join(PLANTS)})")
+    plant._io_tasks.append(asyncio.create_task(io.run(plant._io_stop)))
+    return plant
