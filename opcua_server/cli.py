@@ -3,11 +3,15 @@
     tempering run [--config FILE] [--recipe ID] [--no-start] [--period-ms N] [--duration-s S]
     tempering check-config [FILE]
     tempering simulate [--config FILE] [--recipe ID] [--hours H]
+    tempering twin [--config FILE] [--tcp HOST:PORT] [--rtu DEVICE] [--baud N] [--parity P]
+                   [--stop-bits N] [--initial-temp-c T] [--seed N]
 
 ``run`` starts the soft-PLC against the twin (in-process, real time) with the live terminal view;
 Ctrl-C (or SIGTERM, or ``--duration-s``) stops it cleanly: one last scan ends the batch and the
 outputs go safe. ``check-config`` validates a machine file and its recipes and exits 1 with one
 message per problem. ``simulate`` runs a whole tempering cycle in virtual time and prints it.
+``twin`` runs the twin in real time as a Modbus slave (TCP and/or RTU) on the config's register
+map until SIGINT/SIGTERM.
 """
 
 from __future__ import annotations
@@ -148,6 +152,29 @@ def cmd_simulate(args) -> int:
     return 0 if released else 1
 
 
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host or "127.0.0.1", int(port)
+
+
+def cmd_twin(args) -> int:
+    from twin.serve import Endpoints, serve
+
+    loaded = _load(args.config)
+    if loaded is None:
+        return 1
+    cfg, _ = loaded
+    want = Endpoints(args.tcp, args.rtu, args.baud, args.parity, args.stop_bits)
+    try:
+        asyncio.run(serve(cfg, want, seed=args.seed, initial_temp_c=args.initial_temp_c))
+    except (ValueError, OSError) as e:
+        print(f"tempering twin: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ap = argparse.ArgumentParser(prog="tempering", description="Soft-PLC of a chocolate tempering machine")
@@ -171,6 +198,17 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--hours", type=float, default=3.0, help="give up after this much machine time")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_simulate)
+    t = sub.add_parser("twin", help="run the twin in real time as a Modbus slave (TCP and/or RTU)")
+    t.add_argument("--config", help="machine file with the fieldbus section (default: the embedded default machine)")
+    t.add_argument("--tcp", type=_host_port, metavar="HOST:PORT",
+                   help="listen here (default: the config's TCP link, unless --rtu alone is given)")
+    t.add_argument("--rtu", metavar="DEVICE", help="serve a serial line (or pty) too")
+    t.add_argument("--baud", type=int, help="RTU baud rate (default: the config's RTU link, else 19200)")
+    t.add_argument("--parity", choices=("none", "even", "odd"), help="RTU parity (default: even)")
+    t.add_argument("--stop-bits", type=int, choices=(1, 2), help="RTU stop bits (default: 1)")
+    t.add_argument("--initial-temp-c", type=float, help="twin's starting temperature (default: ambient, solid)")
+    t.add_argument("--seed", type=int, default=0, help="twin's noise seed")
+    t.set_defaults(func=cmd_twin)
     args = ap.parse_args(argv)
     return args.func(args)
 
