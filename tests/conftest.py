@@ -3,12 +3,24 @@
 - ``program``: the default machine (config/tempering-machine.yaml + its recipes) as a Program.
 - ``make_inputs``: builds an input ProcessImage of a healthy machine, with overrides.
 - ``rig``: a plant-free loop around ``plc.scan.scan``: the test sets the temperatures directly.
+
+And for the loopback tests of the Modbus face (real processes, real sockets, a real pty pair):
+- ``free_port``: a function, ``free_port()`` is a TCP port on 127.0.0.1 free a moment ago.
+- ``pty_pair``: ``(master_path, slave_path)``, two linked ptys made by socat (a null-modem
+  cable): whatever is written to one path is read from the other; socat is killed afterwards.
+- ``twin_slave``: a ``TwinSlave`` on the default register map with a default ``Twin``, serving
+  TCP on a free loopback port (``.tcp_port``), started in the test's event loop, closed after.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import socket
+import subprocess
+import time
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 import pytest
 
@@ -123,3 +135,64 @@ def rig(program: Program) -> Callable[..., Rig]:
     def make(p: Program | None = None, **kw) -> Rig:
         return Rig(p or program, **kw)
     return make
+
+
+# -- loopback Modbus ------------------------------------------------------------------------
+
+def find_free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def free_port() -> Callable[[], int]:
+    """``free_port()``: a TCP port on 127.0.0.1 that was free a moment ago."""
+    return find_free_port
+
+
+@pytest.fixture
+def pty_pair(tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """Two linked ptys (socat): ``(master, slave)`` paths; serve one end, talk on the other."""
+    socat = shutil.which("socat")
+    if socat is None:
+        pytest.fail("socat is not installed (make system-deps)")
+    master, slave = tmp_path / "master", tmp_path / "slave"
+    proc = subprocess.Popen([socat, "-d", "-d", f"pty,raw,echo=0,link={master}",
+                             f"pty,raw,echo=0,link={slave}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10.0
+        while not (os.path.exists(master) and os.path.exists(slave)):
+            if proc.poll() is not None:
+                pytest.fail(f"socat exited: {proc.stderr.read().decode(errors='replace')}")
+            if time.monotonic() > deadline:
+                pytest.fail("socat did not create the pty pair within 10 s")
+            time.sleep(0.01)
+        yield str(master), str(slave)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, 15)
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, 9)
+                proc.wait()
+        proc.stderr.close()
+
+
+@pytest.fixture
+async def twin_slave():
+    """A TwinSlave on the default register map, TCP on a free loopback port, in this loop."""
+    from opcua_server.config import load
+    from twin import Twin
+    from twin.modbus_slave import TwinSlave
+
+    cfg, _ = load()
+    slave = TwinSlave(Twin(cfg.twin, seed=0), cfg.fieldbus.points)
+    await slave.start_tcp("127.0.0.1", 0)
+    try:
+        yield slave
+    finally:
+        await slave.close()
