@@ -1,7 +1,7 @@
 """Typed, validated configuration of the machine and its recipes.
 
-One job: turn ``config/tempering-machine.yaml`` and ``config/recipes.yaml`` into frozen,
-validated models, or refuse with messages that name the file, the field and the value.
+One job: turn ``config/tempering-machine.yaml``, ``config/recipes.yaml`` and the register
+map (``config/register-map.yaml``) into frozen, validated models, or refuse with messages that name the file, the field and the value.
 Config is validated once, at start-up; the scan core receives these models (or core types
 built from them) and never sees YAML.
 
@@ -21,7 +21,8 @@ Errors
         .path      the file at fault (for cross-file checks: the machine file)
         .messages  one line per problem, all problems of the file at once:
                    ``<file>: <dotted.path>: <message> (got <value>)``
-                   ``<file>:<line>:<col>: <problem>`` for YAML syntax errors.
+                   ``<file>:<line>:<col>: <problem>`` for YAML syntax errors;
+                   an entry of a list is named: ``points[3] (temp_pump).bits``.
     Cross-field checks that span sections (zone limits against ``machine_config``) run once
     every section on its own is valid; checks inside one section always run with the rest.
 
@@ -29,6 +30,17 @@ Loaders
     load_machine_config(path, model=MachineConfig) -> MachineConfig
     load_recipes(path) -> RecipeBook
     load_all(path, model=MachineConfig) -> (MachineConfig, RecipeBook)
+    The machinery they share (strict types, YAML 1.2 reading, messages) is in
+    ``plc.configbase``; the ``fieldbus`` models are in ``plc.modbus.regmap``.
+
+Field I/O: the optional ``fieldbus:`` section (``plc.modbus.regmap.FieldbusSettings``) names
+the Modbus links and the register map, either inline (``points``) or as ``map_file``, a file
+relative to the machine file. ``load_machine_config`` validates the section alone;
+``load_all`` also loads the map file and checks the whole map against the links and the PLC's
+I/O contract (``plc.program.INPUT_SPECS`` / ``OUTPUT_SPECS``: every point mapped exactly
+once, with a matching direction and type); it returns the config with ``fieldbus.points``
+filled in, so the application reads the points in one place whichever way they were given.
+Problems of the map file are reported against that file (``<map>: points[i] (name).field``).
 
 Optional sections: a top-level ``twin:`` section belongs to the simulated machine, whose
 configuration model lives outside ``plc`` (``plc`` never imports ``twin``). The application
@@ -39,25 +51,38 @@ machine file that carries one.
 
 from __future__ import annotations
 
-import math
-import re
-from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Literal, TypeVar
 
-import yaml
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    Strict,
-    ValidationError,
-    field_validator,
-    model_validator,
+from pydantic import BeforeValidator, Field, field_validator, model_validator
+
+# The shared machinery lives in plc.configbase (plc.modbus.regmap uses it too); it is
+# re-exported here, where the file format is documented.
+from .configbase import (  # noqa: F401
+    _NOTHING,
+    SLUG_PATTERN,
+    ConfigError,
+    Flag,
+    Int,
+    Number,
+    Slug,
+    Text,
+    _exact_int,
+    _flag,
+    _Frozen,
+    _line,
+    _messages,
+    _path,
+    _Problems,
+    _problems,
+    _raise_if,
+    _Raw,
+    _read_mapping,
+    _relation,
+    _show,
+    _validate,
 )
-from pydantic_core import PydanticCustomError
-
+from .modbus.regmap import FieldbusSettings, load_register_map
 from .program import OUTPUT_SPECS
 
 __all__ = [
@@ -93,84 +118,13 @@ ZONE_NAMES: tuple[str, ...] = tuple(ZONE_NUMBERS)
 ZONE_OUTPUTS: tuple[str, ...] = tuple(n for n in OUTPUT_SPECS if n.startswith(("heater_", "cool")))
 #: Top-level sections owned by components outside ``plc``; dropped unless the model declares them.
 OPTIONAL_SECTIONS: tuple[str, ...] = ("twin",)
-#: Recipe ids and the default recipe: lower-case letters, digits and '-'.
-SLUG_PATTERN = r"^[a-z0-9-]+$"
-
 ZoneName = Literal["tank_bottom", "tank_wall", "pump", "fountain"]
 OutputName = Literal[
     "heater_tank_bottom", "heater_tank_wall", "heater_pump", "heater_fountain",
     "cool1_tank", "cool2_tank",
 ]
 
-# --------------------------------------------------------------------------- strict field types
-
-
-def _exact_int(value: Any) -> Any:
-    """Let only real integers through to a Literal of ints (pydantic would take 1.0 or true)."""
-    if type(value) is not int:
-        raise PydanticCustomError("int_type", "Input should be a valid integer")
-    return value
-
-
-def _flag(value: Any) -> bool:
-    """YAML true/false, or the legacy 0/1 of the CSV files; nothing else."""
-    if type(value) is bool:
-        return value
-    if type(value) is int and value in (0, 1):
-        return bool(value)
-    raise PydanticCustomError("flag_type", "Input should be true or false")
-
-
-Number = Annotated[float, Strict(), Field(allow_inf_nan=False)]   # int or float, never str/bool
-Int = Annotated[int, Strict()]                                     # int, never float/str/bool
-Text = Annotated[str, Strict(), Field(min_length=1)]
-Slug = Annotated[str, Strict(), Field(pattern=SLUG_PATTERN)]
-Flag = Annotated[bool, BeforeValidator(_flag)]
 Outputs = tuple[OutputName, ...]
-
-
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-# --------------------------------------------------------------------------- cross-field problems
-
-_NOTHING = object()
-
-
-class _Raw(str):
-    """A ``got`` value that is already formatted (shown as is, without quotes)."""
-
-
-class _Problems(ValueError):
-    """Several cross-field problems of one model, raised together from one validator.
-
-    Each item is ``(sub_path, message, got)``; ``sub_path`` is appended to the location of
-    the model that raised it. Pydantic wraps this ValueError into a ``value_error`` whose
-    ``ctx["error"]`` is this object; ``_messages`` expands it into one line per item.
-    """
-
-    def __init__(self, items: list[tuple[tuple[str | int, ...], str, Any]]):
-        super().__init__("; ".join(message for _, message, _ in items))
-        self.items = items
-
-
-def _raise_if(items: list[tuple[tuple[str | int, ...], str, Any]]) -> None:
-    if items:
-        raise _Problems(items)
-
-
-def _relation(checks: Iterable[tuple[str, str, str, float, float]]) -> list:
-    """Check ``a <op> b`` relations; each failing one becomes a problem at the model's path."""
-    ops: dict[str, Callable[[float, float], bool]] = {
-        "<": lambda a, b: a < b,
-        "<=": lambda a, b: a <= b,
-    }
-    return [
-        ((), f"{left} must be {op} {right}", _Raw(f"{left}={_show(a)}, {right}={_show(b)}"))
-        for left, op, right, a, b in checks
-        if not ops[op](a, b)
-    ]
 
 
 # --------------------------------------------------------------------------- machine file
@@ -319,6 +273,7 @@ class MachineConfig(_Frozen):
     error_settings: ErrorSettings
     scan: ScanSettings
     zones: dict[ZoneName, ZoneConfig]
+    fieldbus: FieldbusSettings | None = None   # Modbus field I/O; None: no field I/O configured
 
     @field_validator("zones")
     @classmethod
@@ -419,230 +374,6 @@ class RecipeBook(_Frozen):
         return tuple(self.recipes)
 
 
-# --------------------------------------------------------------------------- errors
-
-
-class ConfigError(Exception):
-    """Bad configuration: ``.path`` the file, ``.messages`` one line per problem."""
-
-    def __init__(self, path: str | Path, messages: list[str]):
-        self.path = path
-        self.messages = list(messages)
-        super().__init__("\n".join(self.messages))
-
-    def __str__(self) -> str:
-        return "\n".join(self.messages)
-
-
-def _show(value: Any) -> str:
-    """A value as the user wrote it, short."""
-    if isinstance(value, _Raw):
-        return str(value)
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, dict):
-        return "a mapping" if value else "{}"
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _path(loc: Iterable[str | int]) -> str:
-    text = ""
-    for part in loc:
-        if isinstance(part, int):
-            text += f"[{part}]"
-        else:
-            text += ("." if text else "") + part
-    return text or "(top level)"
-
-
-def _expected(ctx: dict[str, Any]) -> str:
-    # pydantic renders choices as "'none', 'odd' or 'even'"; we want "none, odd, even".
-    return ctx["expected"].replace("'", "").replace(" or ", ", ")
-
-
-_SIMPLE = {
-    "missing": "missing field",
-    "extra_forbidden": "unknown field",
-    "float_type": "must be a number",
-    "float_parsing": "must be a number",
-    "finite_number": "must be a finite number",
-    "int_type": "must be an integer",
-    "int_parsing": "must be an integer",
-    "int_from_float": "must be an integer",
-    "string_type": "must be a string",
-    "string_too_short": "must not be empty",
-    "bool_type": "must be true or false (or 1/0)",
-    "flag_type": "must be true or false (or 1/0)",
-    "list_type": "must be a list",
-    "tuple_type": "must be a list",
-    "dict_type": "must be a mapping",
-    "model_type": "must be a mapping",
-    "model_attributes_type": "must be a mapping",
-}
-
-_NO_VALUE = {"missing", "extra_forbidden"}
-
-
-def _message(kind: str, ctx: dict[str, Any], fallback: str) -> str:
-    if kind in _SIMPLE:
-        return _SIMPLE[kind]
-    bounds = {"greater_than_equal": (">=", "ge"), "greater_than": (">", "gt"),
-              "less_than_equal": ("<=", "le"), "less_than": ("<", "lt")}
-    if kind in bounds:
-        op, key = bounds[kind]
-        bound = ctx[key]
-        if isinstance(bound, float) and bound.is_integer():
-            bound = int(bound)         # Field(ge=0) on a float field reports 0.0
-        return f"must be {op} {bound}"
-    if kind == "literal_error":
-        return f"must be one of {_expected(ctx)}"
-    if kind == "string_pattern_mismatch":
-        if ctx.get("pattern") == SLUG_PATTERN:
-            return "must be lower-case letters, digits and '-' only"
-        return f"must match {ctx.get('pattern')}"
-    if kind == "too_short":
-        return f"must have at least {ctx.get('min_length')} entry"
-    if kind == "value_error":
-        return str(ctx["error"])
-    return fallback
-
-
-def _messages(file: str, error: ValidationError) -> list[str]:
-    """One ``<file>: <path>: <message> (got <value>)`` line per pydantic error."""
-    lines = []
-    for err in error.errors(include_url=False):
-        loc = list(err["loc"])
-        kind = err["type"]
-        ctx = err.get("ctx") or {}
-        is_key = bool(loc) and loc[-1] == "[key]"
-        if is_key:                     # a bad mapping key: report it at the key's path
-            loc.pop()
-        problems = ctx.get("error")
-        if kind == "value_error" and isinstance(problems, _Problems):
-            items = [(loc + list(sub), message, got) for sub, message, got in problems.items]
-        else:
-            got = _NOTHING if kind in _NO_VALUE else err.get("input", _NOTHING)
-            if is_key:
-                got = loc[-1]
-            message = _message(kind, ctx, err["msg"])
-            items = [(loc, ("key " if is_key else "") + message, got)]
-        for where, message, got in items:
-            suffix = "" if got is _NOTHING else f" (got {_show(got)})"
-            lines.append(f"{file}: {_path(where)}: {message}{suffix}")
-    return lines
-
-
-# --------------------------------------------------------------------------- YAML reading
-
-_BOOL = "tag:yaml.org,2002:bool"
-_INT = "tag:yaml.org,2002:int"
-_FLOAT = "tag:yaml.org,2002:float"
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 core-schema scalars and duplicate keys rejected."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen: set = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=True)
-            try:
-                duplicate = key in seen
-            except TypeError:
-                continue               # unhashable key: the base class reports it
-            if duplicate:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-_Loader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag not in (_BOOL, _INT, _FLOAT)]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Loader.add_implicit_resolver(
-    _BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
-_Loader.add_implicit_resolver(
-    _INT, re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789"))
-_Loader.add_implicit_resolver(
-    _FLOAT,
-    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
-               r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
-    list("-+0123456789."))
-
-
-def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
-    text = loader.construct_scalar(node)
-    if text.startswith("0x"):
-        return int(text[2:], 16)
-    if text.startswith("0o"):
-        return int(text[2:], 8)
-    return int(text, 10)               # "010" is ten, not eight
-
-
-def _construct_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> float:
-    text = loader.construct_scalar(node).lower()
-    if text.endswith(".inf"):
-        return -math.inf if text.startswith("-") else math.inf
-    if text == ".nan":
-        return math.nan
-    return float(text)
-
-
-_Loader.add_constructor(_INT, _construct_int)
-_Loader.add_constructor(_FLOAT, _construct_float)
-
-
-def _read_mapping(path: str | Path) -> dict:
-    """Read a YAML file whose top level must be a mapping; ConfigError otherwise."""
-    file = str(path)
-    try:
-        text = Path(path).read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise ConfigError(path, [f"{file}: no such file"]) from None
-    except IsADirectoryError:
-        raise ConfigError(path, [f"{file}: is a directory, not a file"]) from None
-    except OSError as exc:
-        raise ConfigError(path, [f"{file}: cannot read: {exc.strerror or exc}"]) from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(path, [f"{file}: not UTF-8 text (byte {exc.start})"]) from None
-    try:
-        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"{file}:{mark.line + 1}:{mark.column + 1}" if mark else file
-        problem = exc.problem or exc.context or "invalid YAML"
-        if exc.context and exc.problem:
-            started = exc.context_mark
-            at = f" started at line {started.line + 1}" if started and started is not mark else ""
-            problem = f"{exc.problem} ({exc.context}{at})"
-        raise ConfigError(path, [f"{where}: {problem}"]) from None
-    except (yaml.YAMLError, ValueError) as exc:
-        raise ConfigError(path, [f"{file}: invalid YAML: {exc}"]) from None
-    if data is None:
-        raise ConfigError(path, [f"{file}: file is empty"])
-    if not isinstance(data, dict):
-        raise ConfigError(path, [f"{file}: top level must be a mapping of sections "
-                                 f"(got a {type(data).__name__})"])
-    return data
-
-
-M = TypeVar("M", bound=BaseModel)
-
-
-def _validate(path: str | Path, data: dict, model: type[M]) -> M:
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(path, _messages(str(path), exc)) from None
-
-
 # --------------------------------------------------------------------------- loaders
 
 C = TypeVar("C", bound=MachineConfig)
@@ -669,7 +400,10 @@ def load_all(path: str | Path, model: type[C] = MachineConfig) -> tuple[C, Recip
     relative to the machine file), then check the two against each other:
     ``machine.default_recipe`` exists, and every recipe fits the machine (heating_goal within
     ``machine_config.tank_max_heat``; pouring_goal above ``machine_config.pump_min_heat``, or
-    the pump could not run while pouring). Raises ConfigError."""
+    the pump could not run while pouring). With ``fieldbus.map_file`` set, the register map
+    is loaded (relative to the machine file) and validated as a whole against
+    ``fieldbus.links`` and the PLC's I/O contract; the config comes back with
+    ``fieldbus.points`` filled in. Raises ConfigError."""
     machine = load_machine_config(path, model)
     recipes_path = Path(path).parent / machine.machine.recipes_file
     recipes = load_recipes(recipes_path)
@@ -692,4 +426,13 @@ def load_all(path: str | Path, model: type[C] = MachineConfig) -> tuple[C, Recip
                             f" (got {_show(recipe.pouring_goal)})")
     if messages:
         raise ConfigError(path, messages)
-    return machine, recipes
+    return _with_register_map(machine, Path(path)), recipes
+
+
+def _with_register_map(machine: C, path: Path) -> C:
+    """``machine`` with ``fieldbus.points`` read from ``fieldbus.map_file`` (if it has one)."""
+    fieldbus = machine.fieldbus
+    if fieldbus is None or fieldbus.map_file is None:
+        return machine
+    points = load_register_map(path.parent / fieldbus.map_file, fieldbus.links)
+    return machine.model_copy(update={"fieldbus": fieldbus.model_copy(update={"points": points})})

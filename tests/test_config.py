@@ -32,6 +32,7 @@ from plc.config import (
 ROOT = Path(__file__).resolve().parent.parent
 MACHINE_FILE = ROOT / "config" / "tempering-machine.yaml"
 RECIPES_FILE = ROOT / "config" / "recipes.yaml"
+REGISTER_MAP_FILE = ROOT / "config" / "register-map.yaml"
 
 DELETE = object()
 
@@ -414,6 +415,7 @@ def test_legacy_0_1_booleans_are_accepted(tmp_path, recipes_data):
 def copy_defaults(directory: Path, machine: dict, recipes: dict) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     write(directory / "recipes.yaml", recipes)
+    write(directory / "register-map.yaml", REGISTER_MAP_FILE.read_text())
     return write(directory / "machine.yaml", machine)
 
 
