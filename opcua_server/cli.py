@@ -5,13 +5,16 @@
     tempering simulate [--config FILE] [--recipe ID] [--hours H]
     tempering twin [--config FILE] [--tcp HOST:PORT] [--rtu DEVICE] [--baud N] [--parity P]
                    [--stop-bits N] [--initial-temp-c T] [--seed N]
+    tempering import-mapping CSV [-o OUT] [--link NAME] [--unit N]
 
 ``run`` starts the soft-PLC against the twin (in-process, real time) with the live terminal view;
 Ctrl-C (or SIGTERM, or ``--duration-s``) stops it cleanly: one last scan ends the batch and the
 outputs go safe. ``check-config`` validates a machine file and its recipes and exits 1 with one
 message per problem. ``simulate`` runs a whole tempering cycle in virtual time and prints it.
 ``twin`` runs the twin in real time as a Modbus slave (TCP and/or RTU) on the config's register
-map until SIGINT/SIGTERM.
+map until SIGINT/SIGTERM. ``import-mapping`` turns a legacy Mapping.csv into a register-map
+file (stdout without ``-o``); on any problem it prints one message per problem, exits 1 and
+writes nothing.
 """
 
 from __future__ import annotations
@@ -49,8 +52,11 @@ def cmd_check_config(args) -> int:
     if loaded is None:
         return 1
     cfg, book = loaded
+    fieldbus = cfg.fieldbus
+    field_io = (f", fieldbus: {len(fieldbus.links)} link(s), {len(fieldbus.points)} points"
+                if fieldbus else "")
     print(f"{path}: ok (machine {cfg.machine.id}, {len(book)} recipes: {', '.join(book.ids)}, "
-          f"scan period {cfg.period_ms} ms)")
+          f"scan period {cfg.period_ms} ms{field_io})")
     return 0
 
 
@@ -175,6 +181,38 @@ def cmd_twin(args) -> int:
     return 0
 
 
+def cmd_import_mapping(args) -> int:
+    import os
+    import tempfile
+
+    from plc.modbus.legacy import dump_register_map, import_mapping
+
+    try:
+        points = import_mapping(args.csv, default_link=args.link, default_unit=args.unit)
+    except ConfigError as e:
+        print("\n".join(e.messages), file=sys.stderr)
+        return 1
+    text = dump_register_map(points, source=args.csv)
+    if args.output is None:
+        sys.stdout.write(text)
+        return 0
+    out = Path(args.output)
+    try:  # atomically: a reader sees the old file or the whole new one, never a part
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent or ".")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(tmp, out)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError as e:
+        print(f"{out}: cannot write: {e.strerror or e}", file=sys.stderr)
+        return 1
+    print(f"{out}: {len(points)} points from {args.csv}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ap = argparse.ArgumentParser(prog="tempering", description="Soft-PLC of a chocolate tempering machine")
@@ -209,6 +247,12 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--initial-temp-c", type=float, help="twin's starting temperature (default: ambient, solid)")
     t.add_argument("--seed", type=int, default=0, help="twin's noise seed")
     t.set_defaults(func=cmd_twin)
+    m = sub.add_parser("import-mapping", help="turn a legacy Mapping.csv into a register-map file")
+    m.add_argument("csv", metavar="CSV", help="the legacy Mapping.csv")
+    m.add_argument("-o", "--output", metavar="OUT", help="register-map file to write (default: stdout)")
+    m.add_argument("--link", default="io", help="link of rows without a Link column (default: io)")
+    m.add_argument("--unit", type=int, default=1, help="unit id of rows without a UnitId (default: 1)")
+    m.set_defaults(func=cmd_import_mapping)
     args = ap.parse_args(argv)
     return args.func(args)
 

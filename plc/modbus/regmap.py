@@ -50,7 +50,7 @@ import struct
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Literal, Mapping, Sequence
+from typing import Annotated, Any, Callable, Literal, Mapping, Sequence
 
 from pydantic import (
     BeforeValidator,
@@ -199,10 +199,12 @@ def _name_hint(name: str) -> str:
 
 
 def _check_map(indexed: Sequence[tuple[int, PointMap]], links: Mapping[str, Any] | None,
-               excused: frozenset[str] | set[str] = frozenset()) -> list[Problem]:
+               excused: frozenset[str] | set[str] = frozenset(),
+               ref: Callable[[int], str] = lambda i: f"points[{i}]") -> list[Problem]:
     """Problems of the map as a whole; ``indexed`` pairs each valid point with its index in
     the file (invalid ones are left out); contract points in ``excused`` (the names of the
-    invalid ones) are not reported as unmapped. Locations are ``(index, field)``."""
+    invalid ones) are not reported as unmapped; ``ref`` names another point in a message.
+    Locations are ``(index, field)``, or ``()`` for the map."""
     problems: list[Problem] = []
     first: dict[str, int] = {}
     coils: dict[tuple, tuple[int, PointMap]] = {}
@@ -217,7 +219,7 @@ def _check_map(indexed: Sequence[tuple[int, PointMap]], links: Mapping[str, Any]
                              + _name_hint(p.name), p.name))
         elif p.name in first:
             j = first[p.name]
-            problems.append(((i, "name"), f"{p.name} is already mapped by points[{j}]",
+            problems.append(((i, "name"), f"{p.name} is already mapped by {ref(j)}",
                              _NOTHING))
         else:
             first[p.name] = i
@@ -245,7 +247,7 @@ def _check_map(indexed: Sequence[tuple[int, PointMap]], links: Mapping[str, Any]
             if key in coils:
                 j, q = coils[key]
                 problems.append(((i, "address"), f"coil {p.address} {where} is already written "
-                                 f"by points[{j}] ({q.name})", p.address))
+                                 f"by {ref(j)} ({q.name})", p.address))
             else:
                 coils[key] = (i, p)
             continue
@@ -261,7 +263,7 @@ def _check_map(indexed: Sequence[tuple[int, PointMap]], links: Mapping[str, Any]
                 elif p.bits and q.bits:
                     why = f" (with function {q.function}; packed bits share one function)"
                 problems.append(((i, "address"), f"register {address} {where} is already "
-                                 f"written by points[{j}] ({q.name}){why}", p.address))
+                                 f"written by {ref(j)} ({q.name}){why}", p.address))
                 break
             sharing.append((i, p))
     missing = [n for n in (*INPUT_SPECS, *OUTPUT_SPECS) if n not in first and n not in excused]
