@@ -160,8 +160,8 @@ def decode_request(pdu: bytes) -> Request:
     f = pdu[0]
     if f not in FUNCTIONS:
         raise ExceptionResponse(f, 1)
-    if len(pdu) < 5:
-        raise ExceptionResponse(f, 3)
+    if len(pdu) < 5 or f not in (WRITE_MULTIPLE_COILS, WRITE_MULTIPLE_REGISTERS) and len(pdu) != 5:
+        raise ExceptionResponse(f, 3)   # functions 1-6 are exactly 5 bytes
     a, v = struct.unpack_from(">HH", pdu, 1)
     if f in READ_FUNCTIONS:
         req = Request(f, a, v)
@@ -305,6 +305,8 @@ def mbap_frame(tid: int, unit: int, pdu: bytes) -> bytes:
 
 def mbap_header(header: bytes) -> tuple[int, int, int]:
     """(transaction id, unit, PDU length) of a 7-byte MBAP header; FrameError if malformed."""
+    if len(header) != MBAP_LEN:
+        raise FrameError(f"MBAP header of {len(header)} bytes")
     tid, proto, length, unit = struct.unpack(">HHHB", header)
     if proto != 0:
         raise FrameError(f"protocol id {proto} in the MBAP header")
