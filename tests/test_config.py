@@ -523,3 +523,143 @@ def test_subclass_keeps_the_base_checks(tmp_path, machine_data):
     with pytest.raises(ConfigError) as info:
         load_machine_config(file, model=AppConfig)
     assert info.value.messages == [f"{file}: zones.pump.number: must be 3 for zone pump (got 4)"]
+
+
+# --------------------------------------------------------------------------- the fieldbus section
+
+L = "fieldbus.links.io"
+
+FIELDBUS_CASES = [
+    ({f"{L}.timeout_ms": 0}, [f"{L}.timeout_ms: must be >= 1 (got 0)"]),
+    ({f"{L}.timeout_ms": 250.0}, [f"{L}.timeout_ms: must be an integer (got 250.0)"]),
+    ({f"{L}.retries": 11}, [f"{L}.retries: must be <= 10 (got 11)"]),
+    ({f"{L}.max_read_registers": 126}, [f"{L}.max_read_registers: must be <= 125 (got 126)"]),
+    ({f"{L}.max_read_bits": 2001}, [f"{L}.max_read_bits: must be <= 2000 (got 2001)"]),
+    ({f"{L}.max_gap_registers": 125}, [f"{L}.max_gap_registers: must be <= 124 (got 125)"]),
+    ({f"{L}.reconnect_max_ms": 50}, [f"{L}.reconnect_max_ms: must be >= 100 (got 50)"]),
+    ({f"{L}.demote_after": 0}, [f"{L}.demote_after: must be >= 1 (got 0)"]),
+    ({f"{L}.port": 70000}, [f"{L}.port: must be <= 65535 (got 70000)"]),
+    ({f"{L}.host": DELETE}, [f"{L}.host: missing field"]),
+    ({f"{L}.baud_rate": 19200}, [f"{L}.baud_rate: unknown field"]),
+    ({f"{L}.transport": "udp"}, [f"{L}.transport: must be one of tcp, rtu (got 'udp')"]),
+    ({f"{L}.transport": DELETE}, [f"{L}.transport: missing field"]),
+    ({f"{L}.transport": "rtu"},
+     [f"{L}.device: missing field", f"{L}.host: unknown field", f"{L}.port: unknown field"]),
+    ({f"{L}.devices": {300: {"timeout_ms": 500}}}, [f"{L}.devices.300: key must be <= 247 (got 300)"]),
+    ({f"{L}.devices": {2: {"timeout_ms": 0}}}, [f"{L}.devices.2.timeout_ms: must be >= 1 (got 0)"]),
+    ({f"{L}.devices": {2: {"timeout": 5}}}, [f"{L}.devices.2.timeout: unknown field"]),
+    ({"fieldbus.links": {}}, ["fieldbus.links: must have at least 1 entry (got {})"]),
+    ({"fieldbus.stale_after_ms": 0}, ["fieldbus.stale_after_ms: must be >= 1 (got 0)"]),
+    ({"fieldbus.map_file": DELETE},
+     ["fieldbus: give the register map: map_file (a file relative to the machine file) or points"]),
+]
+
+
+@pytest.mark.parametrize("patch, expected", FIELDBUS_CASES,
+                         ids=[next(iter(p)) for p, _ in FIELDBUS_CASES])
+def test_fieldbus_problem_gives_exact_messages(tmp_path, machine_data, patch, expected):
+    assert machine_errors(tmp_path, patched(machine_data, patch)) == expected
+
+
+def test_fieldbus_link_names_are_slugs(tmp_path, machine_data):
+    machine_data["fieldbus"]["links"]["IO"] = machine_data["fieldbus"]["links"].pop("io")
+    assert machine_errors(tmp_path, machine_data) == [
+        "fieldbus.links.IO: key must be lower-case letters, digits and '-' only (got 'IO')"]
+
+
+def test_rtu_link_and_per_device_overrides(tmp_path, machine_data):
+    data = patched(machine_data, {"fieldbus.links": {
+        "io": machine_data["fieldbus"]["links"]["io"],
+        "rs485": {"transport": "rtu", "device": "/dev/ttyUSB0", "baud_rate": 19200,
+                  "parity": "none", "stop_bits": 2, "timeout_ms": 100, "retries": 2,
+                  "devices": {2: {"timeout_ms": 500}, 3: {"retries": 0}}},
+    }})
+    fb = load_machine_config(write(tmp_path / "m.yaml", data)).fieldbus
+    rtu = fb.links["rs485"]
+    assert (rtu.transport, rtu.device, rtu.parity, rtu.stop_bits) == ("rtu", "/dev/ttyUSB0", "none", 2)
+    assert (rtu.timeout_s(1), rtu.timeout_s(2), rtu.timeout_s(3)) == (0.1, 0.5, 0.1)
+    assert (rtu.retries_for(1), rtu.retries_for(2), rtu.retries_for(3)) == (2, 2, 0)
+    assert fb.links["io"].transport == "tcp" and fb.points == ()   # map_file: load_all reads it
+
+
+def test_default_fieldbus():
+    cfg, _ = load_all(MACHINE_FILE)
+    fb = cfg.fieldbus
+    io = fb.links["io"]
+    assert (io.transport, io.host, io.port) == ("tcp", "127.0.0.1", 5020)
+    assert io == type(io)(transport="tcp", host="127.0.0.1", port=5020)   # every default written out
+    assert fb.map_file == "register-map.yaml" and fb.stale_after_ms == 1000
+    assert len(fb.points) == 25 and fb.points[0].name == "temp_tank_bottom"
+
+
+def test_no_fieldbus_section(tmp_path, machine_data, recipes_data):
+    del machine_data["fieldbus"]
+    cfg, _ = load_all(copy_defaults(tmp_path, machine_data, recipes_data))
+    assert cfg.fieldbus is None
+
+
+def test_map_file_is_relative_to_the_machine_file(tmp_path, machine_data, recipes_data, monkeypatch):
+    data = patched(machine_data, {"fieldbus.map_file": "io/map.yaml"})
+    copy_defaults(tmp_path / "etc", data, recipes_data)
+    (tmp_path / "etc" / "io").mkdir()
+    (tmp_path / "etc" / "io" / "map.yaml").write_text(REGISTER_MAP_FILE.read_text())
+    monkeypatch.chdir(tmp_path)
+    cfg, _ = load_all(Path("etc") / "machine.yaml")
+    assert len(cfg.fieldbus.points) == 25
+
+
+def test_missing_map_file(tmp_path, machine_data, recipes_data):
+    file = copy_defaults(tmp_path, patched(machine_data, {"fieldbus.map_file": "nope.yaml"}),
+                         recipes_data)
+    with pytest.raises(ConfigError) as info:
+        load_all(file)
+    assert info.value.messages == [f"{tmp_path / 'nope.yaml'}: no such file"]
+
+
+def test_bad_map_file_names_the_map_file_and_the_point(tmp_path, machine_data, recipes_data):
+    file = copy_defaults(tmp_path, machine_data, recipes_data)
+    map_file = tmp_path / "register-map.yaml"
+    text = map_file.read_text()
+    text = text.replace("name: temp_pump,        link: io,", "name: temp_pump,        link: rs485,")
+    text = text.replace("address: 2, description: \"Heater zone 3\"", "address: 1, description: \"x\"")
+    map_file.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_all(file)
+    assert info.value.path == map_file
+    assert info.value.messages == [
+        f"{map_file}: points[2] (temp_pump).link: no such link in fieldbus.links (have io) "
+        "(got 'rs485')",
+        f"{map_file}: points[16] (heater_pump).address: coil 1 of unit 3 on link io is already "
+        "written by points[15] (heater_tank_wall) (got 1)",
+    ]
+
+
+def inline_points(*patches) -> list[dict]:
+    points = yaml.safe_load(REGISTER_MAP_FILE.read_text())["points"]
+    for index, fields in patches:
+        points[index].update(fields)
+    return points
+
+
+def test_inline_points(tmp_path, machine_data, recipes_data):
+    data = patched(machine_data, {"fieldbus.map_file": DELETE, "fieldbus.points": inline_points()})
+    cfg, _ = load_all(copy_defaults(tmp_path, data, recipes_data))
+    from_file, _ = load_all(MACHINE_FILE)
+    assert cfg.fieldbus.points == from_file.fieldbus.points and cfg.fieldbus.map_file is None
+
+
+def test_inline_points_are_validated_like_a_map_file(tmp_path, machine_data):
+    points = inline_points((2, {"bits": [1]}), (3, {"link": "rs485"}))
+    del points[13]                                                   # pedal
+    data = patched(machine_data, {"fieldbus.map_file": DELETE, "fieldbus.points": points})
+    assert machine_errors(tmp_path, data) == [
+        "fieldbus.points[2] (temp_pump).bits: only for type bool, not with type int16 (got [1])",
+        "fieldbus.points[3] (temp_fountain).link: no such link in fieldbus.links (have io) "
+        "(got 'rs485')",
+        "fieldbus.points: PLC point(s) not mapped: pedal",
+    ]
+
+
+def test_map_file_and_inline_points_together(tmp_path, machine_data):
+    data = patched(machine_data, {"fieldbus.points": inline_points()})
+    assert machine_errors(tmp_path, data) == ["fieldbus: give either map_file or points, not both"]

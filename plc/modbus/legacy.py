@@ -19,8 +19,8 @@ BitNumbers          bit numbers of a bool packed in a register, pipe-separated  
                     (``0|1``); may be empty
 FunctionCode        1, 2, 3, 4, 5, 6, 15, 16                                    ``function``
 DataType            bool, int16, uint16, int32, uint32, float32 (also the       ``type``
-                    IEC names BOOL, INT, UINT, DINT, UDINT, REAL and bit, word,
-                    dword, float); case-insensitive
+                    IEC names BOOL, INT, UINT, DINT, UDINT, REAL and bit,
+                    boolean, word, dword, float); case-insensitive; empty: bool
 Description         free text                                                   ``description``
 IsActive            0 or 1; rows with 0 are skipped                             --
 Link (optional)     link name; empty or absent: the ``default_link``            ``link``
@@ -74,6 +74,8 @@ _TYPE_NAMES = {
     "udint": DataType.UINT32, "dword": DataType.UINT32, "real": DataType.FLOAT32,
     "float": DataType.FLOAT32,
 }
+_TYPES_SHOWN = (", ".join(t.value for t in DataType)
+                + " (or BOOL, INT, UINT, DINT, UDINT, REAL, bit, boolean, word, dword, float)")
 _INTEGER = re.compile(r"^[+-]?[0-9]+$")
 
 
@@ -129,12 +131,12 @@ class _Row:
             return None
         return tuple(int(part) for part in parts)
 
-    def choice(self, column: str, names: dict[str, Any], default: Any) -> Any:
+    def choice(self, column: str, names: dict[str, Any], default: Any, shown: str) -> Any:
         text = self.text(column)
         if not text:
             return default
         if text.lower() not in names:
-            self.problem(column, f"must be one of {', '.join(dict.fromkeys(names))}", text)
+            self.problem(column, f"must be one of {shown}", text)
             return None
         return names[text.lower()]
 
@@ -177,8 +179,9 @@ def _point(row: _Row, default_link: str, default_unit: int) -> PointMap | None:
         "function": row.integer("FunctionCode"),
         "address": row.integer("ModbusAddress"),
         "bits": row.bits(),
-        "type": row.choice("DataType", _TYPE_NAMES, DataType.BOOL),
-        "order": row.choice("WordOrder", {o.value.lower(): o for o in WordOrder}, WordOrder.ABCD),
+        "type": row.choice("DataType", _TYPE_NAMES, DataType.BOOL, _TYPES_SHOWN),
+        "order": row.choice("WordOrder", {o.value.lower(): o for o in WordOrder}, WordOrder.ABCD,
+                            ", ".join(o.value for o in WordOrder)),
         "scale": row.number("Scale", 1.0),
         "offset": row.number("Offset", 0.0),
         "eu": row.text("Unit"),
@@ -211,7 +214,7 @@ def parse_mapping(text: str, file: str = "Mapping.csv", default_link: str = "io"
     text = text.removeprefix("\ufeff")              # a BOM from a spreadsheet program
     first = text.split("\n", 1)[0]
     delimiter = ";" if ";" in first and "," not in first else ","
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     try:
         header = next(reader, None)
         if not header:

@@ -179,18 +179,28 @@ class PointMap(_Frozen):
         if self.bits and self.type is not DataType.BOOL:
             problems.append((("bits",), f"only for type bool, not with type {self.type.value}",
                              bits))
-        for b in sorted({b for b in self.bits if self.bits.count(b) > 1}):
-            problems.append((("bits",), f"bit {b} is listed twice", bits))
         if self.is_bit and self.type is not DataType.BOOL:
             problems.append((("type",), f"function {self.function} carries single bits: must "
                              "be bool", self.type.value))
         if self.address + self.width > 0x10000:
             problems.append((("address",), f"a {self.type.value} takes {self.width} registers: "
                              f"must be <= {0x10000 - self.width}", self.address))
-        if self.scale == 0:
-            problems.append((("scale",), "must not be 0", self.scale))
         _raise_if(problems)
         return self
+
+    # checks of one field run even when another field is bad (unlike the cross-field ones)
+    @field_validator("bits")
+    @classmethod
+    def _bits_once(cls, bits: tuple[int, ...]) -> tuple[int, ...]:
+        _raise_if([((), f"bit {b} is listed twice", list(bits))
+                   for b in sorted({b for b in bits if bits.count(b) > 1})])
+        return bits
+
+    @field_validator("scale")
+    @classmethod
+    def _scale_not_zero(cls, scale: float) -> float:
+        _raise_if([((), "must not be 0", scale)] if scale == 0 else [])
+        return scale
 
 
 def _name_hint(name: str) -> str:
@@ -394,7 +404,7 @@ class RegisterMap(_Frozen):
     """A register-map file: ``points:``, a list of PointMap. The link names are checked when
     the validation context carries ``links`` (``load_register_map(path, links)``)."""
 
-    points: Annotated[tuple[PointMap, ...], Field(min_length=1)]
+    points: tuple[PointMap, ...]           # empty: every PLC point is reported unmapped
 
     @field_validator("points", mode="wrap")
     @classmethod
