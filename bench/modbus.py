@@ -11,7 +11,8 @@ process and one run:
   (loopback, Python slave: this is mostly the two event loops, not the wire).
 - ``rtu_poll_ms_19200`` / ``rtu_poll_ms_115200``: line time of one full poll (reads and writes)
   on an RTU line, computed from the request plan: every frame's characters (11 bits each with
-  parity) plus the 3.5-character gaps; a device's own reply delay comes on top.
+  even parity) plus the 3.5-character gaps; a device's own reply delay comes on top. Also the
+  steady-state poll (reads only: outputs unchanged) and the one-request-per-point plan.
 """
 
 from __future__ import annotations
@@ -65,7 +66,10 @@ async def measure(cfg, polls: int) -> dict:
     finally:
         await slave.close()
     link = next(iter(fieldbus.links.values()))
-    blocks = plan_reads(fieldbus.points, link) + plan_writes(fieldbus.points)
+    reads = plan_reads(fieldbus.points, link)
+    blocks = reads + plan_writes(fieldbus.points)
+    naive_blocks = plan_reads(fieldbus.points, link, naive=True) + tuple(
+        b for p in fieldbus.points for b in plan_writes([p]))
     return {
         "requests_per_scan": coalesced["requests_per_poll"],
         "naive_requests_per_scan": naive["requests_per_poll"],
@@ -78,6 +82,10 @@ async def measure(cfg, polls: int) -> dict:
         "bad_points": sorted(set(coalesced["bad_points"]) | set(naive["bad_points"])),
         "rtu_poll_ms_19200": 1000 * poll_line_time_s(blocks, 19200, "even", 1),
         "rtu_poll_ms_115200": 1000 * poll_line_time_s(blocks, 115200, "even", 1),
+        "rtu_read_poll_ms_19200": 1000 * poll_line_time_s(reads, 19200, "even", 1),
+        "rtu_read_poll_ms_115200": 1000 * poll_line_time_s(reads, 115200, "even", 1),
+        "naive_rtu_poll_ms_19200": 1000 * poll_line_time_s(naive_blocks, 19200, "even", 1),
+        "naive_rtu_poll_ms_115200": 1000 * poll_line_time_s(naive_blocks, 115200, "even", 1),
         "read_blocks": len(plan_reads(fieldbus.points, link)),
         "write_blocks": len(plan_writes(fieldbus.points)),
         "points": len(fieldbus.points),
@@ -101,8 +109,12 @@ def main(argv: list[str] | None = None) -> int:
            fmt(r["naive_requests_per_scan"], 1)),
           ("TCP round trip p50, ms", fmt(r["tcp_rtt_ms_p50"]), fmt(r["naive_tcp_rtt_ms_p50"])),
           ("TCP round trip p99, ms", fmt(r["tcp_rtt_ms_p99"]), "-"),
-          ("RTU poll line time at 19200 baud, ms", fmt(r["rtu_poll_ms_19200"], 1), "-"),
-          ("RTU poll line time at 115200 baud, ms", fmt(r["rtu_poll_ms_115200"], 1), "-")],
+          ("RTU line time of that poll at 19200 baud, ms", fmt(r["rtu_poll_ms_19200"], 1),
+           fmt(r["naive_rtu_poll_ms_19200"], 1)),
+          ("RTU line time of that poll at 115200 baud, ms", fmt(r["rtu_poll_ms_115200"], 1),
+           fmt(r["naive_rtu_poll_ms_115200"], 1)),
+          ("RTU line time, reads only, 19200 baud, ms", fmt(r["rtu_read_poll_ms_19200"], 1), "-"),
+          ("RTU line time, reads only, 115200 baud, ms", fmt(r["rtu_read_poll_ms_115200"], 1), "-")],
          ("measure", "coalesced", "one request per point"), r, as_json=False)
     print(f"{r['tcp_requests']} coalesced requests, {r['tcp_errors']} errors, "
           f"bad points at the end: {', '.join(r['bad_points']) or 'none'}")

@@ -116,7 +116,8 @@ async def test_tcp_inputs_good_and_equal_to_the_machine(app):
             assert img[n].value == pytest.approx(truth[n], abs=0.5), n
         assert img["estop_ok"].value is True and img["pedal"].value is False
         assert img["temp_pump"].timestamp_s == pytest.approx(time.time(), abs=1.0)
-        d = plc.io.diagnostics()[0]
+        await until(lambda: plc.io.diagnostics()[0].polls >= 3, 1.0)
+        d = plc.io.diagnostics()[0]     # outputs unchanged, refresh not due yet: the 4 reads
         assert d.state == "connected" and d.requests_per_poll == 4
         assert {dev.state for dev in d.devices} == {"connected"}
         assert sum(d.errors.values()) == 0 and d.rtt_ms_p50 > 0
@@ -220,6 +221,7 @@ async def test_silent_temperature_module_trips_heaters_in_one_scan_no_restart_wi
         took = await until(lambda: plc.quality(TEMPS) == {Quality.BAD}, 2.0, step_s=0.002)
         assert took <= 0.6
         # the first scan that saw the bad temperatures switched every heater off
+        await asyncio.sleep(0.15)      # the scan that follows
         first_bad = next(r for t, r in plc.scans if t >= t_silent
                          and any(z.quality is Quality.BAD for z in r.zones))
         assert not any(first_bad.outputs[h].value for h in HEATERS)
@@ -231,7 +233,10 @@ async def test_silent_temperature_module_trips_heaters_in_one_scan_no_restart_wi
         assert time.monotonic() - t_back < 5.0
         await asyncio.sleep(1.0)
         assert not any(plc.slave.outputs()[h] for h in HEATERS)
-        plc.controller.submit(Reset(user="test"))
+        plc.controller.submit(Reset(user="test"))     # a reset never restarts heating by itself
+        await asyncio.sleep(1.0)
+        assert not any(plc.slave.outputs()[h] for h in HEATERS)
+        plc.controller.submit(StartRecipe(cfg.machine.default_recipe, user="test"))
         await until(lambda: plc.slave.outputs()["heater_tank_bottom"], 10.0, step_s=0.02)
     finally:
         await plc.close()

@@ -393,6 +393,8 @@ class TwinSlave:
             log.info("closing a TCP connection: %s", e.reason)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
+        except asyncio.CancelledError:
+            pass     # close(): ending normally keeps asyncio's stream callback from logging it
         finally:
             self._conns.pop(writer, None)
             writer.close()
