@@ -65,18 +65,22 @@ async def _run(args, cfg, book) -> int:
     from plc.persist import StateStore
     from plc.program import Program
     from plc.runtime import Controller, MonotonicClock, Runtime, WatchdogSettings
-    from twin import Twin
-    from twin.inprocess import InProcessTwinIo
 
     from .console import Console
+    from .plant import PlantError, default_plant, start_plant
 
     program = Program.from_config(cfg, book, period_s=_period(args, cfg))
+    try:
+        plant = await start_plant(args.plant or default_plant(cfg), cfg, seed=args.seed,
+                                  initial_temp_c=args.initial_temp_c)
+    except PlantError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    print(f"plant: {plant.description}", flush=True)
     store = StateStore(Path(args.state_file or cfg.machine.state_file))
     channel = SnapshotChannel()
     controller = Controller(program, store, channel)
-    twin = Twin(cfg.twin, seed=args.seed, initial_temp_c=args.initial_temp_c)
-    io = InProcessTwinIo(twin, wall=time.time)
-    runtime = Runtime(controller, io, MonotonicClock(), WatchdogSettings(
+    runtime = Runtime(controller, plant.io, MonotonicClock(), WatchdogSettings(
         cfg.scan.watchdog_max_consecutive_overruns, cfg.scan.watchdog_max_cycle_factor))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -87,16 +91,18 @@ async def _run(args, cfg, book) -> int:
     recipe = args.recipe or cfg.machine.default_recipe
     if not args.no_start:
         controller.submit(StartRecipe(recipe, user="operator"))
-    console = Console(channel, f"{cfg.machine.id} ({cfg.machine.name})", controller.submit, recipe, stop)
-    tasks = [asyncio.create_task(io.run_realtime(stop)), asyncio.create_task(console.run())]
+    console = Console(channel, f"{cfg.machine.id} ({cfg.machine.name})", controller.submit, recipe,
+                      stop, links=plant.diagnostics)
+    tasks = [asyncio.create_task(console.run())]
     try:
         await runtime.run(stop, final=[Shutdown(user="operator")])
     finally:
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await plant.close()
         store.close()
     s = controller.state
-    safe = not any(io.outputs.values())
+    safe = not any(plant.outputs().values())
     print(f"stopped: phase {s.phase.value}, batch {s.batch_id or '-'}, outputs "
           f"{'safe (all off)' if safe else 'NOT SAFE'}, {controller.stats.scans} scans, "
           f"{controller.stats.overruns} overruns; state saved to {store.path}")
@@ -226,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--state-file", help="persisted PLC state (default: machine.state_file)")
     r.add_argument("--initial-temp-c", type=float, help="twin's starting temperature (default: ambient, solid)")
     r.add_argument("--seed", type=int, default=0, help="twin's noise seed")
+    r.add_argument("--plant", choices=("modbus-twin", "modbus", "inprocess"),
+                   help="modbus-twin: the twin as a Modbus TCP slave on loopback (default with a "
+                        "fieldbus section); modbus: the links only (a real machine, or "
+                        "`tempering twin`); inprocess: the twin in-process, no Modbus")
     r.set_defaults(func=cmd_run)
     c = sub.add_parser("check-config", help="validate a machine file and its recipes")
     c.add_argument("file", nargs="?", help="machine file (default: the embedded default machine)")
