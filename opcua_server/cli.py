@@ -1,13 +1,15 @@
 """The ``tempering`` command: the application's composition root.
 
     tempering run [--config FILE] [--recipe ID] [--no-start] [--period-ms N] [--duration-s S]
+                  [--plant modbus-twin|modbus|inprocess]
     tempering check-config [FILE]
     tempering simulate [--config FILE] [--recipe ID] [--hours H]
     tempering twin [--config FILE] [--tcp HOST:PORT] [--rtu DEVICE] [--baud N] [--parity P]
                    [--stop-bits N] [--initial-temp-c T] [--seed N]
     tempering import-mapping CSV [-o OUT] [--link NAME] [--unit N]
 
-``run`` starts the soft-PLC against the twin (in-process, real time) with the live terminal view;
+``run`` starts the soft-PLC in real time with the live terminal view, against the twin served as
+a Modbus TCP slave on loopback (default), a real machine's Modbus links, or the twin in-process;
 Ctrl-C (or SIGTERM, or ``--duration-s``) stops it cleanly: one last scan ends the batch and the
 outputs go safe. ``check-config`` validates a machine file and its recipes and exits 1 with one
 message per problem. ``simulate`` runs a whole tempering cycle in virtual time and prints it.

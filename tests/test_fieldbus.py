@@ -305,3 +305,42 @@ async def test_rtu_over_pty_and_a_silent_unit_is_demoted(app, pty_pair):
         assert {d.unit: d.state for d in io.diagnostics()[0].devices}[2] == "connected"
     finally:
         await plc.close()
+
+
+def test_plc_and_twin_as_two_processes(tmp_path, free_port):
+    """`tempering twin` in one process, `tempering run --plant modbus` in another, over TCP;
+    mbpoll checks afterwards that the PLC left every output off on the machine."""
+    import re
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    port = free_port()
+    for f in ("tempering-machine.yaml", "recipes.yaml", "register-map.yaml"):
+        shutil.copy(root / "config" / f, tmp_path / f)
+    machine = tmp_path / "tempering-machine.yaml"
+    machine.write_text(re.sub(r"port: 5020", f"port: {port}", machine.read_text()))
+    bin_dir = Path(sys.executable).parent
+    twin = subprocess.Popen([bin_dir / "tempering", "twin", "--config", machine,
+                             "--initial-temp-c", "40"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert "listening" in twin.stdout.readline()
+        run = subprocess.run([bin_dir / "tempering", "run", "--plant", "modbus", "--config", machine,
+                              "--duration-s", "4", "--state-file", tmp_path / "state.json"],
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert "phase: idle -> heating" in run.stdout
+        assert "trip" not in run.stdout, run.stdout
+        assert "outputs safe (all off)" in run.stdout
+        coils = subprocess.run(["mbpoll", "-m", "tcp", "-p", str(port), "-a", "3", "-t", "0", "-r", "1",
+                                "-c", "6", "-0", "-1", "-o", "1", "127.0.0.1"],
+                               capture_output=True, text=True, timeout=20)
+        assert coils.returncode == 0, coils.stdout + coils.stderr
+        values = re.findall(r"^\[\d+\]:\s+(\d+)", coils.stdout, re.M)
+        assert values == ["0"] * 6, coils.stdout
+    finally:
+        twin.terminate()
+        twin.wait(timeout=10)
