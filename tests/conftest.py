@@ -196,3 +196,58 @@ async def twin_slave():
         yield slave
     finally:
         await slave.close()
+
+
+# -- real time-series servers on loopback (the historian's sinks) ---------------------------
+#
+# - ``influxdb1``: an InfluxDB 1.x (``influxd -config <tmp>/influxdb.conf``) on free loopback
+#   ports with its meta, data and wal in tmp_path, database ``tempering`` created; a
+#   ``historian.testservers.InfluxServer``: ``.url``, ``.database``, ``.pid``, ``.stop()``,
+#   ``.start()`` (same port, same data: an outage), ``.query(influxql)`` -> JSON,
+#   ``.rows(influxql)`` -> list of dicts. Stopped by PID at the end, also on failure.
+# - ``victoria_metrics``: a VictoriaMetrics (``-storageDataPath <tmp> -httpListenAddr
+#   127.0.0.1:<port>``, fresh points queryable, replays deduplicated); a
+#   ``VictoriaMetricsServer``: ``.url``, ``.pid``, ``.stop()``, ``.start()``, ``.export(match)``,
+#   ``.wait_export(match, points)`` (polls: VM makes rows searchable about a second late).
+# - ``make_influxdb1(**kw)``: more InfluxDB servers in one test (``username=``/``password=``:
+#   authentication on; ``tls=True``: HTTPS with a self-signed certificate, ``.ca_file``).
+
+def _servers(tmp_path: Path, kind: str):
+    from historian.testservers import ServerError
+    started = []
+
+    def make(**kw):
+        server = kind(tmp_path / f"{kind.binary}-{len(started)}", find_free_port(), **kw)
+        started.append(server)
+        try:
+            return server.start()
+        except ServerError as e:
+            pytest.fail(str(e))
+    return make, started
+
+
+@pytest.fixture
+def make_influxdb1(tmp_path: Path):
+    from historian.testservers import InfluxServer
+    make, started = _servers(tmp_path, InfluxServer)
+    try:
+        yield make
+    finally:
+        for server in started:
+            server.stop()
+
+
+@pytest.fixture
+def influxdb1(make_influxdb1):
+    return make_influxdb1()
+
+
+@pytest.fixture
+def victoria_metrics(tmp_path: Path):
+    from historian.testservers import VictoriaMetricsServer
+    make, started = _servers(tmp_path, VictoriaMetricsServer)
+    try:
+        yield make()
+    finally:
+        for server in started:
+            server.stop()
