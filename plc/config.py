@@ -117,7 +117,7 @@ ZONE_NAMES: tuple[str, ...] = tuple(ZONE_NUMBERS)
 #: The outputs a zone may drive (heaters and the two tank cooling stages).
 ZONE_OUTPUTS: tuple[str, ...] = tuple(n for n in OUTPUT_SPECS if n.startswith(("heater_", "cool")))
 #: Top-level sections owned by components outside ``plc``; dropped unless the model declares them.
-OPTIONAL_SECTIONS: tuple[str, ...] = ("twin",)
+OPTIONAL_SECTIONS: tuple[str, ...] = ("twin", "historian")
 ZoneName = Literal["tank_bottom", "tank_wall", "pump", "fountain"]
 OutputName = Literal[
     "heater_tank_bottom", "heater_tank_wall", "heater_pump", "heater_fountain",

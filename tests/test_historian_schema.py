@@ -1,0 +1,172 @@
+"""The historian's pure parts: line protocol, sampling (interval, deadband, events, timestamps),
+the embedded local store, and the whole path from a running PLC to the local store in virtual
+time (no threads, no sleeps)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from historian.local import LineError, LocalStore, parse_line
+from historian.schema import Sampler, field_value, line
+from plc.channel import Snapshot
+from plc.commands import Event, StartRecipe
+from plc.image import Quality
+from plc.scan import ZoneView
+
+ZONES = ("tank_bottom", "tank_wall", "pump", "fountain")
+
+
+def snap(time_s: float, temps=None, events=(), batch="m-000001", recipe="dark-70", phase="heating",
+         quality=Quality.GOOD, sp=48.0) -> Snapshot:
+    temps = temps or {z: 30.0 for z in ZONES}
+    zones = tuple(ZoneView(z, None if quality is Quality.BAD else temps[z], sp, 55.5, quality, False)
+                  for z in ZONES)
+    return Snapshot(int(time_s * 10), time_s, phase, False, False, recipe, batch, 0.0, False, False,
+                    zones, None, None, (), (), None, tuple(events), {})
+
+
+@pytest.mark.parametrize("value, text", [
+    (True, "true"), (False, "false"), (3, "3i"), (-7, "-7i"), (0.1, "0.1"), (31.5, "31.5"),
+    ('say "hi"', r'"say \"hi\""'), ("back\\slash", r'"back\\slash"'), ("a\nb", '"a b"'),
+])
+def test_field_values(value, text):
+    assert field_value(value) == text
+
+
+def test_line_escapes_and_round_trips_through_the_parser():
+    text = line("event", {"machine": "m 1", "kind": "a,b=c", "batch": ""},
+                {"message": 'zone "pump", 1 = bad\\', "n": 2, "ok": True, "x": 1.5, "none": None},
+                1_700_000_000_123_456_789)
+    assert text == (r'event,batch=none,kind=a\,b\=c,machine=m\ 1 message="zone \"pump\", 1 = bad\\",'
+                    r'n=2i,ok=true,x=1.5 1700000000123456789')
+    m, tags, fields, ts = parse_line(text)
+    assert (m, ts) == ("event", 1_700_000_000_123_456_789)
+    assert tags == {"batch": "none", "kind": "a,b=c", "machine": "m 1"}
+    assert fields == {"message": 'zone "pump", 1 = bad\\', "n": 2, "ok": True, "x": 1.5}
+
+
+def test_a_line_without_fields_is_refused():
+    with pytest.raises(ValueError):
+        line("zone", {"zone": "pump"}, {"temp_c": None}, 1)
+
+
+@pytest.mark.parametrize("bad", ["zone temp_c=1", "zone,zone=pump temp_c= 1", "zone temp_c=1 abc"])
+def test_parser_refuses_bad_lines(bad):
+    with pytest.raises(LineError):
+        parse_line(bad)
+
+
+def test_zone_samples_every_interval_of_scan_time_with_the_scan_timestamp():
+    s = Sampler("m", interval_s=1.0)
+    out = []
+    for i in range(30):                        # 3 s of 100 ms scans, starting at t = 1000.05
+        out += s.lines(snap(1000.05 + i * 0.1))
+    zone = [parse_line(x) for x in out if x.startswith("zone,")]
+    assert len(zone) == 3 * 4
+    assert sorted({ts for *_, ts in zone}) == [1000_050_000_000, 1001_050_000_000, 1002_050_000_000]
+    m, tags, fields, ts = zone[0]
+    assert tags == {"machine": "m", "zone": "tank_bottom", "phase": "heating", "batch": "m-000001",
+                    "recipe": "dark-70"}
+    assert fields == {"temp_c": 30.0, "setpoint_c": 48.0, "output_pct": 55.5, "quality": "good"}
+
+
+def test_deadband_writes_on_change_quality_change_and_after_max_silence():
+    s = Sampler("m", interval_s=1.0, deadband_c=0.2, max_silence_s=10.0)
+    written = []
+    for i in range(30):
+        temp = 30.0 + (0.5 if 5 <= i < 20 else 0.0) + (0.1 if i % 2 else 0.0)   # 0.1 K noise
+        q = Quality.BAD if i == 25 else Quality.GOOD
+        lines = [x for x in s.lines(snap(float(i), {z: temp for z in ZONES}, quality=q))
+                 if ",zone=pump" in x and x.startswith("zone,")]
+        if lines:
+            written.append(i)
+    # first sample; the 0.5 K step at 5 and back at 20; silence rewrites at 15 (10 s after 5);
+    # the bad reading at 25 and good again at 26
+    assert written == [0, 5, 15, 20, 25, 26]
+
+
+def test_bad_sensor_sample_has_no_temperature():
+    s = Sampler("m")
+    zone = [parse_line(x) for x in s.lines(snap(5.0, quality=Quality.BAD)) if x.startswith("zone,")]
+    assert all("temp_c" not in f and f["quality"] == "bad" for _, _, f, _ in zone)
+
+
+def test_events_and_alarm_transitions_always_written_with_unique_timestamps():
+    s = Sampler("m", interval_s=60.0)
+    s.lines(snap(0.0))
+    evs = (Event("command_accepted", 10.0, "StartRecipe by op"),
+           Event("command_accepted", 10.0, "Hold by op"),
+           Event("alarm", 10.0, "zone.pump.sensor: normal -> unack_active: open sensor",
+                 (("alarm_id", "zone.pump.sensor"), ("from", "normal"), ("to", "unack_active"),
+                  ("priority", 900), ("user", ""))))
+    out = [parse_line(x) for x in s.lines(snap(10.0, events=evs))]
+    events = [x for x in out if x[0] == "event"]
+    assert [e[1]["kind"] for e in events] == ["command_accepted", "command_accepted", "alarm"]
+    assert events[0][3] == 10_000_000_000 and events[1][3] == 10_000_000_001   # same series
+    assert events[2][3] == 10_000_000_000
+    (alarm,) = [x for x in out if x[0] == "alarm"]
+    assert alarm[1] == {"machine": "m", "alarm": "zone.pump.sensor", "priority": "900",
+                        "batch": "m-000001", "recipe": "dark-70"}
+    assert alarm[2]["state"] == "unack_active" and alarm[2]["from"] == "normal"
+    assert not [x for x in out if x[0] == "zone"]     # the interval is not over
+
+
+def test_sampling_is_deterministic():
+    snaps = [snap(i * 0.1, {z: 30 + i / 100 for z in ZONES}) for i in range(50)]
+    a, b = Sampler("m", 0.5, 0.01), Sampler("m", 0.5, 0.01)
+    assert [a.lines(x) for x in snaps] == [b.lines(x) for x in snaps]
+
+
+def test_local_store_is_idempotent_filters_by_tags_and_prunes(tmp_path):
+    now = [2_000_000.0]
+    store = LocalStore(tmp_path / "h.sqlite", retention_days=1, wall=lambda: now[0])
+    s = Sampler("m")
+    lines = []
+    for i in range(5):
+        lines += s.lines(snap(now[0] - 10 + i, {z: 30.0 + i for z in ZONES}))
+    store.write_lines(lines)
+    store.write_lines(lines)                               # a replay stores nothing new
+    assert store.count("zone") == 5 * 4 * 4                # 4 fields of 4 zones, 5 samples
+    pump = store.read_raw("zone", "temp_c", {"zone": "pump"}, 0, 2**62)
+    assert [v for _, v in pump] == [30.0, 31.0, 32.0, 33.0, 34.0]
+    assert store.read_raw("zone", "temp_c", {"zone": "pump", "batch": "other"}, 0, 2**62) == []
+    with pytest.raises(LineError):                          # all or nothing
+        store.write_lines([line("zone", {"zone": "x"}, {"temp_c": 1.0}, 1), "garbage"])
+    assert store.read_raw("zone", "temp_c", {"zone": "x"}, 0, 2**62) == []
+    now[0] += 2 * 86400                                     # past the retention
+    store.write_lines([line("zone", {"zone": "y"}, {"temp_c": 1.0}, int(now[0] * 1e9))])
+    assert store.count("zone") == 1
+    store.close()
+
+
+def test_plc_to_local_store_in_virtual_time(tmp_path, program):
+    """A running PLC's snapshots through the real spool and forwarder into the local store."""
+    from historian.config import HistorianSettings, SinkSettings
+    from historian.service import Historian
+    from plc.channel import SnapshotChannel
+    from plc.runtime import Controller, run_virtual
+    from twin import Twin
+    from twin.inprocess import InProcessTwinIo
+    from opcua_server.config import load
+
+    cfg, _ = load()
+    settings = HistorianSettings(spool_dir="spool", sink=SinkSettings(path="h.sqlite"))
+    channel = SnapshotChannel()
+    h = Historian(settings, "m", channel, base_dir=tmp_path)
+    c = Controller(program, channel=channel)
+    io = InProcessTwinIo(Twin(cfg.twin, seed=3, initial_temp_c=40.0))
+    c.submit(StartRecipe("dark-70", user="t"))
+    t = 1_800_000_000.0
+    for _ in range(6):                                      # 60 s in 10 s steps
+        t = run_virtual(c, io, io.advance, 100, start_s=t)
+        h.drain()
+    while h.forwarder.step():
+        pass
+    d = h.diagnostics()
+    assert d.backlog_lines == 0 and d.snapshots_dropped == 0 and d.delivered_total == d.appended_total
+    pump = h.store.read_raw("zone", "temp_c", {"zone": "pump", "recipe": "dark-70"}, 0, 2**62)
+    assert len(pump) == 60
+    assert h.store.count("event") >= 3                       # command, phase, batch start
+    h.stop(0.0)
