@@ -82,6 +82,12 @@ async def _run(args, cfg, book) -> int:
     store = StateStore(Path(args.state_file or cfg.machine.state_file))
     channel = SnapshotChannel()
     controller = Controller(program, store, channel)
+    history = None
+    if cfg.historian.enabled and not args.no_history:
+        from historian.service import Historian
+        history = Historian(cfg.historian, cfg.machine.id, channel)
+        history.start()
+        print(f"history: {history.sink.name}, spool {cfg.historian.spool_dir}", flush=True)
     runtime = Runtime(controller, plant.io, MonotonicClock(), WatchdogSettings(
         cfg.scan.watchdog_max_consecutive_overruns, cfg.scan.watchdog_max_cycle_factor))
     stop = asyncio.Event()
@@ -94,7 +100,8 @@ async def _run(args, cfg, book) -> int:
     if not args.no_start:
         controller.submit(StartRecipe(recipe, user="operator"))
     console = Console(channel, f"{cfg.machine.id} ({cfg.machine.name})", controller.submit, recipe,
-                      stop, links=plant.diagnostics)
+                      stop, links=plant.diagnostics,
+                      history=history.diagnostics if history else (lambda: None))
     tasks = [asyncio.create_task(console.run())]
     try:
         await runtime.run(stop, final=[Shutdown(user="operator")])
@@ -102,6 +109,8 @@ async def _run(args, cfg, book) -> int:
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
         await plant.close()
+        if history is not None:
+            await asyncio.to_thread(history.stop, 2.0)
         store.close()
     s = controller.state
     safe = not any(plant.outputs().values())
@@ -234,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--state-file", help="persisted PLC state (default: machine.state_file)")
     r.add_argument("--initial-temp-c", type=float, help="twin's starting temperature (default: ambient, solid)")
     r.add_argument("--seed", type=int, default=0, help="twin's noise seed")
+    r.add_argument("--no-history", action="store_true", help="run without the historian")
     r.add_argument("--plant", choices=("modbus-twin", "modbus", "inprocess"),
                    help="modbus-twin: the twin as a Modbus TCP slave on loopback (default with a "
                         "fieldbus section); modbus: the links only (a real machine, or "

@@ -76,6 +76,21 @@ def render_links(links) -> str:
     return "\n".join(lines)
 
 
+def render_history(d) -> str:
+    """One line about the historian: where the history goes, backlog, rate, spool, last error."""
+    if d is None:
+        return ""
+    text = (f"history -> {d.sink}: {d.state}, backlog {d.backlog_lines} lines, "
+            f"{d.rate_lines_per_s:.1f} lines/s, spool {d.spool_fill * 100:.1f} % full")
+    if d.spool_alarm:
+        text += "  SPOOL ALARM (>= 80 % full)"
+    if d.dropped_total:
+        text += f", {d.dropped_total} lines dropped (spool full)"
+    if d.state == "retrying" and d.last_error:
+        text += f"\n  last error: {d.last_error}"
+    return text
+
+
 def key_command(key: str, default_recipe: str, user: str) -> Command | None:
     return {
         "s": lambda: StartRecipe(default_recipe, user=user),
@@ -88,8 +103,10 @@ def key_command(key: str, default_recipe: str, user: str) -> Command | None:
 class Console:
     def __init__(self, channel: SnapshotChannel, machine: str, submit: Callable[[Command], None],
                  default_recipe: str, stop: asyncio.Event, out: TextIO = sys.stdout,
-                 user: str = "console", links: Callable[[], tuple] = lambda: ()):
+                 user: str = "console", links: Callable[[], tuple] = lambda: (),
+                 history: Callable[[], object] = lambda: None):
         self.links = links
+        self.history = history
         self.sub = channel.subscribe(maxlen=256)
         self.machine = machine
         self.submit = submit
@@ -113,9 +130,10 @@ class Console:
                             print(line, file=self.out, flush=True)
                 if snaps and self.interactive:
                     text = render(snaps[-1], self.machine)
-                    link_text = render_links(self.links())
-                    if link_text:
-                        text += "\n\n" + link_text
+                    extra = "\n".join(t for t in (render_links(self.links()),
+                                                    render_history(self.history())) if t)
+                    if extra:
+                        text += "\n\n" + extra
                     self.out.write("\x1b[H\x1b[2J" + text + "\n\nlast events\n  " +
                                    "\n  ".join(self.messages) + f"\n\nkeys: {KEYS}\n")
                     self.out.flush()

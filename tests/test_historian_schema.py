@@ -170,3 +170,39 @@ def test_plc_to_local_store_in_virtual_time(tmp_path, program):
     assert len(pump) == 60
     assert h.store.count("event") >= 3                       # command, phase, batch start
     h.stop(0.0)
+
+
+def test_readme_influxql_queries_answer_the_quality_questions(influxdb1):
+    """The README's InfluxQL queries, run on a real InfluxDB 1.x holding a batch the sampler
+    wrote through the InfluxDB 1.x sink."""
+    import re
+    from pathlib import Path
+
+    from historian.sinks import Influx1Sink
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = re.search(r"```sql\n(.*?)```", readme, re.S).group(1)
+    queries = [q for q in block.splitlines() if q.startswith("SELECT")]
+    assert len(queries) == 4
+    batch = "tempering-01-000042"
+    s = Sampler("tempering-01")
+    lines = []
+    import time
+    t0 = float(int(time.time()) - 86400)            # yesterday (a GROUP BY time ends at now())
+    for i in range(120):                              # 1 min heating, 1 min pouring
+        phase = "heating" if i < 60 else "pouring"
+        fountain = 40.0 if i < 60 else (34.8 if 100 <= i < 107 else 31.5)   # 7 s above 34.5
+        temps = {z: 31.5 for z in ZONES} | {"fountain": fountain}
+        events = (Event("phase", t0 + i, "heating -> pouring: goal reached"),) if i == 60 else ()
+        lines += s.lines(snap(t0 + i, temps, events=events, batch=batch, phase=phase))
+    lines += Sampler("tempering-01").lines(snap(t0, {z: 99.0 for z in ZONES}, batch="other",
+                                                phase="pouring"))
+    sink = Influx1Sink(influxdb1.url, influxdb1.database)
+    sink.write(lines)
+    sink.close()
+    means, maxima, above, events = (influxdb1.rows(q) for q in queries)
+    assert {r["zone"] for r in means} == set(ZONES) and len(means) >= 8
+    assert {r["zone"]: r["max"] for r in maxima} == {"tank_bottom": 31.5, "tank_wall": 31.5,
+                                                       "pump": 31.5, "fountain": 34.8}
+    assert [r["count"] for r in above] == [7]
+    assert [r["message"] for r in events] == ["heating -> pouring: goal reached"]
