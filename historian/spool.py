@@ -65,6 +65,7 @@ LOCK_FILE = "lock"
 REJECTED_DIR = "rejected"
 _PREFIX, _SUFFIX = "seg-", ".lp"
 _READ_CHUNK = 4 * 2**20
+_READ_STEP = 256 * 2**10
 
 
 class SpoolLocked(OSError):
@@ -427,16 +428,23 @@ class Spool:
 
     def _read_lines(self, number: int, off: int, size: int, budget: int, max_lines: int,
                     first: bool) -> list[bytes]:
+        limit = min(size - off, max(budget, 0))
+        buf, newlines = bytearray(), 0
         with open(self.directory / _seg_name(number), "rb") as f:
             f.seek(off)
-            data = f.read(min(size - off, max(budget, 0)))
-            cut = data.rfind(b"\n")
+            while len(buf) < limit and newlines < max_lines:   # no more than the lines needed
+                piece = f.read(min(_READ_STEP, limit - len(buf)))
+                if not piece:
+                    break
+                buf += piece
+                newlines += piece.count(b"\n")
+            cut = buf.rfind(b"\n")
             if cut < 0:
                 if not first:
                     return []
-                data += f.read(size - off - len(data))   # one line longer than the budget
-                cut = data.find(b"\n")
-        return data[:cut].split(b"\n")[:max_lines]
+                buf += f.read(size - off - len(buf))   # one line longer than the budget
+                cut = buf.find(b"\n")
+        return bytes(buf[:cut]).split(b"\n")[:max_lines]
 
     def wait(self, timeout_s: float) -> bool:
         """Block until something is to be read (True), the timeout or ``interrupt`` (False
