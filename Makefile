@@ -30,6 +30,8 @@ test: $(STAMP) system-deps
 bench: $(STAMP)
 	$(PY) -m bench.scan
 	$(PY) -m bench.control
+	$(PY) -m bench.modbus
+	$(PY) -m bench.historian
 
 clean:
 	rm -rf $(VENV) var

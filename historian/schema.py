@@ -27,7 +27,7 @@ from typing import Mapping
 
 from plc.channel import Snapshot
 
-_TAG_ESCAPES = str.maketrans({",": r"\,", "=": r"\=", " ": r"\ ", "\n": " "})
+_TAG_ESCAPES = str.maketrans({",": r"\,", "=": r"\=", " ": r"\ ", "\n": " ", "\0": ""})
 _MEASUREMENT_ESCAPES = str.maketrans({",": r"\,", " ": r"\ ", "\n": " "})
 
 
@@ -43,7 +43,7 @@ def field_value(value: object) -> str:
         return f"{value}i"
     if isinstance(value, float):
         return repr(value)
-    text = str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ").replace("\0", "")
     return f'"{text}"'
 
 

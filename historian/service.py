@@ -77,6 +77,8 @@ class Historian:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._alarm = False
+        self._disk_error = ""
+        self.lost_to_disk = 0
         self.sample_errors = 0
 
     def start(self) -> None:
@@ -99,7 +101,17 @@ class Historian:
                 self.sample_errors += 1
                 log.exception("historian: could not sample the snapshot of scan %s", snap.tick)
         if lines:
-            self.spool.append(lines)
+            try:
+                self.spool.append(lines)
+                if self._disk_error:
+                    log.warning("historian: spool writable again (%s)", self.spool.directory)
+                self._disk_error = ""
+            except OSError as e:     # disk full or gone: say it once per outage, keep sampling
+                self.lost_to_disk += len(lines)
+                if not self._disk_error:
+                    log.error("historian: cannot append to the spool %s: %s; samples are lost "
+                              "until it is writable", self.spool.directory, e)
+                self._disk_error = str(e)
         self._check_fill()
         return len(lines)
 
@@ -112,7 +124,7 @@ class Historian:
 
     @property
     def spool_path(self) -> Path:
-        return Path(self.spool.directory) if hasattr(self.spool, "directory") else Path(self.settings.spool_dir)
+        return self.spool.directory
 
     def stop(self, drain_s: float = 2.0) -> None:
         """Sample what is left, give the forwarder up to ``drain_s`` to send it, then stop.

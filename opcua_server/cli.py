@@ -85,7 +85,14 @@ async def _run(args, cfg, book) -> int:
     history = None
     if cfg.historian.enabled and not args.no_history:
         from historian.service import Historian
-        history = Historian(cfg.historian, cfg.machine.id, channel)
+        from historian.spool import SpoolLocked
+        try:
+            history = Historian(cfg.historian, cfg.machine.id, channel)
+        except SpoolLocked as e:
+            print(f"history: {e} (another `tempering run` on this directory?); stop it, or run "
+                  f"with --no-history", file=sys.stderr)
+            await plant.close()
+            return 2
         history.start()
         print(f"history: {history.sink.name}, spool {cfg.historian.spool_dir}", flush=True)
     runtime = Runtime(controller, plant.io, MonotonicClock(), WatchdogSettings(
