@@ -10,8 +10,9 @@ subscription had to drop is counted in ``snapshots_dropped``), turns snapshots i
 appends them to the spool; the forwarder thread sends them on. Disk and network work happen
 only in these two threads.
 
-``diagnostics()`` gives backlog, write rate, last error, spool fill and the 80 % alarm; the alarm
-is also logged once each time the spool crosses 80 %.
+``diagnostics()`` gives backlog, write rate, last error, spool fill and the spool alarm: on at
+80 % full (logged once), off again below 70 % (so that a full spool dropping its oldest segment
+does not make it flap).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from .spool import Spool
 log = logging.getLogger(__name__)
 
 SPOOL_ALARM_FILL = 0.8
+SPOOL_ALARM_CLEAR = 0.7     # hysteresis: drop_oldest makes the fill saw-tooth near full
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +44,7 @@ class HistorianDiagnostics:
     state: str                  # idle | sending | retrying (the forwarder's)
     backlog_lines: int
     spool_fill: float           # 0..1 of spool_max_mb
-    spool_alarm: bool           # fill >= 80 %
+    spool_alarm: bool           # on at 80 % full, off below 70 %
     appended_total: int
     delivered_total: int
     set_aside_total: int
@@ -118,9 +120,12 @@ class Historian:
     def _check_fill(self) -> None:
         fill = self.spool.stats().fill
         if fill >= SPOOL_ALARM_FILL and not self._alarm:
+            self._alarm = True
             log.warning("historian: spool %.0f %% full (%s); the sink %s is not keeping up",
                         fill * 100, self.spool_path, self.sink.name)
-        self._alarm = fill >= SPOOL_ALARM_FILL
+        elif fill < SPOOL_ALARM_CLEAR and self._alarm:
+            self._alarm = False
+            log.warning("historian: spool alarm cleared (%.0f %% full)", fill * 100)
 
     @property
     def spool_path(self) -> Path:
@@ -143,6 +148,6 @@ class Historian:
         f = self.forwarder.stats()
         sp = f.spool
         return HistorianDiagnostics(
-            self.sink.name, f.state, sp.backlog_lines, sp.fill, sp.fill >= SPOOL_ALARM_FILL,
+            self.sink.name, f.state, sp.backlog_lines, sp.fill, self._alarm,
             sp.appended_total, f.delivered_total, f.set_aside_total, sp.dropped_total,
             self.sub.dropped, f.rate_lines_per_s, f.last_error, f.last_success_wall)

@@ -206,3 +206,30 @@ def test_readme_influxql_queries_answer_the_quality_questions(influxdb1):
                                                        "pump": 31.5, "fountain": 34.8}
     assert [r["count"] for r in above] == [7]
     assert [r["message"] for r in events] == ["heating -> pouring: goal reached"]
+
+
+def test_spool_alarm_at_80_percent_logged_once_and_in_the_diagnostics(tmp_path, caplog):
+    import logging
+
+    from historian.config import HistorianSettings, SinkSettings
+    from historian.service import Historian
+    from plc.channel import SnapshotChannel
+
+    settings = HistorianSettings(spool_dir="spool", spool_max_mb=0.02,   # 20 KiB, nothing sent
+                                 sink=SinkSettings(kind="influxdb1", url="http://127.0.0.1:9",
+                                                   database="x"))
+    channel = SnapshotChannel()
+    h = Historian(settings, "m", channel, base_dir=tmp_path)
+    fills = []
+    with caplog.at_level(logging.WARNING, logger="historian.service"):
+        for i in range(80):
+            channel.publish(snap(1000.0 + i))
+            h.drain()
+            fills.append(h.diagnostics().spool_fill)
+    d = h.diagnostics()
+    assert d.spool_alarm and d.spool_fill >= 0.8 and d.backlog_lines > 0
+    assert fills[0] < 0.8                       # it was not on from the start
+    warnings = [r for r in caplog.records if r.name == "historian.service"]
+    assert len(warnings) == 1 and "http://127.0.0.1:9" in warnings[0].getMessage()
+    assert d.dropped_total > 0                  # drop_oldest made room once it was full
+    h.stop(0.0)
