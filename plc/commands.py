@@ -68,11 +68,22 @@ class SetTrim(Command):
 
 
 @dataclass(frozen=True, slots=True)
+class SetTuning(Command):
+    """Change a zone's PID gains at run time (None keeps a gain). Bumpless: the integral term
+    carries over. ``kp`` %/K, ``ki`` %/(K*s), ``kd`` %*s/K, each within 0..MAX_GAIN."""
+    zone: str
+    kp: float | None = None
+    ki: float | None = None
+    kd: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Shutdown(Command):
     """The controller is stopping cleanly (Ctrl-C): end any batch, outputs safe."""
 
 
 MAX_TRIM_K = 2.0
+MAX_GAIN = 1000.0
 
 
 @dataclass(frozen=True, slots=True)

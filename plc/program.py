@@ -24,7 +24,7 @@ Interpretation of the seed's fields (DESIGN.md §4; documented again in the READ
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -139,6 +139,11 @@ class Program:
     sequence: Sequence
     recipes: Mapping[str, RecipeProgram]
     default_recipe: str
+
+    def with_recipes(self, recipes: Mapping[str, Any]) -> "Program":
+        """The same program with another recipe book (validated ``Recipe`` models by id): how
+        recipes edited at run time (OPC UA) reach the scan, between two scans."""
+        return replace(self, recipes=MappingProxyType({rid: _recipe(rid, r) for rid, r in _items(recipes)}))
 
     def zone(self, name: str) -> ZoneProgram:
         for z in self.zones:

@@ -143,6 +143,11 @@ class Controller:
         self.last: ScanResult | None = None
         self._summary: dict[str, float] | None = None
 
+    def set_recipes(self, recipes) -> None:
+        """Replace the recipe book the scans use (from the next scan on). The caller refuses to
+        change or delete a recipe a running batch uses."""
+        self.program = self.program.with_recipes(recipes)
+
     def submit(self, cmd: Command) -> None:
         """Queue a command for the next scan (safe from any thread: deque.append is atomic)."""
         self._commands.append(cmd)

@@ -118,7 +118,9 @@ def scan(p: Program, s: PlcState, inputs: ProcessImage, commands: Iterable[Comma
         zs = zones[z.name]
         manual = s.manual.get(z.name)
         if demands.control and demands.heaters_enabled and sps[z.name] is not None:
-            u, pid = pid_update(z.tuning, zs.pid, sps[z.name], pv[z.name], dt, manual)
+            gains = s.tuning.get(z.name)
+            tuning = replace(z.tuning, **gains) if gains else z.tuning
+            u, pid = pid_update(tuning, zs.pid, sps[z.name], pv[z.name], dt, manual)
         else:
             u, pid = 0.0, PidState(manual=manual is not None)
         zones[z.name] = replace(zs, pid=pid)

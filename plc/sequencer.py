@@ -17,12 +17,14 @@ fountain, vibration and the heaters of the table and molds follow the recipe's f
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, replace
 from typing import Mapping
 
 from . import alarms as alarm_mod
-from .commands import (MAX_TRIM_K, Abort, Acknowledge, Command, Event, Hold, Reset, Resume,
-                       SetManual, SetTrim, Shutdown, StartRecipe, Stop)
+from .commands import (MAX_GAIN, MAX_TRIM_K, Abort, Acknowledge, Command, Event, Hold, Reset,
+                       Resume, SetManual, SetTrim, SetTuning, Shutdown, StartRecipe, Stop)
 from .interlocks import TIME_EPS_S
 from .pid import reset as pid_reset
 from .program import TANK_ZONES, Program, RecipeProgram
@@ -82,9 +84,14 @@ def check_command(p: Program, s: PlcState, cmd: Command) -> str:
         if cmd.alarm_id is not None and cmd.alarm_id not in s.alarms:
             return f"unknown alarm {cmd.alarm_id!r}"
         return ""
-    if isinstance(cmd, (SetManual, SetTrim)):
+    if isinstance(cmd, (SetManual, SetTrim, SetTuning)):
         if cmd.zone not in {z.name for z in p.zones}:
             return f"unknown zone {cmd.zone!r}"
+        if isinstance(cmd, SetTuning):
+            for gain in ("kp", "ki", "kd"):
+                v = getattr(cmd, gain)
+                if v is not None and not (math.isfinite(v) and 0.0 <= v <= MAX_GAIN):
+                    return f"{gain} must be within 0..{MAX_GAIN:g} (got {v})"
         if isinstance(cmd, SetManual) and cmd.output_pct is not None and not (
                 -100.0 <= cmd.output_pct <= 100.0):
             return f"output must be within -100..100 % (got {cmd.output_pct})"
@@ -160,6 +167,10 @@ def apply_command(p: Program, s: PlcState, cmd: Command, now_s: float) -> tuple[
         s = replace(s, manual=manual)
     elif isinstance(cmd, SetTrim):
         s = replace(s, trims={**s.trims, cmd.zone: float(cmd.trim_k)})
+    elif isinstance(cmd, SetTuning):
+        gains = dict(s.tuning.get(cmd.zone, {}))
+        gains.update({g: float(v) for g in ("kp", "ki", "kd") if (v := getattr(cmd, g)) is not None})
+        s = replace(s, tuning={**s.tuning, cmd.zone: gains})
     return s, ev
 
 

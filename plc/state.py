@@ -3,7 +3,7 @@
 ``PlcState`` is a frozen value; the scan returns a new one each cycle (its dict fields are never
 mutated after construction). ``persistent()`` extracts what must survive a restart or a power
 loss — active recipe and phase, batch, latched trips and first-out, operator trims and manual
-outputs — and ``restored()`` builds the state the PLC comes up in: outputs safe, the last state
+outputs, PID gains changed at run time — and ``restored()`` builds the state the PLC comes up in: outputs safe, the last state
 visible, and a running batch *interrupted* until an operator resumes or aborts it (never
 resuming heating by itself).
 """
@@ -58,6 +58,7 @@ class PlcState:
     pwm: Mapping[str, PwmState] = field(default_factory=dict)
     manual: Mapping[str, float] = field(default_factory=dict)
     trims: Mapping[str, float] = field(default_factory=dict)
+    tuning: Mapping[str, Mapping[str, float]] = field(default_factory=dict)   # zone -> {kp, ki, kd}
     alarms: Mapping[str, Alarm] = field(default_factory=dict)
     trips: frozenset[str] = frozenset()
     first_out: str | None = None
@@ -78,6 +79,7 @@ class PlcState:
             "first_out": self.first_out,
             "trims": dict(sorted(self.trims.items())),
             "manual": dict(sorted(self.manual.items())),
+            "tuning": {z: dict(sorted(g.items())) for z, g in sorted(self.tuning.items())},
         }
 
 
@@ -105,4 +107,6 @@ def _restored(data: Mapping, recipes: Mapping[str, object], zones: tuple[str, ..
         interrupted=interrupted and phase in RUNNING, tempered=bool(data.get("tempered")),
         trips=frozenset(data.get("trips", ())), first_out=data.get("first_out"),
         trims={k: float(v) for k, v in dict(data.get("trims", {})).items() if k in zones},
-        manual={k: float(v) for k, v in dict(data.get("manual", {})).items() if k in zones})
+        manual={k: float(v) for k, v in dict(data.get("manual", {})).items() if k in zones},
+        tuning={z: {k: float(v) for k, v in dict(g).items() if k in ("kp", "ki", "kd")}
+                for z, g in dict(data.get("tuning", {})).items() if z in zones})

@@ -57,7 +57,7 @@ def test_persistent_is_json_and_complete(pouring_state):
         "version": 1, "phase": "pouring", "recipe_id": "dark-70",
         "batch_id": "tempering-01-000001", "batch_seq": 1, "held": False, "interrupted": False,
         "tempered": True, "trips": [], "first_out": None, "trims": {"pump": 0.5},
-        "manual": {"fountain": 10.0}}
+        "manual": {"fountain": 10.0}, "tuning": {}}
 
 
 def test_running_batch_comes_back_interrupted(pouring_state, program):

@@ -674,3 +674,39 @@ def test_check_command_table(program, state, cmd, reason):
 
 def test_tank_zones_are_the_cooling_deciders():
     assert TANK_ZONES == ("tank_bottom", "tank_wall")
+
+
+def test_set_tuning_changes_the_gains_bumplessly_is_checked_and_persists(rig, program):
+    from plc.commands import SetTuning, StartRecipe
+    from plc.state import restored
+
+    r = rig(temps={"tank_bottom": 40.0})
+    r.scan(StartRecipe("dark-70", user="op"))
+    r.run(20.0)
+    res = r.scan(SetTuning("pump", kp=0.0, ki=0.0, user="tech"))
+    assert [e.kind for e in res.events][:1] == ["command_accepted"]
+    assert r.state.tuning == {"pump": {"kp": 0.0, "ki": 0.0}}
+    pump = [next(z.output_pct for z in x.zones if z.name == "pump") for x in r.run(2.0)]
+    # P and I gains zero: the output holds the integral it had (bumpless), whatever the error
+    assert max(pump) - min(pump) < 1e-9
+    r.scan(SetTuning("pump", kp=80.0, user="tech"))
+    assert next(z.output_pct for z in r.scan().zones if z.name == "pump") != pytest.approx(pump[-1])
+    r.scan(SetTuning("pump", kp=0.0, user="tech"))
+    for bad in (SetTuning("pump", kp=-1.0), SetTuning("pump", kd=float("nan")),
+                SetTuning("nowhere", kp=1.0), SetTuning("pump", ki=1e9)):
+        ev = r.scan(bad).events
+        assert ev[0].kind == "command_refused", bad
+    assert r.state.tuning == {"pump": {"kp": 0.0, "ki": 0.0}}
+    back = restored(r.state.persistent(), program.recipes, tuple(z.name for z in program.zones))
+    assert back.tuning == {"pump": {"kp": 0.0, "ki": 0.0}}
+
+
+def test_program_with_recipes_replaces_the_book(program):
+    from plc.config import Recipe
+    r = Recipe(name="Test", heating_goal=45, cooling_goal=27, pouring_goal=30, working_max=32,
+               mixer_enabled=True, fountain_enabled=True, mold_heater_enabled=False,
+               vibration_enabled=False, vib_heater_enabled=False, pedal="manual",
+               pedal_on_time=1, pedal_off_time=1)
+    p2 = program.with_recipes({"test": r})
+    assert list(p2.recipes) == ["test"] and p2.recipes["test"].pouring_goal_c == 30
+    assert list(program.recipes) == ["dark-70", "milk-35", "white-28"]     # the original unchanged
