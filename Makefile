@@ -15,7 +15,7 @@ $(STAMP): requirements.lock pyproject.toml
 	touch $(STAMP)
 
 # System packages the tests need (installed only when running as root, e.g. in CI).
-SYSTEM_PACKAGES := socat mbpoll influxdb victoria-metrics openssl
+SYSTEM_PACKAGES := socat mbpoll influxdb victoria-metrics openssl postgresql
 system-deps:
 	@if [ -n "$(SYSTEM_PACKAGES)" ] && [ "$$(id -u)" = "0" ]; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES); \
