@@ -117,7 +117,7 @@ ZONE_NAMES: tuple[str, ...] = tuple(ZONE_NUMBERS)
 #: The outputs a zone may drive (heaters and the two tank cooling stages).
 ZONE_OUTPUTS: tuple[str, ...] = tuple(n for n in OUTPUT_SPECS if n.startswith(("heater_", "cool")))
 #: Top-level sections owned by components outside ``plc``; dropped unless the model declares them.
-OPTIONAL_SECTIONS: tuple[str, ...] = ("twin", "historian")
+OPTIONAL_SECTIONS: tuple[str, ...] = ("twin", "historian", "opcua")
 ZoneName = Literal["tank_bottom", "tank_wall", "pump", "fountain"]
 OutputName = Literal[
     "heater_tank_bottom", "heater_tank_wall", "heater_pump", "heater_fountain",
@@ -395,6 +395,20 @@ def load_recipes(path: str | Path) -> RecipeBook:
     return _validate(path, _read_mapping(path), RecipeBook)
 
 
+def recipe_misfits(params: MachineParams, recipe: Recipe, where: str = "") -> list[tuple[str, str]]:
+    """(field, message) for each way a valid recipe does not fit the machine: heating_goal above
+    ``tank_max_heat``, or pouring_goal not above ``pump_min_heat`` (the pump could not run while
+    pouring). Checked when the files load and when a recipe is edited at run time (OPC UA)."""
+    out = []
+    if recipe.heating_goal > params.tank_max_heat:
+        out.append(("heating_goal", f"must be <= machine_config.tank_max_heat{where} "
+                                    f"({_show(params.tank_max_heat)})"))
+    if recipe.pouring_goal <= params.pump_min_heat:
+        out.append(("pouring_goal", f"must be > machine_config.pump_min_heat{where} "
+                                    f"({_show(params.pump_min_heat)})"))
+    return out
+
+
 def load_all(path: str | Path, model: type[C] = MachineConfig) -> tuple[C, RecipeBook]:
     """Load the machine file and the recipes file it names (``machine.recipes_file``,
     relative to the machine file), then check the two against each other:
@@ -416,14 +430,9 @@ def load_all(path: str | Path, model: type[C] = MachineConfig) -> tuple[C, Recip
         messages.append(f"{file}: machine.default_recipe: no such recipe in {recipes_file} "
                         f"(got {default!r}; have {', '.join(recipes.ids)})")
     for recipe_id, recipe in recipes.recipes.items():
-        if recipe.heating_goal > params.tank_max_heat:
-            messages.append(f"{recipes_file}: recipes.{recipe_id}.heating_goal: must be <= "
-                            f"machine_config.tank_max_heat of {file} ({_show(params.tank_max_heat)})"
-                            f" (got {_show(recipe.heating_goal)})")
-        if recipe.pouring_goal <= params.pump_min_heat:
-            messages.append(f"{recipes_file}: recipes.{recipe_id}.pouring_goal: must be > "
-                            f"machine_config.pump_min_heat of {file} ({_show(params.pump_min_heat)})"
-                            f" (got {_show(recipe.pouring_goal)})")
+        for field, message in recipe_misfits(params, recipe, f" of {file}"):
+            messages.append(f"{recipes_file}: recipes.{recipe_id}.{field}: {message}"
+                            f" (got {_show(getattr(recipe, field))})")
     if messages:
         raise ConfigError(path, messages)
     return _with_register_map(machine, Path(path)), recipes
