@@ -35,6 +35,21 @@ from .alarms import Condition, Priority
 from .image import ProcessImage, Quality
 from .program import MOTORS, Program
 
+ZONE_CONDITIONS = ("sensor", "over_temp", "under_temp", "deviation_warning", "deviation_error",
+                   "above_working_max")
+GRID_CONDITIONS = ("current", "phase_loss", "voltage", "frequency")
+
+
+def condition_ids(p: Program) -> tuple[str, ...]:
+    """Every condition id ``evaluate`` can raise for this program (the list in the docstring):
+    what an alarm list (OPC UA Alarms folder) has one entry for."""
+    return ("estop",
+            *(f"zone.{z.name}.{c}" for z in p.zones for c in ZONE_CONDITIONS),
+            *(f"motor.{m}.over_current" for m in MOTORS),
+            *(f"grid.{c}" for c in GRID_CONDITIONS),
+            "plc.watchdog", "io.uncertain")
+
+
 STUCK_DRIVE_PCT = 50.0
 TIME_EPS_S = 1e-6  # timers sum dt in floating point: 20 x 0.1 s must count as 2 s  # a zone driven harder than this must show its reading move
 

@@ -303,3 +303,21 @@ def test_zone_reading_type_is_used_as_given(program, make_inputs):
     conds, _ = evaluate(program, image, readings, {z: False for z in ZONES},
                         {z: None for z in ZONES}, {z: False for z in ZONES}, None, "", {}, DT)
     assert {c.id for c in conds if c.active} == {"zone.pump.sensor"}
+
+
+def test_condition_ids_lists_every_condition_evaluate_raises(program):
+    """Every Condition(...) id written in interlocks.py is in condition_ids, and back."""
+    import re
+
+    import plc.interlocks as il
+    from plc.program import MOTORS
+
+    ids = il.condition_ids(program)
+    assert len(ids) == len(set(ids)) == 1 + 4 * 6 + 3 + 4 + 2
+    src = open(il.__file__).read()
+    written = set()
+    for lit in re.findall(r'Condition\(f?"([^"]+)"', src):
+        for z in program.zones:
+            for m in MOTORS:
+                written.add(lit.replace("{z.name}", z.name).replace("{m}", m))
+    assert written == set(ids)
