@@ -2,23 +2,110 @@
 
 ``plc`` never imports ``twin`` or ``historian``; this composition root adds the optional ``twin:``
 and ``historian:`` sections to the machine model, so one file describes a machine and its simulation and ``check-config`` validates
-both at once.
+both at once. The ``opcua:`` section (OpcUaSettings) is the OPC UA server's: its endpoint, where
+its certificates and records live, and how strict its security is.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, field_validator, model_validator
 
 from plc.config import MachineConfig, RecipeBook, load_all
+from plc.configbase import _NOTHING, Flag, Int, Text, _Frozen, _Problems
 from historian.config import HistorianSettings
 from twin.config import TwinConfig
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "tempering-machine.yaml"
 
+#: The security policies the server may offer (OPC UA Part 7 profiles), each in the modes Sign
+#: and SignAndEncrypt. None is not one of them: it is ``allow_none_policy``, loopback only.
+SecurityPolicyName = Literal["Basic256Sha256", "Aes128_Sha256_RsaOaep", "Aes256_Sha256_RsaPss"]
+DEFAULT_POLICIES: tuple[SecurityPolicyName, ...] = (
+    "Basic256Sha256", "Aes128_Sha256_RsaOaep", "Aes256_Sha256_RsaPss")
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and the loopback addresses (127.0.0.0/8, ::1)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class OpcUaSettings(_Frozen):
+    """The ``opcua:`` section. Secure by default: encrypted endpoints only, no anonymous session.
+
+    ``endpoint`` is ``opc.tcp://host:port`` (an optional path after it is kept); the server
+    listens on that host. ``data_dir`` (relative to the working directory) holds ``pki/`` (own,
+    trusted and rejected certificates) and, without ``database_url``, the SQLite records
+    ``tempering.db``. ``database_url`` is an SQLAlchemy URL (``postgresql+psycopg://...``).
+    ``allow_none_policy`` offers the unencrypted None endpoint too, accepted only on a loopback
+    endpoint (a local engineering tool), and announced loudly at start-up."""
+
+    endpoint: Text = "opc.tcp://127.0.0.1:4840"
+    data_dir: Text = "var/opcua"
+    database_url: Text | None = None
+    security_policies: Annotated[list[SecurityPolicyName], Field(min_length=1)] = list(DEFAULT_POLICIES)
+    allow_anonymous: Flag = False       # True: anonymous sessions, with the viewer role (read only)
+    allow_none_policy: Flag = False
+    publish_interval_ms: Annotated[Int, Field(ge=10, le=60_000)] = 100
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        parts = urlsplit(value)
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        if parts.scheme != "opc.tcp" or not parts.hostname or port is None or not 0 < port < 65536 \
+                or parts.username or parts.password or parts.query or parts.fragment:
+            raise ValueError("must be opc.tcp://host:port (e.g. opc.tcp://127.0.0.1:4840)")
+        return value
+
+    @field_validator("security_policies")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("each policy at most once")
+        return value
+
+    @model_validator(mode="after")
+    def _none_only_on_loopback(self) -> OpcUaSettings:
+        if self.allow_none_policy and not is_loopback(self.host):
+            raise _Problems([(("allow_none_policy",), "may be true only with a loopback endpoint "
+                              f"(127.0.0.1, ::1 or localhost), not {self.host}", _NOTHING)])
+        return self
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.endpoint).hostname or ""
+
+    @property
+    def port(self) -> int:
+        return urlsplit(self.endpoint).port or 0
+
+    @property
+    def pki_dir(self) -> Path:
+        return Path(self.data_dir) / "pki"
+
+    @property
+    def records_url(self) -> str:
+        """``database_url``, or the SQLite file ``<data_dir>/tempering.db``."""
+        return self.database_url or f"sqlite:///{Path(self.data_dir) / 'tempering.db'}"
+
 
 class AppConfig(MachineConfig):
     twin: TwinConfig = TwinConfig()
     historian: HistorianSettings = HistorianSettings()
+    opcua: OpcUaSettings = OpcUaSettings()
 
 
 def load(path: str | Path | None = None) -> tuple[AppConfig, RecipeBook]:
