@@ -1,0 +1,287 @@
+"""Every client write and method call: who, may they, is it valid — then a command, and a record.
+
+One job: turn OPC UA requests into PLC commands, or refuse them with the right StatusCode and
+change nothing. The checks, in order, for each written value or method call:
+
+1. Role (``opcua_server.security.role_allows``): viewer < operator < technician < admin;
+   refused with ``BadUserAccessDenied``.
+2. Type: the Variant must carry the variable's type (Double, String, Boolean);
+   ``BadTypeMismatch``.
+3. Range: ``BadOutOfRange`` (trim ±2 K, outputs ±100 %, gains 0..1000, recipe rules).
+4. State: the same rules the scan applies (``plc.sequencer.check_command`` on the current
+   state), e.g. a manual output while the zone is in auto, a recipe a running batch uses;
+   ``BadInvalidState``.
+
+An accepted write updates the variable and queues the command for the next scan; the scan
+re-checks it (it is the one writer of the process image). Every request, accepted or not, is
+recorded in the audit trail: user, node or method, old value, new value, result, time.
+
+asyncua 2.1 gives a method callback no session; ``install`` wraps the session's ``call`` so
+that the calling user is known (a context variable set for the duration of the call), and
+replaces the attribute service's ``write`` so that writes pass through ``Gate.write``.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from asyncua import ua
+from asyncua.server.internal_session import InternalSession
+
+from plc.commands import (Abort, Acknowledge, Command, Hold, Reset, Resume, SetManual, SetTrim,
+                          SetTuning, StartRecipe, Stop)
+from plc.sequencer import check_command
+
+from .security import role_allows
+
+log = logging.getLogger(__name__)
+
+current_user: contextvars.ContextVar = contextvars.ContextVar("opcua_user", default=None)
+
+SC = ua.StatusCodes
+
+
+class Refused(Exception):
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class WriteRule:
+    """What a writable variable means: the role it needs, its type, and how a value becomes a
+    command (``to_command`` raises Refused for an out-of-range or invalid value)."""
+
+    role: str
+    vtype: ua.VariantType
+    to_command: Callable[[Any], Command | None]
+    target: str
+    after: Callable[[Any], Any] | None = None        # e.g. persist a recipe; may raise Refused
+
+
+def _number(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+        raise Refused(SC.BadOutOfRange, f"not a finite number: {v!r}")
+    return float(v)
+
+
+def within(lo: float, hi: float, what: str) -> Callable[[Any], float]:
+    def check(v: Any) -> float:
+        x = _number(v)
+        if not lo <= x <= hi:
+            raise Refused(SC.BadOutOfRange, f"{what} must be within {lo:g}..{hi:g} (got {x:g})")
+        return x
+    return check
+
+
+class Gate:
+    def __init__(self, server, controller, records, *, wall: Callable[[], float] = time.time):
+        self.server = server
+        self.controller = controller
+        self.records = records
+        self.wall = wall
+        self.rules: dict[ua.NodeId, WriteRule] = {}
+        self._original_write = None
+
+    # -- users ------------------------------------------------------------------------------
+
+    def role_of(self, user) -> tuple[str, str]:
+        """(name, role) of an asyncua session user; anonymous sessions are viewers."""
+        name = getattr(user, "name", None) or "anonymous"
+        role = getattr(user, "tempering_role", None)
+        if role is None and name != "anonymous" and self.records is not None:
+            role = self.records.role_of(name)
+        return name, role or "viewer"
+
+    def _audit(self, user: str, action: str, target: str, old: Any, new: Any, result: str) -> None:
+        if self.records is None:
+            return
+        try:
+            self.records.audit(user, action, target, "" if old is None else str(old),
+                               "" if new is None else str(new), result, self.wall())
+        except Exception:
+            log.exception("audit record of %s %s by %s", action, target, user)
+
+    def check_state(self, cmd: Command) -> None:
+        why = check_command(self.controller.program, self.controller.state, cmd)
+        if why:
+            raise Refused(SC.BadInvalidState, why)
+
+    # -- writes -----------------------------------------------------------------------------
+
+    def add_rule(self, node, rule: WriteRule) -> None:
+        self.rules[node.nodeid] = rule
+
+    async def write(self, params: ua.WriteParameters, user=None) -> list[ua.StatusCode]:
+        results: list[ua.StatusCode] = []
+        for wv in params.NodesToWrite:
+            rule = self.rules.get(wv.NodeId)
+            if rule is None or wv.AttributeId != ua.AttributeIds.Value:
+                # only the variables with a rule are writable, and only their value
+                name, _ = self.role_of(user)
+                results.append(ua.StatusCode(SC.BadNotWritable))
+                self._audit(name, "write", str(wv.NodeId), None, None, "BadNotWritable")
+                continue
+            results.append(await self._write_one(wv, rule, user))
+        return results
+
+    async def _write_one(self, wv: ua.WriteValue, rule: WriteRule, user) -> ua.StatusCode:
+        name, role = self.role_of(user)
+        variant = wv.Value.Value if wv.Value is not None else None
+        value = None if variant is None else variant.Value
+        old = await self.server.get_node(wv.NodeId).read_value()
+        try:
+            if not role_allows(role, rule.role):
+                raise Refused(SC.BadUserAccessDenied, f"{name} ({role}) may not write {rule.target}; "
+                                                     f"needs {rule.role}")
+            if variant is None or variant.VariantType != rule.vtype:
+                got = variant.VariantType.name if variant is not None else "nothing"
+                raise Refused(SC.BadTypeMismatch, f"{rule.target} takes {rule.vtype.name}, got {got}")
+            cmd = rule.to_command(value)
+            if cmd is not None:
+                cmd = _with_user(cmd, name)
+                self.check_state(cmd)
+            if rule.after is not None:
+                rule.after(value)
+            if cmd is not None:
+                self.controller.submit(cmd)
+            dv = ua.DataValue(ua.Variant(value, rule.vtype), SourceTimestamp=wv.Value.SourceTimestamp,
+                              ServerTimestamp=wv.Value.ServerTimestamp)
+            await self.server.write_attribute_value(wv.NodeId, dv)
+        except Refused as r:
+            self._audit(name, "write", rule.target, old, value, ua.StatusCode(r.code).name + ": " + r.message)
+            log.info("write of %s by %s refused: %s", rule.target, name, r.message)
+            return ua.StatusCode(r.code)
+        except Exception as e:          # never BadUnexpectedError for a bad value
+            self._audit(name, "write", rule.target, old, value, f"BadInternalError: {e}")
+            log.exception("write of %s by %s", rule.target, name)
+            return ua.StatusCode(SC.BadInternalError)
+        self._audit(name, "write", rule.target, old, value, "Good")
+        return ua.StatusCode(SC.Good)
+
+    # -- methods -----------------------------------------------------------------------------
+
+    def method(self, target: str, role: str, handler: Callable[..., Any]) -> Callable:
+        """An asyncua method callback that checks the caller's role, runs ``handler(user,
+        *args)`` (which returns output arguments or raises Refused) and records the call."""
+        async def callback(parent, *args):
+            user = current_user.get()
+            name, user_role = self.role_of(user)
+            values = [a.Value if isinstance(a, ua.Variant) else a for a in args]
+            try:
+                if not role_allows(user_role, role):
+                    raise Refused(SC.BadUserAccessDenied, f"{name} ({user_role}) may not call "
+                                                         f"{target}; needs {role}")
+                out = handler(name, *values)
+                if hasattr(out, "__await__"):
+                    out = await out
+            except Refused as r:
+                self._audit(name, "call", target, None, values, ua.StatusCode(r.code).name + ": " + r.message)
+                log.info("call of %s by %s refused: %s", target, name, r.message)
+                return ua.CallMethodResult(StatusCode=ua.StatusCode(r.code), OutputArguments=[])
+            except TypeError as e:       # wrong number of arguments
+                self._audit(name, "call", target, None, values, f"BadArgumentsMissing: {e}")
+                return ua.CallMethodResult(StatusCode=ua.StatusCode(SC.BadArgumentsMissing))
+            except Exception as e:
+                self._audit(name, "call", target, None, values, f"BadInternalError: {e}")
+                log.exception("call of %s by %s", target, name)
+                return ua.CallMethodResult(StatusCode=ua.StatusCode(SC.BadInternalError))
+            self._audit(name, "call", target, None, values, "Good")
+            return list(out or [])
+        return callback
+
+    def command_method(self, target: str, role: str, make: Callable[..., Command]) -> Callable:
+        """A method that queues one command after checking its arguments and the state."""
+        def handler(user: str, *args):
+            for a in args:
+                if not isinstance(a, str):
+                    raise Refused(SC.BadTypeMismatch, f"{target}: expected a String argument")
+            cmd = _with_user(make(*args), user)
+            self.check_state(cmd)
+            self.controller.submit(cmd)
+            return []
+        return self.method(target, role, handler)
+
+    # -- wiring into asyncua -------------------------------------------------------------------
+
+    def install(self) -> None:
+        attr = self.server.iserver.attribute_service
+        if self._original_write is None:
+            self._original_write = attr.write
+        attr.write = self.write
+        _patch_session_call()
+
+
+def _with_user(cmd: Command, user: str) -> Command:
+    from dataclasses import replace
+    return replace(cmd, user=user)
+
+
+_patched = False
+
+
+def _patch_session_call() -> None:
+    """Let method callbacks know their caller: the session sets ``current_user`` around call."""
+    global _patched
+    if _patched:
+        return
+    original = InternalSession.call
+
+    async def call(self, params):
+        token = current_user.set(self.user)
+        try:
+            return await original(self, params)
+        finally:
+            current_user.reset(token)
+
+    InternalSession.call = call
+    _patched = True
+
+
+COMMANDS = {
+    "StartRecipe": ("operator", lambda rid: StartRecipe(rid)),
+    "Stop": ("operator", lambda: Stop()),
+    "Hold": ("operator", lambda: Hold()),
+    "Resume": ("operator", lambda: Resume()),
+    "Abort": ("operator", lambda: Abort()),
+    "ResetTrips": ("operator", lambda: Reset()),
+    "AcknowledgeAll": ("operator", lambda: Acknowledge(None)),
+}
+
+
+def zone_rules(zone: str, controller) -> dict[str, WriteRule]:
+    """The writable variables of a zone and their commands."""
+    def manual_output(v):
+        x = within(-100, 100, "ManualOutput")(v)
+        if zone not in controller.state.manual:
+            raise Refused(SC.BadInvalidState, f"zone {zone} is in auto: write Mode 'manual' first")
+        return SetManual(zone, x)
+
+    def mode(v):
+        if v not in ("auto", "manual"):
+            raise Refused(SC.BadOutOfRange, f"Mode is 'auto' or 'manual' (got {v!r})")
+        if v == "auto":
+            return SetManual(zone, None)
+        current = controller.state.manual.get(zone)
+        if current is None and controller.last is not None:
+            current = next((z.output_pct for z in controller.last.zones if z.name == zone), 0.0)
+        return SetManual(zone, float(current or 0.0))
+
+    tune = {g: (lambda g: lambda v: SetTuning(zone, **{g: within(0, 1000, g)(v)}))(g)
+            for g in ("kp", "ki", "kd")}
+    return {
+        "Trim": WriteRule("technician", ua.VariantType.Double,
+                          lambda v: SetTrim(zone, within(-2, 2, "Trim")(v)), f"{zone}.Trim"),
+        "Mode": WriteRule("technician", ua.VariantType.String, mode, f"{zone}.Mode"),
+        "ManualOutput": WriteRule("technician", ua.VariantType.Double, manual_output,
+                                  f"{zone}.ManualOutput"),
+        "Kp": WriteRule("technician", ua.VariantType.Double, tune["kp"], f"{zone}.Kp"),
+        "Ki": WriteRule("technician", ua.VariantType.Double, tune["ki"], f"{zone}.Ki"),
+        "Kd": WriteRule("technician", ua.VariantType.Double, tune["kd"], f"{zone}.Kd"),
+    }

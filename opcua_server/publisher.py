@@ -1,0 +1,229 @@
+"""Snapshots into the address space: values, qualities, alarms, events and diagnostics.
+
+One job: make the address space say what the last scan saw, without ever touching the scan.
+The publisher drains its own bounded subscription of the snapshot channel every
+``interval_s``; it writes a variable only when its value or status changed (so a subscribed
+client gets a data change exactly when something changed), with the scan's time as
+SourceTimestamp. Every alarm transition of every drained snapshot becomes an OPC UA event
+(``AlarmStateChangeEventType``), so none is lost between two publications.
+
+Quality -> StatusCode (OPC UA Part 4 §7.34, Part 8 §6.3):
+
+    GOOD                                    Good
+    UNCERTAIN (stale)                       UncertainLastUsableValue
+    BAD "communication error ..."           BadCommunicationError
+    BAD "device rejected ..."               BadDeviceFailure
+    BAD, any other reason                   BadSensorFailure (for a zone temperature:
+                                            open / shorted / stuck sensor found by the scan)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import datetime, timezone
+from typing import Any, Callable, Mapping
+
+from asyncua import ua
+
+from plc.channel import SnapshotChannel
+from plc.image import Point, Quality
+
+log = logging.getLogger(__name__)
+
+_PHASES = ("idle", "heating", "cooling", "pouring", "stopped", "fault")
+_ALARM_STATES = ("normal", "unacknowledged_active", "acknowledged_active",
+                 "unacknowledged_returned_to_normal")
+
+
+def status_of(quality: Quality, reason: str = "") -> ua.StatusCode:
+    if quality is Quality.GOOD:
+        return ua.StatusCode(ua.StatusCodes.Good)
+    if quality is Quality.UNCERTAIN:
+        return ua.StatusCode(ua.StatusCodes.UncertainLastUsableValue)
+    if reason.startswith("communication error"):
+        return ua.StatusCode(ua.StatusCodes.BadCommunicationError)
+    if reason.startswith("device rejected"):
+        return ua.StatusCode(ua.StatusCodes.BadDeviceFailure)
+    return ua.StatusCode(ua.StatusCodes.BadSensorFailure)
+
+
+def _time(t_s: float | None) -> datetime | None:
+    return None if t_s is None else datetime.fromtimestamp(t_s, timezone.utc)
+
+
+class Publisher:
+    def __init__(self, server, nodes, channel: SnapshotChannel, *, interval_s: float = 0.1,
+                 links: Callable[[], tuple] = lambda: (), history: Callable[[], Any] = lambda: None,
+                 sessions: Callable[[], tuple[int, int]] = lambda: (0, 0),
+                 emit_alarm_event: Callable[..., Any] | None = None):
+        self.server = server
+        self.nodes = nodes
+        self.sub = channel.subscribe(maxlen=1024)
+        self.channel = channel
+        self.interval_s = interval_s
+        self.links = links
+        self.history = history
+        self.sessions = sessions
+        self.emit_alarm_event = emit_alarm_event
+        self._last: dict[Any, tuple] = {}     # nodeid -> (value, status code value)
+        self.writes = 0
+        self.publications = 0
+        self.events = 0
+
+    # -- one variable ---------------------------------------------------------------------------
+
+    async def _set(self, node, value, vtype: ua.VariantType, status: ua.StatusCode | None = None,
+                   source_s: float | None = None) -> None:
+        status = status or ua.StatusCode(ua.StatusCodes.Good)
+        key = node.nodeid
+        if self._last.get(key) == (value, status.value):
+            return
+        self._last[key] = (value, status.value)
+        dv = ua.DataValue(ua.Variant(value, vtype), StatusCode_=status,
+                          SourceTimestamp=_time(source_s), ServerTimestamp=datetime.now(timezone.utc))
+        await self.server.write_attribute_value(key, dv)
+        self.writes += 1
+
+    async def _point(self, node, p: Point, is_bool: bool) -> None:
+        status = status_of(p.quality, p.reason)
+        value = bool(p.value) if is_bool else float(p.value)
+        await self._set(node, value, ua.VariantType.Boolean if is_bool else ua.VariantType.Double,
+                        status, p.timestamp_s or None)
+
+    # -- one snapshot ---------------------------------------------------------------------------
+
+    async def publish(self, snap) -> None:
+        n = self.nodes
+        t = snap.time_s
+        for name, node in n.points.items():
+            image = snap.inputs if name in snap.inputs else snap.outputs
+            if name not in image:
+                continue
+            p = image[name]
+            await self._point(node, p if image is snap.inputs else Point(p.value, p.quality, t),
+                              isinstance(p.value, bool))
+        for z in snap.zones:
+            nodes = n.zones[z.name]
+            raw = snap.inputs.get_point(f"temp_{z.name}") if snap.inputs is not None else None
+            if z.pv_c is None:
+                reason = raw.reason if raw is not None and raw.quality is not Quality.GOOD else "sensor"
+                status = status_of(Quality.BAD, reason)
+                value = float(raw.value) if raw is not None and isinstance(raw.value, float) else 0.0
+                await self._set(nodes["Temperature"], value, ua.VariantType.Double, status, t)
+            sp_status = ua.StatusCode(ua.StatusCodes.Good if z.sp_c is not None else
+                                      ua.StatusCodes.BadWaitingForInitialData)
+            await self._set(nodes["Setpoint"], float(z.sp_c or 0.0), ua.VariantType.Double, sp_status, t)
+            await self._set(nodes["Output"], float(z.output_pct), ua.VariantType.Double, None, t)
+            await self._set(nodes["Mode"], "manual" if z.manual else "auto", ua.VariantType.String, None, t)
+        seq = n.sequencer
+        for key, value, vtype in (
+                ("Phase", _PHASES.index(snap.phase), ua.VariantType.Int32),
+                ("PhaseTime", float(snap.phase_time_s), ua.VariantType.Double),
+                ("Held", snap.held, ua.VariantType.Boolean),
+                ("Interrupted", snap.interrupted, ua.VariantType.Boolean),
+                ("Tempered", snap.tempered, ua.VariantType.Boolean),
+                ("PouringReleased", snap.pouring_released, ua.VariantType.Boolean),
+                ("RecipeId", snap.recipe_id or "", ua.VariantType.String),
+                ("BatchId", snap.batch_id or "", ua.VariantType.String)):
+            if key in seq:
+                await self._set(seq[key], value, vtype, None, t)
+        await self._alarms(snap)
+        await self._diagnostics(snap)
+        self.publications += 1
+
+    async def _alarms(self, snap) -> None:
+        n = self.nodes
+        active = {a.id: a for a in snap.alarms}
+        for cid, nodes in n.alarms.items():
+            a = active.get(cid)
+            state = a.state.value if a else "normal"
+            await self._set(nodes["State"], _ALARM_STATES.index(state), ua.VariantType.Int32)
+            if a is not None:
+                await self._set(nodes["Priority"], int(a.priority), ua.VariantType.UInt16)
+                await self._set(nodes["Message"], a.message, ua.VariantType.String)
+                await self._set(nodes["Trip"], bool(a.trip), ua.VariantType.Boolean)
+                await self._set(nodes["AckedBy"], a.acked_by, ua.VariantType.String)
+                if a.active_since_s is not None:
+                    await self._set(nodes["ActiveSince"], _time(a.active_since_s), ua.VariantType.DateTime)
+                await self._set(nodes["Changed"], _time(a.changed_s), ua.VariantType.DateTime)
+        summary = sorted(f"{a.priority.name} {a.id}: {a.message}" for a in snap.alarms if a.active)
+        await self._set(n.alarms_summary["ActiveAlarms"], summary, ua.VariantType.String)
+        await self._set(n.alarms_summary["ActiveCount"], len(summary), ua.VariantType.UInt32)
+
+    async def _diagnostics(self, snap) -> None:
+        d = self.nodes.diagnostics
+        st = snap.stats or {}
+        for key, stat, vtype in (("Scan.Scans", "scans", ua.VariantType.UInt64),
+                                 ("Scan.Overruns", "overruns", ua.VariantType.UInt64),
+                                 ("Scan.LogicP50", "logic_ms_p50", ua.VariantType.Double),
+                                 ("Scan.LogicP99", "logic_ms_p99", ua.VariantType.Double),
+                                 ("Scan.LateP50", "late_ms_p50", ua.VariantType.Double),
+                                 ("Scan.LateP99", "late_ms_p99", ua.VariantType.Double),
+                                 ("Scan.LateMax", "late_ms_max", ua.VariantType.Double)):
+            if key in d and stat in st:
+                v = st[stat]
+                await self._set(d[key], int(v) if vtype is ua.VariantType.UInt64 else float(v), vtype)
+        for link in self.links():
+            p = f"Links.{link.name}."
+            for key, value, vtype in (
+                    ("State", link.state, ua.VariantType.String),
+                    ("Requests", link.requests, ua.VariantType.UInt64),
+                    ("Timeouts", link.errors.get("timeout", 0), ua.VariantType.UInt64),
+                    ("Exceptions", link.errors.get("exception", 0), ua.VariantType.UInt64),
+                    ("Garbage", link.errors.get("garbage", 0), ua.VariantType.UInt64),
+                    ("Disconnects", link.errors.get("disconnect", 0), ua.VariantType.UInt64),
+                    ("LastError", link.last_error, ua.VariantType.String),
+                    ("RttP50", float(link.rtt_ms_p50), ua.VariantType.Double),
+                    ("RttP99", float(link.rtt_ms_p99), ua.VariantType.Double),
+                    ("RequestsPerPoll", float(link.requests_per_poll), ua.VariantType.Double)):
+                if p + key in d:
+                    await self._set(d[p + key], value, vtype)
+        h = self.history()
+        if h is not None:
+            for key, value, vtype in (
+                    ("Historian.Sink", h.sink, ua.VariantType.String),
+                    ("Historian.State", h.state, ua.VariantType.String),
+                    ("Historian.LastError", h.last_error, ua.VariantType.String),
+                    ("Historian.Backlog", h.backlog_lines, ua.VariantType.UInt64),
+                    ("Historian.Delivered", h.delivered_total, ua.VariantType.UInt64),
+                    ("Historian.Dropped", h.dropped_total, ua.VariantType.UInt64),
+                    ("Historian.SpoolFill", float(h.spool_fill * 100.0), ua.VariantType.Double),
+                    ("Historian.SpoolAlarm", bool(h.spool_alarm), ua.VariantType.Boolean),
+                    ("Historian.Rate", float(h.rate_lines_per_s), ua.VariantType.Double)):
+                if key in d:
+                    await self._set(d[key], value, vtype)
+        sessions, subscriptions = self.sessions()
+        if "Sessions" in d:
+            await self._set(d["Sessions"], int(sessions), ua.VariantType.UInt32)
+        if "Subscriptions" in d:
+            await self._set(d["Subscriptions"], int(subscriptions), ua.VariantType.UInt32)
+
+    # -- the task --------------------------------------------------------------------------------
+
+    async def step(self) -> None:
+        snaps = self.sub.drain()
+        if not snaps:
+            return
+        if self.emit_alarm_event is not None:
+            for snap in snaps:
+                for e in snap.events:
+                    if e.kind == "alarm":
+                        try:
+                            await self.emit_alarm_event(e)
+                            self.events += 1
+                        except Exception:       # an event must not stop the values
+                            log.exception("alarm event %s", e.message)
+        await self.publish(snaps[-1])
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.step()
+            except Exception:
+                log.exception("publishing a snapshot")
+            try:
+                await asyncio.wait_for(stop.wait(), self.interval_s)
+            except asyncio.TimeoutError:
+                pass
+        self.channel.unsubscribe(self.sub)

@@ -1,0 +1,274 @@
+"""The OPC UA server of the running machine: model, security, publisher, gate, recipes.
+
+    Client --(SignAndEncrypt, user)--> asyncua Server
+        address space  <- model.py (types from nodesets/, instances from the config)
+        values/events  <- publisher.py (snapshots of the scan; never blocks it)
+        writes/methods -> gate.py (role, type, range, state) -> PLC commands + audit trail
+        recipes        <-> records.py (SQLAlchemy; the recipe book survives restarts)
+
+``TemperingServer(cfg, controller, channel, records, ...).start()`` serves the machine at
+``opcua.endpoint``; ``stop()`` ends it. The recipe book served and used by the PLC is the one in
+the records (seeded from ``recipes.yaml`` on the first start), so recipes edited over OPC UA
+survive a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+from asyncua import Server, ua
+from pydantic import ValidationError
+
+from plc.config import Recipe, recipe_misfits
+from plc.interlocks import condition_ids
+from plc.state import RUNNING
+
+from .gate import COMMANDS, Gate, Refused, WriteRule, zone_rules
+from .model import add_recipe_nodes, build_machine, load_types, remove_recipe_nodes
+from .publisher import Publisher
+
+log = logging.getLogger(__name__)
+SC = ua.StatusCodes
+
+# browse name of a recipe variable -> Recipe field, and its OPC UA type
+RECIPE_FIELDS = {
+    "Name": ("name", ua.VariantType.String),
+    "HeatingGoal": ("heating_goal", ua.VariantType.Double),
+    "CoolingGoal": ("cooling_goal", ua.VariantType.Double),
+    "PouringGoal": ("pouring_goal", ua.VariantType.Double),
+    "WorkingMax": ("working_max", ua.VariantType.Double),
+    "MixerEnabled": ("mixer_enabled", ua.VariantType.Boolean),
+    "FountainEnabled": ("fountain_enabled", ua.VariantType.Boolean),
+    "MoldHeaterEnabled": ("mold_heater_enabled", ua.VariantType.Boolean),
+    "VibrationEnabled": ("vibration_enabled", ua.VariantType.Boolean),
+    "VibHeaterEnabled": ("vib_heater_enabled", ua.VariantType.Boolean),
+    "Pedal": ("pedal", ua.VariantType.String),
+    "PedalOnTime": ("pedal_on_time", ua.VariantType.Double),
+    "PedalOffTime": ("pedal_off_time", ua.VariantType.Double),
+}
+RECIPE_ID_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-")
+
+
+class TemperingServer:
+    def __init__(self, cfg, controller, channel, records, *, pki=None,
+                 links: Callable[[], tuple] = lambda: (), history: Callable[[], Any] = lambda: None,
+                 link_names: tuple[str, ...] = ()):
+        self.cfg = cfg
+        self.settings = cfg.opcua
+        self.controller = controller
+        self.channel = channel
+        self.records = records
+        self.pki = pki
+        self.links = links
+        self.history = history
+        self.link_names = link_names
+        self.server = Server()
+        self.nodes = None
+        self.gate: Gate | None = None
+        self.publisher: Publisher | None = None
+        self.book: dict[str, Recipe] = {}
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+
+    # -- set-up ----------------------------------------------------------------------------
+
+    async def build(self) -> None:
+        """Everything but listening: security, the model, the instances, the gate."""
+        from .security import configure_security
+
+        await self.server.init()
+        await configure_security(self.server, self.settings, self.records, self.pki)
+        self.book = {rid: Recipe.model_validate(fields) for rid, fields in self.records.load_recipes().items()}
+        self.controller.set_recipes(self.book)
+        await load_types(self.server)
+        self.nodes = await build_machine(self.server, self.cfg, self.book,
+                                         condition_ids(self.controller.program), self.link_names)
+        self.gate = Gate(self.server, self.controller, self.records)
+        for zone, rules in ((z, zone_rules(z, self.controller)) for z in self.nodes.zones):
+            for browse, rule in rules.items():
+                if browse in self.nodes.zones[zone]:
+                    self.gate.add_rule(self.nodes.zones[zone][browse], rule)
+        for rid in self.book:
+            self._recipe_rules(rid)
+        for name, (role, make) in COMMANDS.items():
+            self.server.link_method(self.nodes.methods[name], self.gate.command_method(name, role, make))
+        for name, handler in (("AddRecipe", self._add_recipe), ("UpdateRecipe", self._update_recipe),
+                              ("DeleteRecipe", self._delete_recipe),
+                              ("DuplicateRecipe", self._duplicate_recipe)):
+            if name in self.nodes.methods:
+                self.server.link_method(self.nodes.methods[name], self.gate.method(name, "admin", handler))
+        self.gate.install()
+        self.publisher = Publisher(self.server, self.nodes, self.channel,
+                                   interval_s=self.settings.publish_interval_ms / 1000.0,
+                                   links=self.links, history=self.history, sessions=self._sessions,
+                                   emit_alarm_event=self._emit_alarm_event)
+        self._event_gen = None
+
+    async def start(self) -> None:
+        if self.nodes is None:
+            await self.build()
+        await self.server.start()
+        await self._publish_recipes()
+        self._tasks.append(asyncio.create_task(self.publisher.run(self._stop)))
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.server.stop()
+
+    # -- diagnostics and events --------------------------------------------------------------
+
+    def _sessions(self) -> tuple[int, int]:
+        iserver = self.server.iserver
+        sessions = len(getattr(iserver, "_sessions", ()) or ())
+        subs = len(getattr(iserver.subscription_service, "subscriptions", {}) or {})
+        return sessions, subs
+
+    async def _emit_alarm_event(self, e) -> None:
+        if self._event_gen is None:
+            etype = self.nodes.alarm_event_type
+            self._event_gen = await self.server.get_event_generator(etype, self.nodes.machine)
+        ev = self._event_gen.event
+        states = ("normal", "unacknowledged_active", "acknowledged_active",
+                  "unacknowledged_returned_to_normal")
+        ev.Message = ua.LocalizedText(e.message)
+        ev.Severity = int(e.get("priority", 500))
+        for attr, value in (("AlarmId", str(e.get("alarm_id", ""))),
+                            ("State", states.index(e.get("to")) if e.get("to") in states else 0),
+                            ("PreviousState", states.index(e.get("from")) if e.get("from") in states else 0),
+                            ("Priority", int(e.get("priority", 500)))):
+            if hasattr(ev, attr):
+                setattr(ev, attr, value)
+        await self._event_gen.trigger()
+
+    # -- recipes -------------------------------------------------------------------------------
+
+    def _recipe_in_use(self, rid: str) -> bool:
+        s = self.controller.state
+        return s.recipe_id == rid and s.phase in RUNNING
+
+    def _validated(self, rid: str, fields: dict) -> Recipe:
+        try:
+            recipe = Recipe.model_validate(fields)
+        except ValidationError as e:
+            msg = "; ".join(f"{'.'.join(map(str, err['loc'])) or rid}: {err['msg']}" for err in e.errors())
+            raise Refused(SC.BadOutOfRange, f"recipe {rid}: {msg}") from None
+        misfits = recipe_misfits(self.cfg.machine_config, recipe)
+        if misfits:
+            raise Refused(SC.BadOutOfRange, "; ".join(f"recipe {rid}.{f}: {m}" for f, m in misfits))
+        return recipe
+
+    def _commit(self, rid: str, recipe: Recipe | None) -> None:
+        """Persist, then hand the book to the PLC (from its next scan)."""
+        if recipe is None:
+            self.records.delete_recipe(rid)
+            self.book.pop(rid, None)
+        else:
+            self.records.save_recipe(rid, recipe.model_dump())
+            self.book[rid] = recipe
+        self.controller.set_recipes(self.book)
+
+    def _recipe_rules(self, rid: str) -> None:
+        nodes = self.nodes.recipes[rid]
+        for browse, (field, vtype) in RECIPE_FIELDS.items():
+            if browse not in nodes:
+                continue
+
+            def after(value, rid=rid, field=field):
+                if rid not in self.book:
+                    raise Refused(SC.BadNodeIdUnknown, f"recipe {rid} was deleted")
+                if self._recipe_in_use(rid):
+                    raise Refused(SC.BadInvalidState, f"recipe {rid} is used by the running batch")
+                fields = self.book[rid].model_dump() | {field: value}
+                self._commit(rid, self._validated(rid, fields))
+
+            self.gate.add_rule(nodes[browse], WriteRule("admin", vtype, lambda v: None,
+                                                        f"recipes.{rid}.{field}", after))
+
+    async def _publish_recipes(self) -> None:
+        for rid, recipe in self.book.items():
+            await self._publish_recipe(rid, recipe)
+
+    async def _publish_recipe(self, rid: str, recipe: Recipe) -> None:
+        nodes = self.nodes.recipes.get(rid, {})
+        data = recipe.model_dump()
+        for browse, (field, vtype) in RECIPE_FIELDS.items():
+            if browse in nodes:
+                value = data[field]
+                await self.server.write_attribute_value(
+                    nodes[browse].nodeid, ua.DataValue(ua.Variant(
+                        float(value) if vtype is ua.VariantType.Double else value, vtype)))
+
+    def _check_id(self, rid: Any) -> str:
+        if not isinstance(rid, str):
+            raise Refused(SC.BadTypeMismatch, "RecipeId must be a String")
+        if not rid or set(rid) - RECIPE_ID_CHARS:
+            raise Refused(SC.BadOutOfRange, f"RecipeId must be lower-case letters, digits and - (got {rid!r})")
+        return rid
+
+    async def _add(self, rid: str, recipe: Recipe) -> None:
+        self._commit(rid, recipe)
+        await add_recipe_nodes(self.server, self.nodes, rid, recipe)
+        self._recipe_rules(rid)
+        await self._publish_recipe(rid, recipe)
+
+    async def _add_recipe(self, user, rid, name, heating, cooling, pouring, working_max):
+        rid = self._check_id(rid)
+        if rid in self.book:
+            raise Refused(SC.BadBrowseNameDuplicated, f"recipe {rid} exists")
+        for v in (heating, cooling, pouring, working_max):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise Refused(SC.BadTypeMismatch, "goals are Double")
+        base = {"mixer_enabled": True, "fountain_enabled": True, "mold_heater_enabled": False,
+                "vibration_enabled": False, "vib_heater_enabled": False, "pedal": "manual",
+                "pedal_on_time": 2.0, "pedal_off_time": 3.0}
+        recipe = self._validated(rid, base | {"name": name, "heating_goal": heating,
+                                              "cooling_goal": cooling, "pouring_goal": pouring,
+                                              "working_max": working_max})
+        await self._add(rid, recipe)
+        return []
+
+    async def _update_recipe(self, user, rid, field_browse, value):
+        rid = self._check_id(rid)
+        if rid not in self.book:
+            raise Refused(SC.BadNotFound, f"no recipe {rid}")
+        if field_browse not in RECIPE_FIELDS:
+            raise Refused(SC.BadOutOfRange, f"no recipe field {field_browse!r} "
+                                            f"(one of {', '.join(RECIPE_FIELDS)})")
+        if self._recipe_in_use(rid):
+            raise Refused(SC.BadInvalidState, f"recipe {rid} is used by the running batch")
+        field, vtype = RECIPE_FIELDS[field_browse]
+        recipe = self._validated(rid, self.book[rid].model_dump() | {field: value})
+        self._commit(rid, recipe)
+        await self._publish_recipe(rid, recipe)
+        return []
+
+    async def _delete_recipe(self, user, rid):
+        rid = self._check_id(rid)
+        if rid not in self.book:
+            raise Refused(SC.BadNotFound, f"no recipe {rid}")
+        if self._recipe_in_use(rid):
+            raise Refused(SC.BadInvalidState, f"recipe {rid} is used by the running batch")
+        if rid == self.cfg.machine.default_recipe:
+            raise Refused(SC.BadInvalidState, f"recipe {rid} is the machine's default recipe")
+        if len(self.book) == 1:
+            raise Refused(SC.BadInvalidState, "the last recipe cannot be deleted")
+        self._commit(rid, None)
+        for node in self.nodes.recipes.get(rid, {}).values():
+            self.gate.rules.pop(node.nodeid, None)
+        await remove_recipe_nodes(self.server, self.nodes, rid)
+        return []
+
+    async def _duplicate_recipe(self, user, source, new_id, new_name):
+        source = self._check_id(source)
+        new_id = self._check_id(new_id)
+        if source not in self.book:
+            raise Refused(SC.BadNotFound, f"no recipe {source}")
+        if new_id in self.book:
+            raise Refused(SC.BadBrowseNameDuplicated, f"recipe {new_id} exists")
+        recipe = self._validated(new_id, self.book[source].model_dump() | {"name": new_name})
+        await self._add(new_id, recipe)
+        return []
