@@ -7,6 +7,9 @@
     tempering twin [--config FILE] [--tcp HOST:PORT] [--rtu DEVICE] [--baud N] [--parity P]
                    [--stop-bits N] [--initial-temp-c T] [--seed N]
     tempering import-mapping CSV [-o OUT] [--link NAME] [--unit N]
+    tempering users add NAME --role ROLE [--password-stdin] | list | passwd NAME [--password-stdin]
+                    | role NAME ROLE | delete NAME                 [--config FILE] [--data-dir DIR]
+    tempering pki list | trust THUMBPRINT|FILE | reject THUMBPRINT|FILE [--config FILE] [--data-dir DIR]
 
 ``run`` starts the soft-PLC in real time with the live terminal view, against the twin served as
 a Modbus TCP slave on loopback (default), a real machine's Modbus links, or the twin in-process;
@@ -16,7 +19,10 @@ message per problem. ``simulate`` runs a whole tempering cycle in virtual time a
 ``twin`` runs the twin in real time as a Modbus slave (TCP and/or RTU) on the config's register
 map until SIGINT/SIGTERM. ``import-mapping`` turns a legacy Mapping.csv into a register-map
 file (stdout without ``-o``); on any problem it prints one message per problem, exits 1 and
-writes nothing.
+writes nothing. ``users`` and ``pki`` manage the OPC UA server's users (in its records database)
+and certificates (``<opcua.data_dir>/pki``: trust a client certificate the server rejected);
+passwords are read from standard input (``--password-stdin``, one line) or asked twice on the
+terminal, never taken from the command line.
 """
 
 from __future__ import annotations
@@ -95,6 +101,25 @@ async def _run(args, cfg, book) -> int:
             return 2
         history.start()
         print(f"history: {history.sink.name}, spool {cfg.historian.spool_dir}", flush=True)
+    opc = None
+    if not args.no_opcua:
+        from .server import start_server
+        try:
+            opc, opc_records, opc_note = await start_server(
+                cfg, book, controller, channel, links=plant.diagnostics,
+                history=history.diagnostics if history else (lambda: None),
+                link_names=tuple(cfg.fieldbus.links) if cfg.fieldbus else ())
+        except (OSError, ValueError) as e:
+            print(f"opc ua: cannot start the server at {cfg.opcua.endpoint}: {e}", file=sys.stderr)
+            if history is not None:
+                await asyncio.to_thread(history.stop, 0.0)
+            await plant.close()
+            return 2
+        print(f"opc ua: serving {cfg.opcua.endpoint} (policies "
+              f"{', '.join(cfg.opcua.security_policies)}; Sign and SignAndEncrypt; user and password)",
+              flush=True)
+        if opc_note:
+            print(f"opc ua: {opc_note}", flush=True)
     runtime = Runtime(controller, plant.io, MonotonicClock(), WatchdogSettings(
         cfg.scan.watchdog_max_consecutive_overruns, cfg.scan.watchdog_max_cycle_factor))
     stop = asyncio.Event()
@@ -115,6 +140,9 @@ async def _run(args, cfg, book) -> int:
     finally:
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if opc is not None:
+            await opc.stop()
+            opc_records.close()
         await plant.close()
         if history is not None:
             await asyncio.to_thread(history.stop, 2.0)
@@ -237,6 +265,101 @@ def cmd_import_mapping(args) -> int:
     return 0
 
 
+def _opcua_settings(args):
+    """The config's ``opcua`` section, ``--data-dir`` applied; None after printing problems."""
+    loaded = _load(args.config)
+    if loaded is None:
+        return None
+    settings = loaded[0].opcua
+    return settings.model_copy(update={"data_dir": args.data_dir}) if args.data_dir else settings
+
+
+def _read_password(args) -> str | None:
+    """A new password: one line of stdin with --password-stdin, else asked twice on the
+    terminal. None after printing why not."""
+    if args.password_stdin:
+        return sys.stdin.readline().removesuffix("\n").removesuffix("\r")
+    if not sys.stdin.isatty():
+        print("tempering users: no terminal to ask the password on; give it on standard input "
+              "with --password-stdin", file=sys.stderr)
+        return None
+    import getpass
+    first = getpass.getpass(f"password for {args.name}: ")
+    if getpass.getpass("again: ") != first:
+        print("tempering users: the two passwords differ; nothing changed", file=sys.stderr)
+        return None
+    return first
+
+
+def cmd_users(args) -> int:
+    from .records import Records, RecordsError
+
+    settings = _opcua_settings(args)
+    if settings is None:
+        return 1
+    records = Records(settings.records_url)
+    try:
+        if args.action == "list":
+            users = records.list_users()
+            for name, role in users:
+                print(f"{name:<32} {role}")
+            if not users:
+                print("no users yet (tempering users add NAME --role admin)")
+            return 0
+        known = records.role_of(args.name) is not None
+        if args.action == "add" and known:
+            print(f"tempering users: user {args.name!r} exists already", file=sys.stderr)
+            return 1
+        if args.action != "add" and not known:
+            print(f"tempering users: no such user {args.name!r}", file=sys.stderr)
+            return 1
+        if args.action in ("add", "passwd"):
+            password = _read_password(args)
+            if password is None:
+                return 1
+            if args.action == "add":
+                records.add_user(args.name, password, args.role)
+                print(f"user {args.name} added (role {args.role})")
+            else:
+                records.set_password(args.name, password)
+                print(f"password of {args.name} changed")
+        elif args.action == "role":
+            records.set_role(args.name, args.role)
+            print(f"{args.name} is now {args.role}")
+        else:
+            records.delete_user(args.name)
+            print(f"user {args.name} deleted")
+        return 0
+    except RecordsError as e:
+        print(f"tempering users: {e}", file=sys.stderr)
+        return 1
+    finally:
+        records.close()
+
+
+def cmd_pki(args) -> int:
+    from .security import Pki, PkiError
+
+    settings = _opcua_settings(args)
+    if settings is None:
+        return 1
+    pki = Pki(settings.pki_dir)
+    try:
+        if args.action == "list":
+            entries = pki.list()
+            if not any(e.state == "own" for e in entries):
+                print(f"own      (none yet: made on the server's first start in {pki.own_dir})")
+            for e in entries:
+                print(f"{e.state:<8} {e.thumbprint}  {e.subject}  {e.path}")
+            return 0
+        entry = pki.trust(args.id) if args.action == "trust" else pki.reject(args.id)
+        print(f"{entry.state} {entry.thumbprint}  {entry.subject}  {entry.path}")
+        return 0
+    except PkiError as e:
+        print(f"tempering pki: {e}", file=sys.stderr)
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ap = argparse.ArgumentParser(prog="tempering", description="Soft-PLC of a chocolate tempering machine")
@@ -251,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--initial-temp-c", type=float, help="twin's starting temperature (default: ambient, solid)")
     r.add_argument("--seed", type=int, default=0, help="twin's noise seed")
     r.add_argument("--no-history", action="store_true", help="run without the historian")
+    r.add_argument("--no-opcua", action="store_true", help="run without the OPC UA server")
     r.add_argument("--plant", choices=("modbus-twin", "modbus", "inprocess"),
                    help="modbus-twin: the twin as a Modbus TCP slave on loopback (default with a "
                         "fieldbus section); modbus: the links only (a real machine, or "
@@ -282,6 +406,34 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--link", default="io", help="link of rows without a Link column (default: io)")
     m.add_argument("--unit", type=int, default=1, help="unit id of rows without a UnitId (default: 1)")
     m.set_defaults(func=cmd_import_mapping)
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument("--config", help="machine file (default: the embedded default machine)")
+    where.add_argument("--data-dir", help="override opcua.data_dir (pki/ and the SQLite records)")
+    roles = "viewer, operator, technician or admin"
+    u = sub.add_parser("users", help="manage the OPC UA server's users")
+    u.set_defaults(func=cmd_users)
+    us = u.add_subparsers(dest="action", required=True)
+    x = us.add_parser("add", parents=[where], help="add a user (the password is asked for)")
+    x.add_argument("name")
+    x.add_argument("--role", required=True, help=roles)
+    x.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    us.add_parser("list", parents=[where], help="list the users and their roles")
+    x = us.add_parser("passwd", parents=[where], help="change a user's password")
+    x.add_argument("name")
+    x.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    x = us.add_parser("role", parents=[where], help="change a user's role")
+    x.add_argument("name")
+    x.add_argument("role", help=roles)
+    x = us.add_parser("delete", parents=[where], help="delete a user")
+    x.add_argument("name")
+    k = sub.add_parser("pki", help="the OPC UA server's certificates: own, trusted, rejected")
+    k.set_defaults(func=cmd_pki)
+    ka = k.add_subparsers(dest="action", required=True)
+    ka.add_parser("list", parents=[where], help="list the certificates with their thumbprints")
+    for action, text in (("trust", "trust a rejected client certificate (or a certificate file)"),
+                         ("reject", "stop trusting a client certificate")):
+        x = ka.add_parser(action, parents=[where], help=text)
+        x.add_argument("id", metavar="THUMBPRINT|FILE", help="thumbprint (or a unique start of it) or a file")
     args = ap.parse_args(argv)
     return args.func(args)
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from asyncua import ua
+from asyncua.crypto.permission_rules import UserRole
 from asyncua.server.internal_session import InternalSession
 
 from plc.commands import (Abort, Acknowledge, Command, Hold, Reset, Resume, SetManual, SetTrim,
@@ -119,6 +120,8 @@ class Gate:
         self.rules[node.nodeid] = rule
 
     async def write(self, params: ua.WriteParameters, user=None) -> list[ua.StatusCode]:
+        if _internal(user):    # the server's own writes (status, diagnostics): asyncua's path
+            return await self._original_write(params, user=user)
         results: list[ua.StatusCode] = []
         for wv in params.NodesToWrite:
             rule = self.rules.get(wv.NodeId)
@@ -216,6 +219,13 @@ class Gate:
             self._original_write = attr.write
         attr.write = self.write
         _patch_session_call()
+
+
+def _internal(user) -> bool:
+    """The server's internal session (asyncua's admin user), not a client: clients always come
+    through ``TemperingUserManager`` and carry a ``tempering_role``."""
+    return user is not None and getattr(user, "tempering_role", None) is None \
+        and getattr(user, "role", None) == UserRole.Admin
 
 
 def _with_user(cmd: Command, user: str) -> Command:

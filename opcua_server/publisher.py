@@ -36,6 +36,10 @@ _ALARM_STATES = ("normal", "unacknowledged_active", "acknowledged_active",
                  "unacknowledged_returned_to_normal")
 
 
+_INTS = (ua.VariantType.Int16, ua.VariantType.UInt16, ua.VariantType.Int32, ua.VariantType.UInt32,
+         ua.VariantType.Int64, ua.VariantType.UInt64, ua.VariantType.Byte, ua.VariantType.SByte)
+
+
 def status_of(quality: Quality, reason: str = "") -> ua.StatusCode:
     if quality is Quality.GOOD:
         return ua.StatusCode(ua.StatusCodes.Good)
@@ -67,6 +71,7 @@ class Publisher:
         self.sessions = sessions
         self.emit_alarm_event = emit_alarm_event
         self._last: dict[Any, tuple] = {}     # nodeid -> (value, status code value)
+        self._types: dict[Any, ua.VariantType] = {}
         self.writes = 0
         self.publications = 0
         self.events = 0
@@ -80,10 +85,28 @@ class Publisher:
         if self._last.get(key) == (value, status.value):
             return
         self._last[key] = (value, status.value)
-        dv = ua.DataValue(ua.Variant(value, vtype), StatusCode_=status,
+        vtype, value = await self._declared(node, vtype, value)
+        dv = ua.DataValue(ua.Variant(value, vtype), StatusCode=status,
                           SourceTimestamp=_time(source_s), ServerTimestamp=datetime.now(timezone.utc))
         await self.server.write_attribute_value(key, dv)
         self.writes += 1
+
+    async def _declared(self, node, vtype: ua.VariantType, value):
+        """The variable's declared type (from the model) and the value converted to it."""
+        declared = self._types.get(node.nodeid)
+        if declared is None:
+            try:
+                declared = await node.read_data_type_as_variant_type()
+            except Exception:
+                declared = vtype
+            self._types[node.nodeid] = declared
+        if declared is vtype or value is None or isinstance(value, (list, datetime, str)):
+            return vtype, value
+        if declared in _INTS:
+            return declared, int(value)
+        if declared in (ua.VariantType.Double, ua.VariantType.Float):
+            return declared, float(value)
+        return vtype, value
 
     async def _point(self, node, p: Point, is_bool: bool) -> None:
         status = status_of(p.quality, p.reason)

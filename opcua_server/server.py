@@ -272,3 +272,52 @@ class TemperingServer:
         recipe = self._validated(new_id, self.book[source].model_dump() | {"name": new_name})
         await self._add(new_id, recipe)
         return []
+
+
+INITIAL_ADMIN_FILE = "initial-admin-password"
+
+
+def open_records(settings, book, base_dir: str | Path = "."):
+    """The records database (``opcua.database_url``, else SQLite in ``opcua.data_dir``), seeded
+    with the recipes file on its first start, with an administrator: when no user exists yet,
+    one ``admin`` with a random password, written to ``<data_dir>/initial-admin-password``
+    (mode 0600) and announced once. Returns (records, note or "")."""
+    import os
+    import secrets
+
+    from .records import Records
+
+    data_dir = Path(base_dir) / settings.data_dir
+    url = settings.database_url or f"sqlite:///{(data_dir / 'tempering.db').resolve()}"
+    records = Records(url)
+    records.seed_recipes(book)
+    note = ""
+    if not records.list_users():
+        password = secrets.token_urlsafe(12)
+        records.add_user("admin", password, "admin")
+        data_dir.mkdir(parents=True, exist_ok=True)
+        path = data_dir / INITIAL_ADMIN_FILE
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(password + "\n")
+        note = (f"first start: user 'admin' (role admin) created; its password is in {path}. "
+                f"Add users with `tempering users add NAME --role operator|technician|viewer`.")
+    return records, note
+
+
+async def start_server(cfg, book, controller, channel, *, links=lambda: (), history=lambda: None,
+                       link_names: tuple[str, ...] = (), base_dir: str | Path = "."):
+    """Open the records and the PKI, build and start the server. Returns (server, records, note)."""
+    from .security import Pki
+
+    settings = cfg.opcua
+    records, note = open_records(settings, book, base_dir)
+    pki = Pki(Path(base_dir) / settings.data_dir / "pki")
+    server = TemperingServer(cfg, controller, channel, records, pki=pki, links=links,
+                             history=history, link_names=link_names)
+    try:
+        await server.start()
+    except BaseException:
+        records.close()
+        raise
+    return server, records, note
