@@ -1,0 +1,409 @@
+"""The server's records in SQL: users, recipes and the audit trail (SQLAlchemy 2.x Core, sync).
+
+One job: keep what must survive a restart and be shared by the OPC UA server and the
+``tempering users`` commands. SQLite by default (``<data_dir>/tempering.db``), PostgreSQL in a
+plant (``postgresql+psycopg://user:password@host/db``); the same code and the same tests run
+against both. Tables (created on first use):
+
+- ``users``: name, role (one of ROLES), password hash. Passwords are never stored: only
+  ``scrypt$<n>$<r>$<p>$<salt>$<key>`` (hashlib.scrypt, RFC 7914, a random 16-byte salt per user
+  and per password change, base64); a check derives the key again and compares it in constant
+  time (``hmac.compare_digest``). An unknown user costs the same derivation, so the time of a
+  refusal does not tell whether the name exists.
+- ``recipes``: one row per recipe, one column per field of ``plc.config.Recipe``, validated
+  through that model before they are written and again when they are read.
+- ``audit``: one row per operator action (an OPC UA write or method call): time (ISO 8601,
+  UTC), user, action, target (node or method), old value, new value, result (StatusCode name),
+  all as text.
+- ``meta``: key/value (schema version; whether the recipes were seeded from recipes.yaml).
+
+Errors (RecordsError and its subclasses; each carries the data at fault):
+    RecordsError(Exception)
+        InvalidUser(RecordsError, ValueError)   .field ("name", "password", "role"), .message
+        NoSuchUser(RecordsError, KeyError)      .name
+        UserExists(RecordsError)                .name
+        LastAdmin(RecordsError)                 .name: the one admin left cannot go
+        InvalidRecipe(RecordsError, ValueError) .recipe_id, .messages ("recipes.<id>.<field>: ...")
+        NoSuchRecipe(RecordsError, KeyError)    .recipe_id
+Database failures are SQLAlchemy's (``sqlalchemy.exc.OperationalError``...), unchanged.
+
+Calls block on the database (an fsync on SQLite; a round trip on PostgreSQL; about 70 ms of
+scrypt in ``check_password``): from asyncio code, call them with ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import hmac
+import os
+import re
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping
+
+from pydantic import ValidationError
+from sqlalchemy import (Boolean, Column, Float, Integer, MetaData, String, Table, Text, create_engine,
+                        delete, func, insert, select, update)
+from sqlalchemy.engine import Engine, make_url
+
+from plc.config import Recipe, RecipeBook
+from plc.configbase import _messages
+
+#: The roles, each with the rights of the ones before it (security.role_allows).
+ROLES: tuple[str, ...] = ("viewer", "operator", "technician", "admin")
+
+SCHEMA_VERSION = "1"
+USER_NAME = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
+MIN_PASSWORD_LENGTH = 8
+MAX_PASSWORD_LENGTH = 1024
+
+# scrypt cost (RFC 7914): N=2^14, r=8, p=1 is 16 MiB and ~70 ms per check on a small CPU.
+# Stored with each hash, so raising it later keeps the old hashes readable.
+_SCRYPT_N, _SCRYPT_R, _SCRYPT_P, _KEY_BYTES, _SALT_BYTES = 2 ** 14, 8, 1, 32, 16
+_MAXMEM = 128 * 1024 * 1024
+
+
+class RecordsError(Exception):
+    """A refused change or lookup of the records (the request is at fault, nothing changed)."""
+
+
+class InvalidUser(RecordsError, ValueError):
+    def __init__(self, field: str, message: str):
+        self.field, self.message = field, message
+        super().__init__(f"{field}: {message}")
+
+
+class NoSuchUser(RecordsError, KeyError):
+    def __init__(self, name: str):
+        self.name = name
+        super().__init__(name)
+
+    def __str__(self) -> str:
+        return f"no such user {self.name!r}"
+
+
+class UserExists(RecordsError):
+    def __init__(self, name: str):
+        self.name = name
+        super().__init__(f"user {name!r} exists already")
+
+
+class LastAdmin(RecordsError):
+    def __init__(self, name: str):
+        self.name = name
+        super().__init__(f"{name!r} is the last admin: add another admin first")
+
+
+class InvalidRecipe(RecordsError, ValueError):
+    def __init__(self, recipe_id: str, messages: list[str]):
+        self.recipe_id, self.messages = recipe_id, list(messages)
+        super().__init__("\n".join(self.messages))
+
+
+class NoSuchRecipe(RecordsError, KeyError):
+    def __init__(self, recipe_id: str):
+        self.recipe_id = recipe_id
+        super().__init__(recipe_id)
+
+    def __str__(self) -> str:
+        return f"no such recipe {self.recipe_id!r}"
+
+
+# --------------------------------------------------------------------------- schema
+
+_metadata = MetaData()
+
+users = Table(
+    "users", _metadata,
+    Column("name", String(64), primary_key=True),
+    Column("role", String(16), nullable=False),
+    Column("password_hash", String(256), nullable=False),
+)
+
+recipes = Table(
+    "recipes", _metadata,
+    Column("id", String(64), primary_key=True),
+    Column("name", Text, nullable=False),
+    Column("heating_goal", Float, nullable=False),
+    Column("cooling_goal", Float, nullable=False),
+    Column("pouring_goal", Float, nullable=False),
+    Column("working_max", Float, nullable=False),
+    Column("mixer_enabled", Boolean, nullable=False),
+    Column("fountain_enabled", Boolean, nullable=False),
+    Column("mold_heater_enabled", Boolean, nullable=False),
+    Column("vibration_enabled", Boolean, nullable=False),
+    Column("vib_heater_enabled", Boolean, nullable=False),
+    Column("pedal", String(16), nullable=False),
+    Column("pedal_on_time", Float, nullable=False),
+    Column("pedal_off_time", Float, nullable=False),
+)
+
+audit_log = Table(
+    "audit", _metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("time", Text, nullable=False),
+    Column("user_name", Text, nullable=False),
+    Column("action", Text, nullable=False),
+    Column("target", Text, nullable=False),
+    Column("old_value", Text),
+    Column("new_value", Text),
+    Column("result", Text, nullable=False),
+)
+
+meta = Table(
+    "meta", _metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+RECIPE_FIELDS: tuple[str, ...] = tuple(c.name for c in recipes.columns if c.name != "id")
+assert set(RECIPE_FIELDS) == set(Recipe.model_fields), "recipes table out of step with plc.config.Recipe"
+
+
+# --------------------------------------------------------------------------- passwords
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def hash_password(password: str) -> str:
+    """``scrypt$n$r$p$salt$key`` of ``password`` with a fresh random salt."""
+    salt = os.urandom(_SALT_BYTES)
+    key = hashlib.scrypt(password.encode("utf-8"), salt=salt, n=_SCRYPT_N, r=_SCRYPT_R, p=_SCRYPT_P,
+                         dklen=_KEY_BYTES, maxmem=_MAXMEM)
+    return f"scrypt${_SCRYPT_N}${_SCRYPT_R}${_SCRYPT_P}${_b64(salt)}${_b64(key)}"
+
+
+def verify_password(password: str, stored: str) -> bool:
+    """True if ``password`` derives the key of ``stored``; the keys are compared in constant
+    time. A malformed ``stored`` is False (after the same work, so it times like a refusal)."""
+    try:
+        scheme, n, r, p, salt, key = stored.split("$")
+        if scheme != "scrypt":
+            raise ValueError(scheme)
+        n_, r_, p_ = int(n), int(r), int(p)
+        salt_b, key_b = base64.b64decode(salt, validate=True), base64.b64decode(key, validate=True)
+    except ValueError:
+        n_, r_, p_, salt_b, key_b = _SCRYPT_N, _SCRYPT_R, _SCRYPT_P, b"\0" * _SALT_BYTES, b""
+    try:
+        derived = hashlib.scrypt(password.encode("utf-8", "surrogatepass"), salt=salt_b, n=n_, r=r_,
+                                 p=p_, dklen=len(key_b) or _KEY_BYTES, maxmem=_MAXMEM)
+    except ValueError:               # cost parameters out of range: not a hash of ours
+        return False
+    return hmac.compare_digest(derived, key_b)
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """A hash of a random password, checked against for unknown users (same cost as a real one)."""
+    return hash_password(base64.b64encode(os.urandom(24)).decode())
+
+
+def _check_name(name: object) -> str:
+    if not isinstance(name, str) or not USER_NAME.match(name):
+        raise InvalidUser("name", "must be 1 to 64 of letters, digits and . _ @ -")
+    return name
+
+
+def _check_role(role: object) -> str:
+    if role not in ROLES:
+        raise InvalidUser("role", f"must be one of {', '.join(ROLES)} (got {role!r})")
+    return role  # type: ignore[return-value]
+
+
+def _check_password(password: object) -> str:
+    if not isinstance(password, str):
+        raise InvalidUser("password", "must be text")
+    if not MIN_PASSWORD_LENGTH <= len(password) <= MAX_PASSWORD_LENGTH:
+        raise InvalidUser("password", f"must be {MIN_PASSWORD_LENGTH} to {MAX_PASSWORD_LENGTH} characters")
+    return password
+
+
+# --------------------------------------------------------------------------- recipes
+
+
+def validate_recipe(recipe_id: str, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """The recipe's fields after ``plc.config.Recipe`` (and the id's slug rule) checked them,
+    as plain values; InvalidRecipe with one ``recipes.<id>.<field>: ...`` line per problem."""
+    data = {"recipes": {recipe_id: dict(fields)}}
+    try:
+        book = RecipeBook.model_validate(data)
+    except ValidationError as exc:
+        lines = [line.split(": ", 1)[1] for line in _messages("records", exc, data)]
+        raise InvalidRecipe(recipe_id, lines) from None
+    return book.recipes[recipe_id].model_dump()
+
+
+def _utc_text(time_s: float) -> str:
+    return datetime.fromtimestamp(time_s, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _text(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+# --------------------------------------------------------------------------- records
+
+
+class Records:
+    """Users, recipes and the audit trail in the database at ``url`` (an SQLAlchemy URL).
+
+    Safe to share between threads (one engine, a connection per call)."""
+
+    def __init__(self, url: str):
+        parsed = make_url(url)
+        if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        self.url = parsed.render_as_string(hide_password=True)
+        self.engine: Engine = create_engine(parsed)
+        _metadata.create_all(self.engine)
+        if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+            os.chmod(parsed.database, 0o600)   # hashes only, but nobody else's business
+        with self.engine.begin() as db:
+            if db.scalar(select(meta.c.value).where(meta.c.key == "schema")) is None:
+                db.execute(insert(meta).values(key="schema", value=SCHEMA_VERSION))
+        self._user_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"Records({self.url!r})"
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # ----------------------------------------------------------------------- users
+
+    def add_user(self, name: str, password: str, role: str) -> None:
+        _check_name(name), _check_role(role), _check_password(password)
+        hashed = hash_password(password)
+        with self.engine.begin() as db:
+            if db.scalar(select(users.c.name).where(users.c.name == name)) is not None:
+                raise UserExists(name)
+            db.execute(insert(users).values(name=name, role=role, password_hash=hashed))
+
+    def set_password(self, name: str, password: str) -> None:
+        _check_password(password)
+        hashed = hash_password(password)
+        with self.engine.begin() as db:
+            if db.execute(update(users).where(users.c.name == name)
+                          .values(password_hash=hashed)).rowcount != 1:
+                raise NoSuchUser(name)
+
+    def set_role(self, name: str, role: str) -> None:
+        _check_role(role)
+        with self._user_lock, self.engine.begin() as db:
+            current = db.scalar(select(users.c.role).where(users.c.name == name))
+            if current is None:
+                raise NoSuchUser(name)
+            if current == "admin" and role != "admin":
+                self._keep_an_admin(db, name)
+            db.execute(update(users).where(users.c.name == name).values(role=role))
+
+    def delete_user(self, name: str) -> None:
+        with self._user_lock, self.engine.begin() as db:
+            current = db.scalar(select(users.c.role).where(users.c.name == name))
+            if current is None:
+                raise NoSuchUser(name)
+            if current == "admin":
+                self._keep_an_admin(db, name)
+            db.execute(delete(users).where(users.c.name == name))
+
+    @staticmethod
+    def _keep_an_admin(db, name: str) -> None:
+        admins = db.scalar(select(func.count()).select_from(users).where(users.c.role == "admin"))
+        if admins <= 1:
+            raise LastAdmin(name)
+
+    def list_users(self) -> list[tuple[str, str]]:
+        """(name, role) of every user, by name."""
+        with self.engine.connect() as db:
+            return [(r.name, r.role) for r in db.execute(select(users.c.name, users.c.role)
+                                                         .order_by(users.c.name))]
+
+    def role_of(self, name: str) -> str | None:
+        """The user's role now (None: no such user); no password involved."""
+        with self.engine.connect() as db:
+            return db.scalar(select(users.c.role).where(users.c.name == name))
+
+    def check_password(self, name: str, password: str) -> str | None:
+        """The user's role if ``password`` is theirs, else None (also for an unknown user, after
+        the same scrypt work). Never raises for bad input."""
+        if not isinstance(name, str) or not isinstance(password, str) or len(password) > MAX_PASSWORD_LENGTH:
+            verify_password("", _dummy_hash())
+            return None
+        with self.engine.connect() as db:
+            row = db.execute(select(users.c.role, users.c.password_hash)
+                             .where(users.c.name == name)).first()
+        if row is None:
+            verify_password(password, _dummy_hash())
+            return None
+        return row.role if verify_password(password, row.password_hash) else None
+
+    # ----------------------------------------------------------------------- recipes
+
+    def load_recipes(self) -> dict[str, dict[str, Any]]:
+        """Every recipe, id -> fields, each validated again through ``plc.config.Recipe``
+        (InvalidRecipe if a row was changed behind our back into something invalid)."""
+        with self.engine.connect() as db:
+            rows = db.execute(select(recipes).order_by(recipes.c.id)).mappings().all()
+        out = {}
+        for row in rows:
+            fields = {k: row[k] for k in RECIPE_FIELDS}
+            out[row["id"]] = validate_recipe(row["id"], fields)
+        return out
+
+    def save_recipe(self, recipe_id: str, fields: Mapping[str, Any]) -> dict[str, Any]:
+        """Insert or replace the recipe; returns the validated fields (InvalidRecipe: nothing
+        written)."""
+        values = validate_recipe(recipe_id, fields)
+        with self.engine.begin() as db:
+            exists = db.scalar(select(recipes.c.id).where(recipes.c.id == recipe_id)) is not None
+            if exists:
+                db.execute(update(recipes).where(recipes.c.id == recipe_id).values(**values))
+            else:
+                db.execute(insert(recipes).values(id=recipe_id, **values))
+        return values
+
+    def delete_recipe(self, recipe_id: str) -> None:
+        with self.engine.begin() as db:
+            if db.execute(delete(recipes).where(recipes.c.id == recipe_id)).rowcount != 1:
+                raise NoSuchRecipe(recipe_id)
+
+    def seed_recipes(self, book: RecipeBook) -> int:
+        """On the first start only: copy the recipes file's recipes in; the number copied (0 on
+        every later start, even if all recipes were deleted since: the database is the source
+        of truth from then on)."""
+        with self.engine.begin() as db:
+            if db.scalar(select(meta.c.value).where(meta.c.key == "recipes_seeded")) is not None:
+                return 0
+            have = set(db.scalars(select(recipes.c.id)))
+            new = {rid: r.model_dump() for rid, r in book.recipes.items() if rid not in have}
+            if new:
+                db.execute(insert(recipes), [{"id": rid, **fields} for rid, fields in new.items()])
+            db.execute(insert(meta).values(key="recipes_seeded", value=_utc_text(time.time())))
+        return len(new)
+
+    # ----------------------------------------------------------------------- audit trail
+
+    def audit(self, user: str, action: str, target: str, old: object, new: object, result: str,
+              time_s: float) -> None:
+        """Record one action: ``time_s`` in seconds since the epoch (UTC); ``action`` "write" or
+        "call"; ``target`` the node or method; ``old``/``new`` stored as text (None stays
+        NULL); ``result`` the StatusCode's name ("Good", "BadUserAccessDenied"...)."""
+        with self.engine.begin() as db:
+            db.execute(insert(audit_log).values(
+                time=_utc_text(time_s), user_name=str(user), action=str(action), target=str(target),
+                old_value=_text(old), new_value=_text(new), result=str(result)))
+
+    def audit_entries(self, limit: int = 100) -> list[dict[str, str | None]]:
+        """The newest ``limit`` entries, newest first: dicts with time, user, action, target,
+        old, new, result."""
+        with self.engine.connect() as db:
+            rows = db.execute(select(audit_log).order_by(audit_log.c.id.desc()).limit(limit)).mappings()
+            return [{"time": r["time"], "user": r["user_name"], "action": r["action"],
+                     "target": r["target"], "old": r["old_value"], "new": r["new_value"],
+                     "result": r["result"]} for r in rows]
