@@ -1,0 +1,483 @@
+"""Security of the OPC UA server: roles, certificates (PKI), users, and the wiring into asyncua.
+
+One job: nobody reads, writes or calls anything without being who they say (OPC UA Part 2 §4,
+Part 4 §5.6). By default the server offers only signed and encrypted endpoints
+(Basic256Sha256, Aes128_Sha256_RsaOaep, Aes256_Sha256_RsaPss; Sign and SignAndEncrypt), every
+session needs a user name and password from the records, and every client's application
+certificate must be in ``pki/trusted`` (an untrusted one is refused with
+BadCertificateUntrusted and copied to ``pki/rejected`` for an admin to trust with
+``tempering pki trust``). Anonymous sessions (role viewer) and the unencrypted None endpoint
+(loopback endpoints only) are opt-in settings of the ``opcua:`` section.
+
+Layers, from the bottom:
+- ROLES / role_allows: viewer < operator < technician < admin, each with the rights of the ones
+  before it. The server checks ``role_allows(user.tempering_role, needed)`` on every writable
+  node and method.
+- Pki: ``<dir>/own`` (the server's certificate ``cert.der`` and key ``key.pem``, made on first
+  start), ``<dir>/trusted`` and ``<dir>/rejected`` (client certificates, DER, named
+  ``<common name>_<thumbprint>.der``; PEM files dropped into trusted/ count too). Thumbprints are
+  the SHA-1 of the DER, in hex, as OPC UA uses them (Part 4 §7.37); a unique prefix will do.
+- TemperingUserManager: asyncua's user manager interface. A wrong password, an unknown user, an
+  anonymous session (unless allowed), a session on a channel without a trusted client
+  certificate: None, which asyncua answers with BadUserAccessDenied (an identity token type we
+  do not offer is refused earlier with BadIdentityTokenRejected).
+- TemperingRuleset: asyncua's per-request permission check. Viewers may only read, browse and
+  subscribe; nobody may add or delete nodes or references over the network. It also makes the
+  session's user known to handlers through ``current_user()`` (see there).
+- configure_security(server, settings, records, pki): all of the above, on an asyncua Server,
+  after ``server.init()`` and before ``server.start()``.
+
+Errors: PkiError(Exception) > NoSuchCertificate(PkiError, KeyError), AmbiguousCertificate,
+BadCertificateFile (a file that is not a certificate). Refusals towards clients are asyncua
+ServiceErrors with the StatusCode (BadCertificateUntrusted, BadCertificateTimeInvalid,
+BadCertificateUriInvalid) or a None user (BadUserAccessDenied).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import datetime
+import hashlib
+import ipaddress
+import logging
+import os
+import re
+import socket
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from asyncua import ua
+from asyncua.common.utils import ServiceError
+from asyncua.crypto import cert_gen
+from asyncua.crypto.permission_rules import ADMIN_TYPES, USER_TYPES, PermissionRuleset, User, UserRole
+from asyncua.crypto.validator import CertificateValidator, CertificateValidatorOptions
+
+from .records import ROLES
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ROLES", "role_allows", "Pki", "CertificateEntry", "PkiError", "NoSuchCertificate",
+           "AmbiguousCertificate", "BadCertificateFile", "TemperingUser", "TemperingUserManager",
+           "TemperingRuleset", "current_user", "configure_security", "thumbprint"]
+
+
+def role_allows(role: str | None, needed: str) -> bool:
+    """True if ``role`` has the rights of ``needed`` (ROLES order); False for unknown roles."""
+    if role not in ROLES or needed not in ROLES:
+        return False
+    return ROLES.index(role) >= ROLES.index(needed)
+
+
+# --------------------------------------------------------------------------- PKI
+
+OWN_VALIDITY_DAYS = 5 * 365 + 1       # five years (one leap day)
+MAX_REJECTED = 256                    # rejected/ stops growing here (a flood of made-up certificates)
+_CERT_SUFFIXES = (".der", ".pem", ".crt", ".cer")
+
+
+class PkiError(Exception):
+    """A refused certificate-store operation (nothing changed)."""
+
+
+class NoSuchCertificate(PkiError, KeyError):
+    def __str__(self) -> str:
+        return f"no certificate matches {self.args[0]!r} (see `tempering pki list`)"
+
+
+class AmbiguousCertificate(PkiError):
+    pass
+
+
+class BadCertificateFile(PkiError):
+    pass
+
+
+class CertificateEntry(NamedTuple):
+    state: str          # "own", "trusted" or "rejected"
+    subject: str        # RFC 4514 string of the subject
+    thumbprint: str     # SHA-1 of the DER, lower-case hex
+    path: Path
+
+
+def thumbprint(cert: x509.Certificate | bytes) -> str:
+    """The OPC UA thumbprint: SHA-1 of the DER encoding, lower-case hex."""
+    der = cert if isinstance(cert, bytes) else cert.public_bytes(serialization.Encoding.DER)
+    return hashlib.sha1(der).hexdigest()
+
+
+def _load_cert(data: bytes) -> x509.Certificate:
+    if data.lstrip().startswith(b"-----BEGIN"):
+        return x509.load_pem_x509_certificate(data)
+    return x509.load_der_x509_certificate(data)
+
+
+def _der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def _common_name(cert: x509.Certificate) -> str:
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if names else "certificate"
+
+
+def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class Pki:
+    """The server's certificate store under ``directory``: own/, trusted/, rejected/."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.own_dir = self.directory / "own"
+        self.trusted_dir = self.directory / "trusted"
+        self.rejected_dir = self.directory / "rejected"
+        for d in (self.directory, self.own_dir, self.trusted_dir, self.rejected_dir):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.cert_path = self.own_dir / "cert.der"
+        self.key_path = self.own_dir / "key.pem"
+
+    # ----------------------------------------------------------------------- own certificate
+
+    def ensure_own_certificate(self, app_uri: str, hostname: str,
+                               extra_hosts: tuple[str, ...] = ()) -> tuple[Path, Path]:
+        """The server's certificate and key, made on first start (RSA 2048, SHA-256, five
+        years, subjectAltName: ``app_uri``, ``hostname`` and ``extra_hosts`` as DNS names or IP
+        addresses). Made again if missing, expired, for another application URI, or not the
+        key's."""
+        if self._own_is_usable(app_uri):
+            return self.cert_path, self.key_path
+        key = cert_gen.generate_private_key()
+        alt: list[x509.GeneralName] = [x509.UniformResourceIdentifier(app_uri)]
+        for host in dict.fromkeys((hostname, *extra_hosts)):
+            if not host:
+                continue
+            try:
+                alt.append(x509.IPAddress(ipaddress.ip_address(host)))
+            except ValueError:
+                alt.append(x509.DNSName(host))
+        cert = cert_gen.generate_self_signed_app_certificate(
+            key, f"Tempering OPC UA server@{hostname}", {"organizationName": "open-tempering"}, alt,
+            [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH], days=OWN_VALIDITY_DAYS)
+        _write_atomic(self.key_path, cert_gen.dump_private_key_as_pem(key), mode=0o600)
+        _write_atomic(self.cert_path, _der(cert))
+        log.warning("made the server's certificate %s (thumbprint %s) for %s", self.cert_path,
+                    thumbprint(cert), app_uri)
+        return self.cert_path, self.key_path
+
+    def _own_is_usable(self, app_uri: str) -> bool:
+        try:
+            cert = _load_cert(self.cert_path.read_bytes())
+            key = serialization.load_pem_private_key(self.key_path.read_bytes(), password=None)
+        except (OSError, ValueError):
+            return False
+        if cert.not_valid_after_utc <= datetime.datetime.now(datetime.timezone.utc):
+            return False
+        try:
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except x509.ExtensionNotFound:
+            return False
+        if app_uri not in san.get_values_for_type(x509.UniformResourceIdentifier):
+            return False
+        return cert.public_key().public_numbers() == key.public_key().public_numbers()
+
+    # ----------------------------------------------------------------------- the lists
+
+    def _entries(self, state: str, directory: Path) -> list[CertificateEntry]:
+        out = []
+        for path in sorted(directory.iterdir()):
+            if not path.is_file() or path.suffix.lower() not in _CERT_SUFFIXES or path == self.key_path:
+                continue
+            try:
+                cert = _load_cert(path.read_bytes())
+            except (OSError, ValueError):
+                log.warning("%s: not a certificate; ignored", path)
+                continue
+            out.append(CertificateEntry(state, cert.subject.rfc4514_string(), thumbprint(cert), path))
+        return out
+
+    def list(self) -> list[CertificateEntry]:
+        """The server's own certificate, then the trusted and the rejected ones."""
+        own = self._entries("own", self.own_dir)
+        return (own + self._entries("trusted", self.trusted_dir)
+                + self._entries("rejected", self.rejected_dir))
+
+    def _find(self, ident: str, states: tuple[str, ...]) -> CertificateEntry:
+        key = ident.strip().lower().replace(":", "")
+        if len(key) < 6:
+            raise PkiError(f"{ident!r}: give at least 6 characters of the thumbprint (see "
+                           "`tempering pki list`)")
+        found = [e for e in self.list() if e.state in states and e.thumbprint.startswith(key)]
+        if len({e.thumbprint for e in found}) > 1:
+            raise AmbiguousCertificate(f"{ident!r} matches {len(found)} certificates; give more of "
+                                       "the thumbprint")
+        if not found:
+            raise NoSuchCertificate(ident)
+        return found[0]
+
+    def _file_name(self, cert: x509.Certificate) -> str:
+        cn = re.sub(r"[^A-Za-z0-9._-]+", "-", _common_name(cert)).strip("-.")[:40] or "certificate"
+        return f"{cn}_{thumbprint(cert)}.der"
+
+    def _from_file(self, path: Path) -> x509.Certificate:
+        try:
+            return _load_cert(path.read_bytes())
+        except ValueError:
+            raise BadCertificateFile(f"{path}: not an X.509 certificate (DER or PEM)") from None
+
+    def trust(self, thumbprint_or_file: str | Path) -> CertificateEntry:
+        """Trust a rejected certificate (by thumbprint or a unique prefix of it) or a
+        certificate file (DER or PEM, copied in). Idempotent for a trusted one."""
+        path = Path(thumbprint_or_file)
+        if path.is_file():
+            cert = self._from_file(path)
+        else:
+            entry = self._find(str(thumbprint_or_file), ("rejected", "trusted"))
+            if entry.state == "trusted":
+                return entry
+            cert = _load_cert(entry.path.read_bytes())
+        return self._move(cert, self.trusted_dir, self.rejected_dir, "trusted")
+
+    def reject(self, thumbprint_or_file: str | Path) -> CertificateEntry:
+        """Stop trusting a certificate: moved from trusted/ to rejected/ (or a file's
+        certificate put in rejected/)."""
+        path = Path(thumbprint_or_file)
+        if path.is_file():
+            cert = self._from_file(path)
+        else:
+            entry = self._find(str(thumbprint_or_file), ("trusted", "rejected"))
+            if entry.state == "rejected":
+                return entry
+            cert = _load_cert(entry.path.read_bytes())
+        return self._move(cert, self.rejected_dir, self.trusted_dir, "rejected")
+
+    def _move(self, cert: x509.Certificate, to: Path, away: Path, state: str) -> CertificateEntry:
+        tp = thumbprint(cert)
+        target = to / self._file_name(cert)
+        _write_atomic(target, _der(cert))
+        for e in self._entries("", away):
+            if e.thumbprint == tp:
+                e.path.unlink()
+        for e in self._entries("", to):          # another file of the same certificate
+            if e.thumbprint == tp and e.path != target:
+                e.path.unlink()
+        return CertificateEntry(state, cert.subject.rfc4514_string(), tp, target)
+
+    # ----------------------------------------------------------------------- client certificates
+
+    def is_trusted(self, cert: x509.Certificate | bytes) -> bool:
+        """True if this exact certificate is in trusted/ (read now: a `tempering pki trust`
+        takes effect on the next connection, no restart)."""
+        der = cert if isinstance(cert, bytes) else _der(cert)
+        for path in self.trusted_dir.iterdir():
+            if path.suffix.lower() in _CERT_SUFFIXES and path.is_file():
+                try:
+                    if _der(_load_cert(path.read_bytes())) == der:
+                        return True
+                except (OSError, ValueError):
+                    continue
+        return False
+
+    def record_rejected(self, cert: x509.Certificate | bytes) -> Path | None:
+        """Keep a copy of a refused client certificate in rejected/ (once per certificate; none
+        beyond MAX_REJECTED files). The path, or None if not kept."""
+        if isinstance(cert, bytes):
+            try:
+                cert = x509.load_der_x509_certificate(cert)
+            except ValueError:
+                return None
+        target = self.rejected_dir / self._file_name(cert)
+        if target.exists():
+            return target
+        if sum(1 for _ in self.rejected_dir.iterdir()) >= MAX_REJECTED:
+            log.warning("rejected/ holds %d files: %s not kept", MAX_REJECTED, _common_name(cert))
+            return None
+        _write_atomic(target, _der(cert))
+        return target
+
+    async def validate_client(self, cert: x509.Certificate, app: ua.ApplicationDescription) -> None:
+        """asyncua's certificate validator (Server.set_certificate_validator), called at
+        CreateSession. In the order of Part 4 §6.1.3: trust list (BadCertificateUntrusted; the
+        certificate is kept in rejected/), validity period (BadCertificateTimeInvalid), the
+        client's ApplicationUri in the subjectAltName (BadCertificateUriInvalid)."""
+        if not self.is_trusted(cert):
+            kept = self.record_rejected(cert)
+            log.warning("refused the untrusted client certificate %s (%s, thumbprint %s)%s",
+                        cert.subject.rfc4514_string(), app.ApplicationUri, thumbprint(cert),
+                        f"; kept as {kept}" if kept else "")
+            raise ServiceError(ua.StatusCodes.BadCertificateUntrusted)
+        await _BASIC_CHECKS.validate(cert, app)
+
+
+_BASIC_CHECKS = CertificateValidator(CertificateValidatorOptions.TIME_RANGE | CertificateValidatorOptions.URI)
+
+
+# --------------------------------------------------------------------------- users and sessions
+
+
+@dataclass
+class TemperingUser(User):
+    """A session's user: asyncua's ``role`` is UserRole.User for everyone (asyncua's own Admin
+    role, which may change the address space, is never given); ours is ``tempering_role``.
+    ``name`` is None for an anonymous session."""
+
+    tempering_role: str = "viewer"
+
+    @property
+    def label(self) -> str:
+        """The name for the audit trail ("anonymous" for an anonymous session)."""
+        return self.name or "anonymous"
+
+
+class TemperingUserManager:
+    """asyncua user manager over the records (never asyncua's PermissiveUserManager, which
+    lets anyone in and makes anyone named "admin" an admin).
+
+    ``get_user`` is called by asyncua at ActivateSession, synchronously; ``certificate`` is
+    the client certificate of the secure channel (empty on a None channel). It returns a
+    TemperingUser, or None (asyncua: BadUserAccessDenied) for: a channel without a client
+    certificate unless ``allow_unsecured`` (the None policy is allowed); a channel certificate
+    that is not trusted (given ``pki``; the certificate given in CreateSession was checked
+    already, this checks the one that signed the channel); an anonymous session unless
+    ``allow_anonymous``; an unknown user or a wrong password (records.check_password: scrypt,
+    constant-time compare, about 70 ms)."""
+
+    def __init__(self, records, *, pki: Pki | None = None, allow_anonymous: bool = False,
+                 allow_unsecured: bool = False):
+        self.records = records
+        self.pki = pki
+        self.allow_anonymous = allow_anonymous
+        self.allow_unsecured = allow_unsecured
+
+    def get_user(self, iserver: Any = None, username: str | None = None, password: str | None = None,
+                 certificate: Any = None) -> TemperingUser | None:
+        if not certificate:
+            if not self.allow_unsecured:
+                log.warning("refused a session on a channel without a client certificate")
+                return None
+        elif self.pki is not None and not self.pki.is_trusted(bytes(certificate)):
+            self.pki.record_rejected(bytes(certificate))
+            log.warning("refused a session on a channel signed by an untrusted certificate")
+            return None
+        if not username:
+            if self.allow_anonymous:
+                return TemperingUser(role=UserRole.User, name=None, tempering_role="viewer")
+            log.warning("refused an anonymous session")
+            return None
+        role = self.records.check_password(username, password or "")
+        if role is None:
+            log.warning("refused user %r: unknown user or wrong password", username)
+            return None
+        return TemperingUser(role=UserRole.User, name=username, tempering_role=role)
+
+
+_current_user: contextvars.ContextVar[TemperingUser | None] = contextvars.ContextVar(
+    "tempering_opcua_user", default=None)
+
+
+def current_user() -> TemperingUser | None:
+    """The user of the request being handled, inside asyncua's handling of it: a write's
+    value setter or callback, or an ``async`` method handler. asyncua handles each connection's
+    requests one after the other in one task; TemperingRuleset sets this before each request.
+    Not visible in a *sync* method handler (asyncua runs those in a thread pool): write method
+    handlers as ``async def``. None outside a request."""
+    return _current_user.get()
+
+
+_ids = lambda names: frozenset(ua.NodeId(i) for i in names)  # noqa: E731
+_ALL_USER_SERVICES = _ids(USER_TYPES)
+_CHANGING_SERVICES = _ids([ua.ObjectIds.WriteRequest_Encoding_DefaultBinary,
+                           ua.ObjectIds.CallRequest_Encoding_DefaultBinary])
+_VIEWER_SERVICES = _ALL_USER_SERVICES - _CHANGING_SERVICES
+_NEVER = _ids(ADMIN_TYPES)   # AddNodes, DeleteNodes, Add/DeleteReferences, RegisterServer(2)
+
+
+class TemperingRuleset(PermissionRuleset):
+    """Which services a session may use, by role (asyncua asks before every request of an
+    activated session; False is answered BadUserAccessDenied). Viewers: read, browse,
+    subscribe, history read. Operators and above: also Write and Call (each node and method
+    then checks the role it needs). Nobody: node management from the network."""
+
+    def check_validity(self, user: Any, action_type_id: ua.NodeId, body: Any) -> bool:
+        tempering = user if isinstance(user, TemperingUser) else None
+        _current_user.set(tempering)
+        if tempering is None or action_type_id in _NEVER:
+            return False
+        if role_allows(tempering.tempering_role, "operator"):
+            return action_type_id in _ALL_USER_SERVICES
+        return action_type_id in _VIEWER_SERVICES
+
+
+# --------------------------------------------------------------------------- the server
+
+_POLICY_TYPES: dict[str, tuple[ua.SecurityPolicyType, ua.SecurityPolicyType]] = {
+    "Basic256Sha256": (ua.SecurityPolicyType.Basic256Sha256_Sign,
+                       ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt),
+    "Aes128_Sha256_RsaOaep": (ua.SecurityPolicyType.Aes128Sha256RsaOaep_Sign,
+                              ua.SecurityPolicyType.Aes128Sha256RsaOaep_SignAndEncrypt),
+    "Aes256_Sha256_RsaPss": (ua.SecurityPolicyType.Aes256Sha256RsaPss_Sign,
+                             ua.SecurityPolicyType.Aes256Sha256RsaPss_SignAndEncrypt),
+}
+
+NONE_POLICY_WARNING = ("WARNING: the OPC UA endpoint {endpoint} also offers security policy None: "
+                       "messages are neither signed nor encrypted (allowed on loopback only; set "
+                       "opcua.allow_none_policy: false to turn it off)")
+
+
+async def configure_security(server, settings, records, pki: Pki, *, app_uri: str | None = None,
+                             hostname: str | None = None) -> TemperingUserManager:
+    """Secure an asyncua ``Server`` after ``server.init()`` and before ``server.start()``:
+    the endpoint (``settings.endpoint``), the application URI (``app_uri``, else the server's),
+    the own certificate (made on first start), the security policies of ``settings`` in Sign
+    and SignAndEncrypt (and None, with a loud warning on stderr, only if allowed and the
+    endpoint is loopback), the identity tokens (user name; anonymous only if allowed), the user
+    manager, the per-role ruleset and the client certificate check. Returns the user manager.
+    ``settings`` is an ``opcua_server.config.OpcUaSettings``."""
+    from .config import is_loopback
+
+    if settings.allow_none_policy and not is_loopback(settings.host):
+        raise ValueError(f"opcua.allow_none_policy: may be true only with a loopback endpoint, "
+                         f"not {settings.host}")
+    server.set_endpoint(settings.endpoint)
+    if app_uri is not None:
+        await server.set_application_uri(app_uri)
+    app_uri = server.get_application_uri()
+    hostname = hostname or socket.gethostname()
+    cert_path, key_path = pki.ensure_own_certificate(app_uri, hostname, extra_hosts=(settings.host,))
+    await server.load_certificate(str(cert_path))
+    await server.load_private_key(str(key_path))
+
+    policies = [t for name in settings.security_policies for t in _POLICY_TYPES[name]]
+    if settings.allow_none_policy:
+        policies.append(ua.SecurityPolicyType.NoSecurity)
+        print(NONE_POLICY_WARNING.format(endpoint=settings.endpoint), file=sys.stderr, flush=True)
+        log.warning(NONE_POLICY_WARNING.format(endpoint=settings.endpoint))
+    server.set_security_policy(policies, permission_ruleset=TemperingRuleset())
+    tokens: list[type] = [ua.UserNameIdentityToken]
+    if settings.allow_anonymous:
+        tokens.append(ua.AnonymousIdentityToken)
+    server.set_identity_tokens(tokens)
+    server.allow_remote_admin(False)
+    manager = TemperingUserManager(records, pki=pki, allow_anonymous=settings.allow_anonymous,
+                                   allow_unsecured=settings.allow_none_policy)
+    server.iserver.set_user_manager(manager)
+    server.set_certificate_validator(pki.validate_client)
+    return manager
