@@ -251,3 +251,224 @@ def victoria_metrics(tmp_path: Path):
     finally:
         for server in started:
             server.stop()
+
+
+# -- a real PostgreSQL on loopback (the records' plant database) -----------------------------
+#
+# - ``postgresql_server``: one PostgreSQL per test session (initdb + pg_ctl from the PATH or
+#   /usr/lib/postgresql/<version>/bin, Debian's ``postgresql`` package) in a temporary
+#   directory, on a free loopback port, password authentication (scram-sha-256); run as the
+#   ``postgres`` user when the tests run as root (PostgreSQL refuses root). Stopped by PID
+#   (SIGINT: fast shutdown; SIGKILL if it lingers) at the end of the session.
+# - ``postgresql_url``: a fresh empty database on it for one test, as an SQLAlchemy URL
+#   ``postgresql+psycopg://tempering:<password>@127.0.0.1:<port>/<db>``.
+
+class PostgresServer:
+    user = "tempering"
+
+    def __init__(self, directory: Path, port: int):
+        self.directory, self.port = directory, port
+        self.password = os.urandom(12).hex()
+        self.pid: int | None = None
+
+    @staticmethod
+    def bin_dir() -> Path:
+        pg_ctl = shutil.which("pg_ctl")
+        if pg_ctl:
+            return Path(pg_ctl).resolve().parent
+        found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"),
+                       key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0)
+        if not found:
+            pytest.fail("PostgreSQL is not installed (pg_ctl not found; make system-deps installs "
+                        "Debian's postgresql package)")
+        return found[-1].parent
+
+    def _run_as(self) -> dict:
+        if os.geteuid() != 0:
+            return {}
+        import pwd
+        try:
+            pw = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.fail("running as root and there is no postgres user to run PostgreSQL as")
+        return {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
+
+    def start(self) -> "PostgresServer":
+        bin_dir, as_user = self.bin_dir(), self._run_as()
+        data = self.directory / "data"
+        pwfile = self.directory / "pwfile"
+        pwfile.write_text(self.password + "\n")
+        if as_user:
+            os.chown(self.directory, as_user["user"], as_user["group"])
+            os.chown(pwfile, as_user["user"], as_user["group"])
+        env = {**os.environ, "LC_ALL": "C", "LANG": "C"}
+        run = dict(cwd=self.directory, env=env, capture_output=True, text=True, **as_user)
+        done = subprocess.run([str(bin_dir / "initdb"), "-D", str(data), "-U", self.user,
+                               "--auth=scram-sha-256", f"--pwfile={pwfile}", "-E", "UTF8"], **run)
+        if done.returncode != 0:
+            pytest.fail(f"initdb failed: {done.stderr}")
+        options = f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories='' -c fsync=off"
+        done = subprocess.run([str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(self.directory / "log"),
+                               "-o", options, "-w", "-t", "60", "start"], **run)
+        pid_file = data / "postmaster.pid"
+        if pid_file.exists():
+            self.pid = int(pid_file.read_text().split()[0])
+        if done.returncode != 0:
+            log = (self.directory / "log").read_text() if (self.directory / "log").exists() else ""
+            self.stop()
+            pytest.fail(f"pg_ctl start failed: {done.stderr}{log}")
+        return self
+
+    def stop(self) -> None:
+        if self.pid is None:
+            return
+        pid, self.pid = self.pid, None
+        pid_file = self.directory / "data" / "postmaster.pid"
+        try:
+            os.kill(pid, 2)                    # SIGINT: PostgreSQL's fast shutdown
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + 30
+        while pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if pid_file.exists():
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql+psycopg://{self.user}:{self.password}@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self) -> str:
+        import psycopg
+        name = f"t_{os.urandom(6).hex()}"
+        with psycopg.connect(host="127.0.0.1", port=self.port, user=self.user, password=self.password,
+                             dbname="postgres", autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return name
+
+
+@pytest.fixture(scope="session")
+def postgresql_server() -> Iterator[PostgresServer]:
+    import tempfile
+    directory = Path(tempfile.mkdtemp(prefix="tempering-pg-"))
+    server = PostgresServer(directory, find_free_port())
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def postgresql_url(postgresql_server: PostgresServer) -> str:
+    return postgresql_server.url(postgresql_server.create_database())
+
+
+# -- a secured OPC UA server on loopback -------------------------------------------------------
+#
+# - ``opcua_pki``: everything a secured server and its clients need, in tmp_path: ``.settings``
+#   (OpcUaSettings: the default security, a free loopback port, data_dir in tmp_path),
+#   ``.records`` (SQLite in data_dir, one user per role: name = the role, password
+#   ``.password(role)``), ``.pki`` (the server's Pki; the client certificate already trusted),
+#   ``.app_uri`` (the server's), ``.client_uri``, ``.client_cert`` / ``.client_key`` (trusted)
+#   and ``.untrusted_cert`` / ``.untrusted_key``; ``await opcua_pki.client(user, password,
+#   trusted=True, policy="Basic256Sha256", mode="SignAndEncrypt")`` is an asyncua Client set
+#   up for the server, not yet connected (``async with client:`` connects).
+# - ``secured_server``: an asyncua Server on ``opcua_pki`` (empty address space), secured by
+#   ``opcua_server.security.configure_security``, started in the test's loop, stopped after.
+#   Build a server of your own the same way: ``Server()``, ``await server.init()``, your
+#   address space, ``await configure_security(server, pki.settings, pki.records, pki.pki,
+#   app_uri=pki.app_uri)``, ``await server.start()``.
+
+def make_client_certificate(directory: Path, name: str, app_uri: str) -> tuple[Path, Path]:
+    """A self-signed OPC UA client application certificate (``<name>.der``) and its key
+    (``<name>.pem``) with ``app_uri`` and this host in subjectAltName."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+    from asyncua.crypto import cert_gen
+
+    key = cert_gen.generate_private_key()
+    cert = cert_gen.generate_self_signed_app_certificate(
+        key, name, {}, [x509.UniformResourceIdentifier(app_uri), x509.DNSName(socket.gethostname())],
+        [ExtendedKeyUsageOID.CLIENT_AUTH], days=30)
+    cert_path, key_path = directory / f"{name}.der", directory / f"{name}.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.DER))
+    key_path.write_bytes(cert_gen.dump_private_key_as_pem(key))
+    return cert_path, key_path
+
+
+@pytest.fixture(scope="session")
+def opcua_client_certificates(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    directory = tmp_path_factory.mktemp("opcua-clients")
+    return {name: make_client_certificate(directory, name, OpcUaTestPki.client_uri)
+            for name in ("trusted-client", "untrusted-client")}
+
+
+class OpcUaTestPki:
+    app_uri = "urn:open-tempering:server:test"
+    client_uri = "urn:open-tempering:test-client"
+    ROLES = ("viewer", "operator", "technician", "admin")
+
+    def __init__(self, directory: Path, port: int, certificates: dict[str, tuple[Path, Path]]):
+        from opcua_server.config import OpcUaSettings
+        from opcua_server.records import Records
+        from opcua_server.security import Pki
+
+        self.settings = OpcUaSettings(endpoint=f"opc.tcp://127.0.0.1:{port}", data_dir=str(directory))
+        self.records = Records(self.settings.records_url)
+        for role in self.ROLES:
+            self.records.add_user(role, self.password(role), role)
+        self.pki = Pki(self.settings.pki_dir)
+        self.client_cert, self.client_key = certificates["trusted-client"]
+        self.untrusted_cert, self.untrusted_key = certificates["untrusted-client"]
+        self.pki.trust(self.client_cert)
+
+    @staticmethod
+    def password(role: str) -> str:
+        return f"{role}-secret-1"
+
+    async def client(self, user: str | None = None, password: str | None = None, *, trusted: bool = True,
+                     policy: str = "Basic256Sha256", mode: str = "SignAndEncrypt", timeout: float = 5):
+        from asyncua import Client, ua
+        from asyncua.crypto import security_policies
+
+        client = Client(self.settings.endpoint, timeout=timeout)
+        client.application_uri = self.client_uri
+        cert, key = (self.client_cert, self.client_key) if trusted else (self.untrusted_cert, self.untrusted_key)
+        policy_class = getattr(security_policies, "SecurityPolicy" + policy.replace("_", ""))
+        await client.set_security(policy_class, str(cert), str(key), server_certificate=str(self.pki.cert_path),
+                                  mode=getattr(ua.MessageSecurityMode, mode))
+        if user is not None:
+            client.set_user(user)
+            client.set_password(password if password is not None else self.password(user))
+        return client
+
+
+@pytest.fixture
+def opcua_pki(tmp_path: Path, opcua_client_certificates) -> Iterator[OpcUaTestPki]:
+    # the server's own certificate first, so that clients can be set up before the server starts
+    setup = OpcUaTestPki(tmp_path / "opcua", find_free_port(), opcua_client_certificates)
+    setup.pki.ensure_own_certificate(OpcUaTestPki.app_uri, socket.gethostname(), ("127.0.0.1",))
+    try:
+        yield setup
+    finally:
+        setup.records.close()
+
+
+@pytest.fixture
+async def secured_server(opcua_pki: OpcUaTestPki):
+    from asyncua import Server
+    from opcua_server.security import configure_security
+
+    server = Server()
+    await server.init()
+    await configure_security(server, opcua_pki.settings, opcua_pki.records, opcua_pki.pki,
+                             app_uri=opcua_pki.app_uri)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
