@@ -16,14 +16,14 @@ An accepted write updates the variable and queues the command for the next scan;
 re-checks it (it is the one writer of the process image). Every request, accepted or not, is
 recorded in the audit trail: user, node or method, old value, new value, result, time.
 
-asyncua 2.1 gives a method callback no session; ``install`` wraps the session's ``call`` so
-that the calling user is known (a context variable set for the duration of the call), and
-replaces the attribute service's ``write`` so that writes pass through ``Gate.write``.
+asyncua 2.1 gives a method callback no session: the caller comes from
+``opcua_server.security.current_user`` (set by the service ruleset before each request).
+``install`` replaces the attribute service's ``write`` so that writes pass through
+``Gate.write``; the server's own internal writes go the usual way.
 """
 
 from __future__ import annotations
 
-import contextvars
 import logging
 import math
 import time
@@ -32,17 +32,15 @@ from typing import Any, Callable
 
 from asyncua import ua
 from asyncua.crypto.permission_rules import UserRole
-from asyncua.server.internal_session import InternalSession
 
 from plc.commands import (Abort, Acknowledge, Command, Hold, Reset, Resume, SetManual, SetTrim,
                           SetTuning, StartRecipe, Stop)
 from plc.sequencer import check_command
 
+from .security import current_user as session_user
 from .security import role_allows
 
 log = logging.getLogger(__name__)
-
-current_user: contextvars.ContextVar = contextvars.ContextVar("opcua_user", default=None)
 
 SC = ua.StatusCodes
 
@@ -138,7 +136,10 @@ class Gate:
         name, role = self.role_of(user)
         variant = wv.Value.Value if wv.Value is not None else None
         value = None if variant is None else variant.Value
-        old = await self.server.get_node(wv.NodeId).read_value()
+        try:
+            old = await self.server.get_node(wv.NodeId).read_value()
+        except ua.UaStatusCodeError:      # not published yet
+            old = None
         try:
             if not role_allows(role, rule.role):
                 raise Refused(SC.BadUserAccessDenied, f"{name} ({role}) may not write {rule.target}; "
@@ -174,7 +175,7 @@ class Gate:
         """An asyncua method callback that checks the caller's role, runs ``handler(user,
         *args)`` (which returns output arguments or raises Refused) and records the call."""
         async def callback(parent, *args):
-            user = current_user.get()
+            user = session_user()
             name, user_role = self.role_of(user)
             values = [a.Value if isinstance(a, ua.Variant) else a for a in args]
             try:
@@ -218,7 +219,6 @@ class Gate:
         if self._original_write is None:
             self._original_write = attr.write
         attr.write = self.write
-        _patch_session_call()
 
 
 def _internal(user) -> bool:
@@ -231,27 +231,6 @@ def _internal(user) -> bool:
 def _with_user(cmd: Command, user: str) -> Command:
     from dataclasses import replace
     return replace(cmd, user=user)
-
-
-_patched = False
-
-
-def _patch_session_call() -> None:
-    """Let method callbacks know their caller: the session sets ``current_user`` around call."""
-    global _patched
-    if _patched:
-        return
-    original = InternalSession.call
-
-    async def call(self, params):
-        token = current_user.set(self.user)
-        try:
-            return await original(self, params)
-        finally:
-            current_user.reset(token)
-
-    InternalSession.call = call
-    _patched = True
 
 
 COMMANDS = {

@@ -60,7 +60,8 @@ class Publisher:
     def __init__(self, server, nodes, channel: SnapshotChannel, *, interval_s: float = 0.1,
                  links: Callable[[], tuple] = lambda: (), history: Callable[[], Any] = lambda: None,
                  sessions: Callable[[], tuple[int, int]] = lambda: (0, 0),
-                 emit_alarm_event: Callable[..., Any] | None = None):
+                 emit_alarm_event: Callable[..., Any] | None = None,
+                 zone_settings: Callable[[], Mapping[str, Mapping[str, float]]] = lambda: {}):
         self.server = server
         self.nodes = nodes
         self.sub = channel.subscribe(maxlen=1024)
@@ -70,6 +71,7 @@ class Publisher:
         self.history = history
         self.sessions = sessions
         self.emit_alarm_event = emit_alarm_event
+        self.zone_settings = zone_settings
         self._last: dict[Any, tuple] = {}     # nodeid -> (value, status code value)
         self._types: dict[Any, ua.VariantType] = {}
         self.writes = 0
@@ -139,6 +141,10 @@ class Publisher:
             await self._set(nodes["Setpoint"], float(z.sp_c or 0.0), ua.VariantType.Double, sp_status, t)
             await self._set(nodes["Output"], float(z.output_pct), ua.VariantType.Double, None, t)
             await self._set(nodes["Mode"], "manual" if z.manual else "auto", ua.VariantType.String, None, t)
+        for zone, values in self.zone_settings().items():
+            for browse, value in values.items():
+                if browse in n.zones.get(zone, {}):
+                    await self._set(n.zones[zone][browse], float(value), ua.VariantType.Double, None, t)
         seq = n.sequencer
         for key, value, vtype in (
                 ("Phase", _PHASES.index(snap.phase), ua.VariantType.Int32),

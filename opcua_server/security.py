@@ -404,26 +404,23 @@ def current_user() -> TemperingUser | None:
 
 _ids = lambda names: frozenset(ua.NodeId(i) for i in names)  # noqa: E731
 _ALL_USER_SERVICES = _ids(USER_TYPES)
-_CHANGING_SERVICES = _ids([ua.ObjectIds.WriteRequest_Encoding_DefaultBinary,
-                           ua.ObjectIds.CallRequest_Encoding_DefaultBinary])
-_VIEWER_SERVICES = _ALL_USER_SERVICES - _CHANGING_SERVICES
 _NEVER = _ids(ADMIN_TYPES)   # AddNodes, DeleteNodes, Add/DeleteReferences, RegisterServer(2)
 
 
 class TemperingRuleset(PermissionRuleset):
-    """Which services a session may use, by role (asyncua asks before every request of an
-    activated session; False is answered BadUserAccessDenied). Viewers: read, browse,
-    subscribe, history read. Operators and above: also Write and Call (each node and method
-    then checks the role it needs). Nobody: node management from the network."""
+    """Which services a session may use (asyncua asks before every request of an activated
+    session; False is answered BadUserAccessDenied). Every authenticated role may read, browse,
+    subscribe, history-read, write and call: each written node and each method then checks the
+    role it needs, answers BadUserAccessDenied per item and records the attempt in the audit
+    trail (``opcua_server.gate``), so a viewer's attempt is refused *and* on record. Nobody:
+    node management from the network."""
 
     def check_validity(self, user: Any, action_type_id: ua.NodeId, body: Any) -> bool:
         tempering = user if isinstance(user, TemperingUser) else None
         _current_user.set(tempering)
         if tempering is None or action_type_id in _NEVER:
             return False
-        if role_allows(tempering.tempering_role, "operator"):
-            return action_type_id in _ALL_USER_SERVICES
-        return action_type_id in _VIEWER_SERVICES
+        return action_type_id in _ALL_USER_SERVICES
 
 
 # --------------------------------------------------------------------------- the server

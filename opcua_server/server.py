@@ -53,7 +53,7 @@ RECIPE_ID_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-")
 
 
 class TemperingServer:
-    def __init__(self, cfg, controller, channel, records, *, pki=None,
+    def __init__(self, cfg, controller, channel, records, *, pki=None, app_uri: str | None = None,
                  links: Callable[[], tuple] = lambda: (), history: Callable[[], Any] = lambda: None,
                  link_names: tuple[str, ...] = ()):
         self.cfg = cfg
@@ -65,6 +65,7 @@ class TemperingServer:
         self.links = links
         self.history = history
         self.link_names = link_names
+        self.app_uri = app_uri or f"urn:open-tempering:server:{cfg.machine.id}"
         self.server = Server()
         self.nodes = None
         self.gate: Gate | None = None
@@ -80,7 +81,9 @@ class TemperingServer:
         from .security import configure_security
 
         await self.server.init()
-        await configure_security(self.server, self.settings, self.records, self.pki)
+        await self.server.set_application_uri(self.app_uri)
+        self.server.set_server_name(f"Tempering machine {self.cfg.machine.id} ({self.cfg.machine.name})")
+        await configure_security(self.server, self.settings, self.records, self.pki, app_uri=self.app_uri)
         self.book = {rid: Recipe.model_validate(fields) for rid, fields in self.records.load_recipes().items()}
         self.controller.set_recipes(self.book)
         await load_types(self.server)
@@ -104,7 +107,8 @@ class TemperingServer:
         self.publisher = Publisher(self.server, self.nodes, self.channel,
                                    interval_s=self.settings.publish_interval_ms / 1000.0,
                                    links=self.links, history=self.history, sessions=self._sessions,
-                                   emit_alarm_event=self._emit_alarm_event)
+                                   emit_alarm_event=self._emit_alarm_event,
+                                   zone_settings=self._zone_settings)
         self._event_gen = None
 
     async def start(self) -> None:
@@ -120,6 +124,19 @@ class TemperingServer:
         await self.server.stop()
 
     # -- diagnostics and events --------------------------------------------------------------
+
+    def _zone_settings(self) -> dict[str, dict[str, float]]:
+        """The writable settings as the PLC has them now (trim, gains, manual output)."""
+        s, p = self.controller.state, self.controller.program
+        out = {}
+        for z in p.zones:
+            gains = s.tuning.get(z.name, {})
+            values = {"Trim": s.trims.get(z.name, 0.0), "Kp": gains.get("kp", z.tuning.kp),
+                      "Ki": gains.get("ki", z.tuning.ki), "Kd": gains.get("kd", z.tuning.kd)}
+            if z.name in s.manual:
+                values["ManualOutput"] = s.manual[z.name]
+            out[z.name] = values
+        return out
 
     def _sessions(self) -> tuple[int, int]:
         iserver = self.server.iserver

@@ -1,0 +1,246 @@
+"""The OPC UA server of a running PLC, through a real asyncua client over SignAndEncrypt:
+values with units and status, subscriptions, writes (good and refused), methods, recipes
+that survive a restart, alarms and their events, the audit trail, diagnostics."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from asyncua import ua
+
+from opcua_server.config import load
+from opcua_server.server import TemperingServer
+from plc.channel import SnapshotChannel
+from plc.program import Program
+from plc.runtime import Controller, MonotonicClock, Runtime, WatchdogSettings
+from twin import Twin
+from twin.inprocess import InProcessTwinIo
+
+
+class Machine:
+    """PLC (real time, 100 ms) on the in-process twin, and the OPC UA server in this loop."""
+
+    def __init__(self, opcua_pki, book=None):
+        cfg, file_book = load()
+        self.cfg = cfg.model_copy(update={"opcua": opcua_pki.settings})
+        self.pki = opcua_pki
+        self.records = opcua_pki.records
+        self.records.seed_recipes(file_book)
+        self.channel = SnapshotChannel()
+        self.controller = Controller(Program.from_config(self.cfg, file_book, period_s=0.1),
+                                     channel=self.channel)
+        self.twin = Twin(self.cfg.twin, seed=2, initial_temp_c=40.0)
+        self.io = InProcessTwinIo(self.twin, wall=time.time)
+        self.stop = asyncio.Event()
+        self.server = TemperingServer(self.cfg, self.controller, self.channel, self.records,
+                                      pki=opcua_pki.pki, app_uri=opcua_pki.app_uri)
+        self.tasks = []
+
+    async def __aenter__(self):
+        await self.server.start()
+        rt = Runtime(self.controller, self.io, MonotonicClock(), WatchdogSettings(5, 10.0))
+        self.tasks = [asyncio.create_task(rt.run(self.stop)),
+                      asyncio.create_task(self.io.run_realtime(self.stop))]
+        await asyncio.sleep(0.4)
+        return self
+
+    async def __aexit__(self, *exc):
+        self.stop.set()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.server.stop()
+
+    @property
+    def nodes(self):
+        return self.server.nodes
+
+
+async def until(predicate, timeout_s=5.0):
+    t0 = time.monotonic()
+    while True:
+        v = predicate()
+        if asyncio.iscoroutine(v):
+            v = await v
+        if v:
+            return
+        if time.monotonic() - t0 > timeout_s:
+            raise AssertionError("not within the time")
+        await asyncio.sleep(0.05)
+
+
+def client_node(client, server_node):
+    return client.get_node(server_node.nodeid)
+
+
+async def status_of_write(node, value, vtype):
+    try:
+        await node.write_value(ua.DataValue(ua.Variant(value, vtype)))
+    except ua.UaStatusCodeError as e:
+        return type(e).__name__
+    return "Good"
+
+
+async def status_of_call(obj, method, *args):
+    try:
+        await obj.call_method(method, *args)
+    except ua.UaStatusCodeError as e:
+        return type(e).__name__
+    return "Good"
+
+
+async def test_values_units_status_and_subscription(opcua_pki):
+    async with Machine(opcua_pki) as m:
+        client = await opcua_pki.client("viewer")
+        async with client:
+            temp = client_node(client, m.nodes.zones["pump"]["Temperature"])
+            dv = await temp.read_data_value()
+            assert dv.StatusCode.is_good() and 35.0 < dv.Value.Value < 45.0
+            assert abs(dv.SourceTimestamp.timestamp() - time.time()) < 2.0
+            eu = await (await temp.get_child("0:EngineeringUnits")).read_value()
+            assert eu.UnitId == 4408652 and eu.DisplayName.Text in ("°C", "degC")
+            rng = await (await temp.get_child("0:EURange")).read_value()
+            assert rng.Low <= 0.0 < 60.0 <= rng.High
+            assert (await temp.read_description()).Text
+            # every process-image point is published
+            for name, node in m.nodes.points.items():
+                assert (await client_node(client, node).read_data_value()).Value is not None, name
+
+            changes = []
+
+            class Handler:
+                def datachange_notification(self, node, val, data):
+                    changes.append(val)
+
+            sub = await client.create_subscription(100, Handler())
+            await sub.subscribe_data_change(client_node(client, m.nodes.diagnostics["Scan.Scans"]))
+            await until(lambda: len(changes) >= 3)
+            assert changes[-1] > changes[0]
+
+
+async def test_writes_checked_by_role_type_range_state_and_audited(opcua_pki):
+    async with Machine(opcua_pki) as m:
+        z = m.nodes.zones["pump"]
+        async with await opcua_pki.client("technician") as tech:
+            trim = client_node(tech, z["Trim"])
+            assert await status_of_write(trim, 1.5, ua.VariantType.Double) == "Good"
+            await until(lambda: m.controller.state.trims.get("pump") == 1.5)
+            assert await status_of_write(trim, 5.0, ua.VariantType.Double) == "BadOutOfRange"
+            assert await status_of_write(trim, "1", ua.VariantType.String) == "BadTypeMismatch"
+            manual = client_node(tech, z["ManualOutput"])
+            assert await status_of_write(manual, 10.0, ua.VariantType.Double) == "BadInvalidState"
+            assert await status_of_write(client_node(tech, z["Mode"]), "manual",
+                                         ua.VariantType.String) == "Good"
+            await until(lambda: "pump" in m.controller.state.manual)
+            assert await status_of_write(manual, 12.5, ua.VariantType.Double) == "Good"
+            await until(lambda: m.controller.state.manual.get("pump") == 12.5)
+            assert await status_of_write(client_node(tech, z["Kp"]), 60.0, ua.VariantType.Double) == "Good"
+            await until(lambda: m.controller.state.tuning.get("pump", {}).get("kp") == 60.0)
+            assert await status_of_write(client_node(tech, m.nodes.zones["pump"]["Temperature"]), 1.0,
+                                         ua.VariantType.Double) in ("BadNotWritable", "BadUserAccessDenied")
+        async with await opcua_pki.client("viewer") as viewer:
+            assert await status_of_write(client_node(viewer, z["Trim"]), 0.5,
+                                         ua.VariantType.Double) == "BadUserAccessDenied"
+        assert m.controller.state.trims.get("pump") == 1.5           # nothing refused was applied
+        audit = m.records.audit_entries(50)
+        results = [(a["user"], a["target"], a["result"].split(":")[0]) for a in audit]
+        assert ("technician", "pump.Trim", "Good") in results
+        assert ("technician", "pump.Trim", "BadOutOfRange") in results
+        assert ("viewer", "pump.Trim", "BadUserAccessDenied") in results
+
+
+async def test_methods_by_role_with_status_codes(opcua_pki):
+    async with Machine(opcua_pki) as m:
+        seq = m.nodes.sequencer
+        async with await opcua_pki.client("viewer") as viewer:
+            parent = client_node(viewer, m.nodes.machine)
+            assert await status_of_call(parent, client_node(viewer, m.nodes.methods["StartRecipe"]),
+                                        ua.Variant("dark-70", ua.VariantType.String)) == "BadUserAccessDenied"
+        async with await opcua_pki.client("operator") as op:
+            method_parent = client_node(op, (await m.server.server.get_node(
+                m.nodes.methods["StartRecipe"].nodeid).get_parent()))
+            start = client_node(op, m.nodes.methods["StartRecipe"])
+            assert await status_of_call(method_parent, start,
+                                        ua.Variant("no-such", ua.VariantType.String)) == "BadInvalidState"
+            assert await status_of_call(method_parent, start,
+                                        ua.Variant("dark-70", ua.VariantType.String)) == "Good"
+            await until(lambda: m.controller.state.phase.value == "heating")
+            phase = client_node(op, seq["Phase"])
+            await until(lambda: phase.read_value())       # 1 = heating
+            assert await status_of_call(method_parent, start,
+                                        ua.Variant("dark-70", ua.VariantType.String)) == "BadInvalidState"
+            hold = client_node(op, m.nodes.methods["Hold"])
+            assert await status_of_call(method_parent, hold) == "Good"
+            await until(lambda: m.controller.state.held)
+            abort = client_node(op, m.nodes.methods["Abort"])
+            assert await status_of_call(method_parent, abort) == "Good"
+            await until(lambda: m.controller.state.phase.value == "stopped")
+        calls = [(a["user"], a["target"], a["result"].split(":")[0]) for a in m.records.audit_entries(50)]
+        assert ("operator", "StartRecipe", "BadInvalidState") in calls
+        assert ("viewer", "StartRecipe", "BadUserAccessDenied") in calls
+
+
+async def test_recipes_edited_over_opcua_survive_a_restart(opcua_pki):
+    async with Machine(opcua_pki) as m:
+        methods = m.nodes.methods
+        async with await opcua_pki.client("admin") as admin:
+            book = client_node(admin, m.nodes.recipes_folder)
+            d = ua.VariantType.Double
+            s = ua.VariantType.String
+            ok = await status_of_call(book, client_node(admin, methods["AddRecipe"]),
+                                      ua.Variant("ruby-47", s), ua.Variant("Ruby 47", s),
+                                      ua.Variant(45.0, d), ua.Variant(27.0, d), ua.Variant(30.0, d),
+                                      ua.Variant(32.0, d))
+            assert ok == "Good"
+            bad = await status_of_call(book, client_node(admin, methods["AddRecipe"]),
+                                       ua.Variant("bad-1", s), ua.Variant("Bad", s),
+                                       ua.Variant(45.0, d), ua.Variant(27.0, d), ua.Variant(50.0, d),
+                                       ua.Variant(52.0, d))
+            assert bad == "BadOutOfRange"                       # pouring above heating
+            assert "ruby-47" in m.nodes.recipes and "bad-1" not in m.nodes.recipes
+            pour = client_node(admin, m.nodes.recipes["ruby-47"]["PouringGoal"])
+            assert await pour.read_value() == 30.0
+            assert await status_of_write(pour, 29.5, d) == "Good"
+            assert await status_of_write(pour, 44.0, d) == "BadOutOfRange"   # above working max
+            dup = await status_of_call(book, client_node(admin, methods["DuplicateRecipe"]),
+                                       ua.Variant("ruby-47", s), ua.Variant("ruby-48", s),
+                                       ua.Variant("Ruby 48", s))
+            assert dup == "Good"
+            assert await status_of_call(book, client_node(admin, methods["DeleteRecipe"]),
+                                        ua.Variant("ruby-48", s)) == "Good"
+        async with await opcua_pki.client("operator") as op:
+            book = client_node(op, m.nodes.recipes_folder)
+            assert await status_of_call(book, client_node(op, methods["DeleteRecipe"]),
+                                        ua.Variant("ruby-47", s)) == "BadUserAccessDenied"
+        assert "ruby-47" in m.controller.program.recipes
+    # a new server on the same records: the edited recipe is back, the deleted one gone
+    async with Machine(opcua_pki) as m2:
+        assert m2.server.book["ruby-47"].pouring_goal == 29.5
+        assert "ruby-48" not in m2.server.book
+        async with await opcua_pki.client("viewer") as viewer:
+            pour = client_node(viewer, m2.nodes.recipes["ruby-47"]["PouringGoal"])
+            assert await pour.read_value() == 29.5
+
+
+async def test_alarm_state_and_event_on_a_sensor_fault(opcua_pki):
+    async with Machine(opcua_pki) as m:
+        events = []
+
+        class Handler:
+            def event_notification(self, event):
+                events.append(event)
+
+        async with await opcua_pki.client("operator") as op:
+            sub = await op.create_subscription(100, Handler())
+            await sub.subscribe_events(client_node(op, m.nodes.machine), m.nodes.alarm_event_type)
+            m.twin.set_sensor_fault("pump", "open")
+            state = client_node(op, m.nodes.alarms["zone.pump.sensor"]["State"])
+            await until(lambda: state.read_value(), 5.0)          # 1 = unacknowledged active
+            temp = await client_node(op, m.nodes.zones["pump"]["Temperature"]).read_data_value(raise_on_bad_status=False)
+            assert temp.StatusCode.is_bad()
+            count = client_node(op, m.nodes.alarms_summary["ActiveCount"])
+            assert await count.read_value() >= 1
+            await until(lambda: any("zone.pump.sensor" in str(getattr(e, "Message", "")) for e in events))
+            e = next(e for e in events if "zone.pump.sensor" in str(getattr(e, "Message", "")))
+            prio = int(m.controller.state.alarms["zone.pump.sensor"].priority)
+            assert e.Severity == e.Priority == prio and e.AlarmId == "zone.pump.sensor" and e.State == 1
