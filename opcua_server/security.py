@@ -439,20 +439,22 @@ NONE_POLICY_WARNING = ("WARNING: the OPC UA endpoint {endpoint} also offers secu
                        "opcua.allow_none_policy: false to turn it off)")
 
 
-async def configure_security(server, settings, records, pki: Pki, *, app_uri: str | None = None,
-                             hostname: str | None = None) -> TemperingUserManager:
+async def configure_security(server, settings, records, pki: Pki | None = None, *,
+                             app_uri: str | None = None, hostname: str | None = None) -> TemperingUserManager:
     """Secure an asyncua ``Server`` after ``server.init()`` and before ``server.start()``:
     the endpoint (``settings.endpoint``), the application URI (``app_uri``, else the server's),
     the own certificate (made on first start), the security policies of ``settings`` in Sign
     and SignAndEncrypt (and None, with a loud warning on stderr, only if allowed and the
     endpoint is loopback), the identity tokens (user name; anonymous only if allowed), the user
     manager, the per-role ruleset and the client certificate check. Returns the user manager.
-    ``settings`` is an ``opcua_server.config.OpcUaSettings``."""
+    ``settings`` is an ``opcua_server.config.OpcUaSettings``; ``pki`` defaults to
+    ``Pki(settings.pki_dir)``."""
     from .config import is_loopback
 
     if settings.allow_none_policy and not is_loopback(settings.host):
         raise ValueError(f"opcua.allow_none_policy: may be true only with a loopback endpoint, "
                          f"not {settings.host}")
+    pki = pki if pki is not None else Pki(settings.pki_dir)
     server.set_endpoint(settings.endpoint)
     if app_uri is not None:
         await server.set_application_uri(app_uri)
