@@ -55,7 +55,8 @@ RECIPE_ID_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-")
 class TemperingServer:
     def __init__(self, cfg, controller, channel, records, *, pki=None, app_uri: str | None = None,
                  links: Callable[[], tuple] = lambda: (), history: Callable[[], Any] = lambda: None,
-                 link_names: tuple[str, ...] = ()):
+                 link_names: tuple[str, ...] = (), history_store=None):
+        self.history_store = history_store
         self.cfg = cfg
         self.settings = cfg.opcua
         self.controller = controller
@@ -89,6 +90,8 @@ class TemperingServer:
         await load_types(self.server)
         self.nodes = await build_machine(self.server, self.cfg, self.book,
                                          condition_ids(self.controller.program), self.link_names)
+        if self.history_store is not None:
+            await self._serve_history()
         self.gate = Gate(self.server, self.controller, self.records)
         for zone, rules in ((z, zone_rules(z, self.controller)) for z in self.nodes.zones):
             for browse, rule in rules.items():
@@ -122,6 +125,21 @@ class TemperingServer:
         self._stop.set()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.server.stop()
+
+    async def _serve_history(self) -> None:
+        """Zone temperatures: Historizing, HistoryRead access, answered from the local store."""
+        from .history import LocalHistory
+
+        zones = {}
+        for zone, nodes in self.nodes.zones.items():
+            node = nodes["Temperature"]
+            for attr in (ua.AttributeIds.AccessLevel, ua.AttributeIds.UserAccessLevel):
+                await node.set_attr_bit(attr, ua.AccessLevel.HistoryRead)
+            await node.write_attribute(ua.AttributeIds.Historizing,
+                                       ua.DataValue(ua.Variant(True, ua.VariantType.Boolean)))
+            zones[node.nodeid] = zone
+        self.server.iserver.history_manager.set_storage(
+            LocalHistory(self.history_store, zones, self.cfg.machine.id))
 
     # -- diagnostics and events --------------------------------------------------------------
 
@@ -323,7 +341,8 @@ def open_records(settings, book, base_dir: str | Path = "."):
 
 
 async def start_server(cfg, book, controller, channel, *, links=lambda: (), history=lambda: None,
-                       link_names: tuple[str, ...] = (), base_dir: str | Path = "."):
+                       link_names: tuple[str, ...] = (), base_dir: str | Path = ".",
+                       history_store=None):
     """Open the records and the PKI, build and start the server. Returns (server, records, note)."""
     from .security import Pki
 
@@ -331,7 +350,7 @@ async def start_server(cfg, book, controller, channel, *, links=lambda: (), hist
     records, note = open_records(settings, book, base_dir)
     pki = Pki(Path(base_dir) / settings.data_dir / "pki")
     server = TemperingServer(cfg, controller, channel, records, pki=pki, links=links,
-                             history=history, link_names=link_names)
+                             history=history, link_names=link_names, history_store=history_store)
     try:
         await server.start()
     except BaseException:

@@ -244,3 +244,36 @@ async def test_alarm_state_and_event_on_a_sensor_fault(opcua_pki):
             e = next(e for e in events if "zone.pump.sensor" in str(getattr(e, "Message", "")))
             prio = int(m.controller.state.alarms["zone.pump.sensor"].priority)
             assert e.Severity == e.Priority == prio and e.AlarmId == "zone.pump.sensor" and e.State == 1
+
+
+async def test_history_read_of_zone_temperatures_from_the_local_store(opcua_pki, tmp_path):
+    """What the historian recorded (local store, the default) read back over OPC UA HistoryRead."""
+    from datetime import datetime, timedelta, timezone
+
+    from historian.local import LocalStore
+    from historian.schema import line
+
+    store = LocalStore(tmp_path / "history.sqlite")
+    t0 = float(int(time.time()) - 100)
+    machine_id = load()[0].machine.id
+    store.write_lines([line("zone", {"machine": machine_id, "zone": "pump", "phase": "pouring",
+                                     "batch": "b", "recipe": "dark-70"},
+                            {"temp_c": 31.0 + i / 10, "output_pct": 1.0}, int((t0 + i) * 1e9))
+                       for i in range(50)] +
+                      [line("zone", {"machine": machine_id, "zone": "fountain", "phase": "pouring",
+                                     "batch": "b", "recipe": "dark-70"},
+                            {"temp_c": 99.0}, int(t0 * 1e9))])
+    m = Machine(opcua_pki)
+    m.server.history_store = store
+    async with m:
+        async with await opcua_pki.client("viewer") as viewer:
+            temp = client_node(viewer, m.nodes.zones["pump"]["Temperature"])
+            assert await temp.read_attribute(ua.AttributeIds.Historizing)
+            start = datetime.fromtimestamp(t0 + 10, timezone.utc)
+            end = datetime.fromtimestamp(t0 + 19, timezone.utc)
+            values = await temp.read_raw_history(start, end)
+            assert [round(v.Value.Value, 2) for v in values] == [round(31.0 + i / 10, 2) for i in range(10, 20)]
+            assert values[0].SourceTimestamp == start
+            everything = await temp.read_raw_history(start - timedelta(seconds=100), datetime.now(timezone.utc))
+            assert len(everything) == 50 and all(v.Value.Value < 40 for v in everything)
+    store.close()
