@@ -10,6 +10,7 @@
     tempering users add NAME --role ROLE [--password-stdin] | list | passwd NAME [--password-stdin]
                     | role NAME ROLE | delete NAME                 [--config FILE] [--data-dir DIR]
     tempering pki list | trust THUMBPRINT|FILE | reject THUMBPRINT|FILE [--config FILE] [--data-dir DIR]
+    tempering export-nodeset FILE [--config FILE]
 
 ``run`` starts the soft-PLC in real time with the live terminal view, against the twin served as
 a Modbus TCP slave on loopback (default), a real machine's Modbus links, or the twin in-process;
@@ -22,7 +23,9 @@ file (stdout without ``-o``); on any problem it prints one message per problem, 
 writes nothing. ``users`` and ``pki`` manage the OPC UA server's users (in its records database)
 and certificates (``<opcua.data_dir>/pki``: trust a client certificate the server rejected);
 passwords are read from standard input (``--password-stdin``, one line) or asked twice on the
-terminal, never taken from the command line.
+terminal, never taken from the command line. ``export-nodeset`` builds the machine's OPC UA
+address space (in a server that is set up but never started: no PLC, no sockets) and writes its
+instances as a NodeSet2 file that requires the types model ``nodesets/Tempering.Types.NodeSet2.xml``.
 """
 
 from __future__ import annotations
@@ -108,7 +111,8 @@ async def _run(args, cfg, book) -> int:
             opc, opc_records, opc_note = await start_server(
                 cfg, book, controller, channel, links=plant.diagnostics,
                 history=history.diagnostics if history else (lambda: None),
-                link_names=tuple(cfg.fieldbus.links) if cfg.fieldbus else ())
+                link_names=tuple(cfg.fieldbus.links) if cfg.fieldbus else (),
+                history_store=history.store if history else None)
         except (OSError, ValueError) as e:
             print(f"opc ua: cannot start the server at {cfg.opcua.endpoint}: {e}", file=sys.stderr)
             if history is not None:
@@ -360,6 +364,41 @@ def cmd_pki(args) -> int:
         return 1
 
 
+async def _export_nodeset(path: Path, cfg, book) -> int:
+    from asyncua import Server
+
+    from plc.interlocks import condition_ids
+    from plc.program import Program
+
+    from .model import MACHINE_URI_PREFIX, build_machine, export_nodeset
+
+    server = Server()
+    await server.init()
+    links = tuple(cfg.fieldbus.links) if cfg.fieldbus is not None else ()
+    nodes = await build_machine(server, cfg, book, condition_ids(Program.from_config(cfg, book)), links)
+    await export_nodeset(server, path)
+    count = sum(1 for nid in server.iserver.aspace.keys() if nid.NamespaceIndex == nodes.namespace_index)
+    print(f"{path}: {count} nodes of machine {cfg.machine.id} ({MACHINE_URI_PREFIX}{cfg.machine.id}; "
+          f"{len(book)} recipes, {len(nodes.alarms)} alarms, {len(links)} link(s))")
+    return 0
+
+
+def cmd_export_nodeset(args) -> int:
+    loaded = _load(args.config)
+    if loaded is None:
+        return 1
+    cfg, book = loaded
+    path = Path(args.file)
+    if not path.parent.is_dir():
+        print(f"{path}: cannot write: no directory {path.parent}", file=sys.stderr)
+        return 1
+    try:
+        return asyncio.run(_export_nodeset(path, cfg, book))
+    except OSError as e:
+        print(f"{path}: cannot write: {e.strerror or e}", file=sys.stderr)
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ap = argparse.ArgumentParser(prog="tempering", description="Soft-PLC of a chocolate tempering machine")
@@ -434,6 +473,10 @@ def main(argv: list[str] | None = None) -> int:
                          ("reject", "stop trusting a client certificate")):
         x = ka.add_parser(action, parents=[where], help=text)
         x.add_argument("id", metavar="THUMBPRINT|FILE", help="thumbprint (or a unique start of it) or a file")
+    e = sub.add_parser("export-nodeset", help="write the machine's OPC UA address space as NodeSet2 XML")
+    e.add_argument("file", metavar="FILE", help="NodeSet2 file to write")
+    e.add_argument("--config", help="machine file (default: the embedded default machine)")
+    e.set_defaults(func=cmd_export_nodeset)
     args = ap.parse_args(argv)
     return args.func(args)
 
