@@ -51,6 +51,7 @@ bench: $(STAMP)
 	$(PY) -m bench.control
 	$(PY) -m bench.modbus
 	$(PY) -m bench.historian
+	$(PY) -m bench.opcua
 
 clean:
 	rm -rf $(VENV) var

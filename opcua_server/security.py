@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextvars
 import datetime
 import hashlib
+import hmac
 import ipaddress
 import logging
 import os
@@ -45,6 +46,7 @@ import re
 import socket
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -358,10 +360,21 @@ class TemperingUserManager:
     that is not trusted (given ``pki``; the certificate given in CreateSession was checked
     already, this checks the one that signed the channel); an anonymous session unless
     ``allow_anonymous``; an unknown user or a wrong password (records.check_password: scrypt,
-    constant-time compare, about 70 ms)."""
+    constant-time compare, about 70 ms).
+
+    asyncua calls ``get_user`` on the event loop the scan shares, so 70 ms of scrypt per login
+    would delay the scan by as much. A successful check is therefore remembered for
+    ``VERIFIED_TTL_S`` as an HMAC of name and password under a key that lives only in this
+    process (never the password): the same user logging in again in that time costs a
+    microsecond; a wrong password always pays the full scrypt."""
+
+    VERIFIED_TTL_S = 60.0
 
     def __init__(self, records, *, pki: Pki | None = None, allow_anonymous: bool = False,
-                 allow_unsecured: bool = False):
+                 allow_unsecured: bool = False, clock=time.monotonic):
+        self._key = os.urandom(32)
+        self._verified: dict[str, tuple[bytes, float]] = {}
+        self._clock = clock
         self.records = records
         self.pki = pki
         self.allow_anonymous = allow_anonymous
@@ -382,8 +395,17 @@ class TemperingUserManager:
                 return TemperingUser(role=UserRole.User, name=None, tempering_role="viewer")
             log.warning("refused an anonymous session")
             return None
-        role = self.records.check_password(username, password or "")
+        digest = hmac.new(self._key, f"{username}\0{password or ''}".encode(), "sha256").digest()
+        seen = self._verified.get(username)
+        now = self._clock()
+        if seen is not None and now < seen[1] and hmac.compare_digest(seen[0], digest):
+            role = self.records.role_of(username)          # a role change applies at once
+        else:
+            role = self.records.check_password(username, password or "")
+            if role is not None:
+                self._verified[username] = (digest, now + self.VERIFIED_TTL_S)
         if role is None:
+            self._verified.pop(username, None)
             log.warning("refused user %r: unknown user or wrong password", username)
             return None
         return TemperingUser(role=UserRole.User, name=username, tempering_role=role)

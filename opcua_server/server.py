@@ -107,6 +107,10 @@ class TemperingServer:
             if name in self.nodes.methods:
                 self.server.link_method(self.nodes.methods[name], self.gate.method(name, "admin", handler))
         self.gate.install()
+        import gc
+        gc.collect()
+        gc.freeze()     # the address space lives as long as the server: keep it out of every
+                        # later collection (a full one over it would take the scan's time)
         self.publisher = Publisher(self.server, self.nodes, self.channel,
                                    interval_s=self.settings.publish_interval_ms / 1000.0,
                                    links=self.links, history=self.history, sessions=self._sessions,
@@ -158,7 +162,7 @@ class TemperingServer:
 
     def _sessions(self) -> tuple[int, int]:
         iserver = self.server.iserver
-        sessions = len(getattr(iserver, "_sessions", ()) or ())
+        sessions = len(getattr(iserver, "_external_sessions", ()) or ())   # asyncua 2.1
         subs = len(getattr(iserver.subscription_service, "subscriptions", {}) or {})
         return sessions, subs
 

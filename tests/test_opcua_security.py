@@ -795,3 +795,29 @@ async def test_anonymous_and_none_policy_only_when_allowed_on_loopback(opcua_pki
     with pytest.raises(ValueError, match="loopback"):
         remote = OpcUaSettings.model_construct(**{**settings.model_dump(), "endpoint": "opc.tcp://0.0.0.0:4840"})
         await configure_security(Server(), remote, opcua_pki.records, opcua_pki.pki)
+
+
+def test_a_verified_login_is_remembered_briefly_a_wrong_one_never(tmp_path):
+    from opcua_server.records import Records
+    from opcua_server.security import TemperingUserManager
+
+    records = Records(f"sqlite:///{tmp_path / 'r.db'}")
+    records.add_user("alice", "right-password", "operator")
+    now = [0.0]
+    calls = []
+    check = records.check_password
+    records.check_password = lambda n, p: calls.append(n) or check(n, p)
+    um = TemperingUserManager(records, allow_unsecured=True, clock=lambda: now[0])
+    assert um.get_user(None, "alice", "right-password").tempering_role == "operator"
+    assert um.get_user(None, "alice", "right-password").tempering_role == "operator"
+    assert calls == ["alice"]                                   # the second login: no scrypt
+    assert um.get_user(None, "alice", "wrong-password") is None
+    assert calls == ["alice", "alice"]                          # a wrong one always pays
+    assert um.get_user(None, "alice", "right-password") is not None   # forgot the good one
+    assert len(calls) == 3
+    records.set_role("alice", "viewer")
+    assert um.get_user(None, "alice", "right-password").tempering_role == "viewer"
+    now[0] += um.VERIFIED_TTL_S + 1
+    assert um.get_user(None, "alice", "right-password") is not None
+    assert len(calls) == 4                                      # expired: checked again
+    records.close()
