@@ -26,14 +26,15 @@ from typing import Any, Callable, Mapping
 
 from asyncua import ua
 
+from plc.alarms import AlarmState
 from plc.channel import SnapshotChannel
 from plc.image import Point, Quality
+from plc.state import Phase
+
+from .model import ALARM_STATE_VALUES, PHASE_VALUES
 
 log = logging.getLogger(__name__)
 
-_PHASES = ("idle", "heating", "cooling", "pouring", "stopped", "fault")
-_ALARM_STATES = ("normal", "unacknowledged_active", "acknowledged_active",
-                 "unacknowledged_returned_to_normal")
 
 
 _INTS = (ua.VariantType.Int16, ua.VariantType.UInt16, ua.VariantType.Int32, ua.VariantType.UInt32,
@@ -147,7 +148,7 @@ class Publisher:
                     await self._set(n.zones[zone][browse], float(value), ua.VariantType.Double, None, t)
         seq = n.sequencer
         for key, value, vtype in (
-                ("Phase", _PHASES.index(snap.phase), ua.VariantType.Int32),
+                ("Phase", PHASE_VALUES[Phase(snap.phase)], ua.VariantType.Int32),
                 ("PhaseTime", float(snap.phase_time_s), ua.VariantType.Double),
                 ("Held", snap.held, ua.VariantType.Boolean),
                 ("Interrupted", snap.interrupted, ua.VariantType.Boolean),
@@ -166,8 +167,8 @@ class Publisher:
         active = {a.id: a for a in snap.alarms}
         for cid, nodes in n.alarms.items():
             a = active.get(cid)
-            state = a.state.value if a else "normal"
-            await self._set(nodes["State"], _ALARM_STATES.index(state), ua.VariantType.Int32)
+            state = a.state if a else AlarmState.NORMAL
+            await self._set(nodes["State"], ALARM_STATE_VALUES[state], ua.VariantType.Int32)
             if a is not None:
                 await self._set(nodes["Priority"], int(a.priority), ua.VariantType.UInt16)
                 await self._set(nodes["Message"], a.message, ua.VariantType.String)

@@ -23,32 +23,18 @@ from asyncua import Server, ua
 from pydantic import ValidationError
 
 from plc.config import Recipe, recipe_misfits
+from plc.alarms import AlarmState
 from plc.interlocks import condition_ids
 from plc.state import RUNNING
 
 from .gate import COMMANDS, Gate, Refused, WriteRule, zone_rules
-from .model import add_recipe_nodes, build_machine, load_types, remove_recipe_nodes
+from .model import (ALARM_STATE_VALUES, RECIPE_FIELDS, add_recipe_nodes, build_machine, load_types,
+                    remove_recipe_nodes)
 from .publisher import Publisher
 
 log = logging.getLogger(__name__)
 SC = ua.StatusCodes
 
-# browse name of a recipe variable -> Recipe field, and its OPC UA type
-RECIPE_FIELDS = {
-    "Name": ("name", ua.VariantType.String),
-    "HeatingGoal": ("heating_goal", ua.VariantType.Double),
-    "CoolingGoal": ("cooling_goal", ua.VariantType.Double),
-    "PouringGoal": ("pouring_goal", ua.VariantType.Double),
-    "WorkingMax": ("working_max", ua.VariantType.Double),
-    "MixerEnabled": ("mixer_enabled", ua.VariantType.Boolean),
-    "FountainEnabled": ("fountain_enabled", ua.VariantType.Boolean),
-    "MoldHeaterEnabled": ("mold_heater_enabled", ua.VariantType.Boolean),
-    "VibrationEnabled": ("vibration_enabled", ua.VariantType.Boolean),
-    "VibHeaterEnabled": ("vib_heater_enabled", ua.VariantType.Boolean),
-    "Pedal": ("pedal", ua.VariantType.String),
-    "PedalOnTime": ("pedal_on_time", ua.VariantType.Double),
-    "PedalOffTime": ("pedal_off_time", ua.VariantType.Double),
-}
 RECIPE_ID_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-")
 
 
@@ -171,13 +157,11 @@ class TemperingServer:
             etype = self.nodes.alarm_event_type
             self._event_gen = await self.server.get_event_generator(etype, self.nodes.machine)
         ev = self._event_gen.event
-        states = ("normal", "unacknowledged_active", "acknowledged_active",
-                  "unacknowledged_returned_to_normal")
         ev.Message = ua.LocalizedText(e.message)
         ev.Severity = int(e.get("priority", 500))
         for attr, value in (("AlarmId", str(e.get("alarm_id", ""))),
-                            ("State", states.index(e.get("to")) if e.get("to") in states else 0),
-                            ("PreviousState", states.index(e.get("from")) if e.get("from") in states else 0),
+                            ("State", ALARM_STATE_VALUES[AlarmState(e.get("to"))]),
+                            ("PreviousState", ALARM_STATE_VALUES[AlarmState(e.get("from"))]),
                             ("Priority", int(e.get("priority", 500)))):
             if hasattr(ev, attr):
                 setattr(ev, attr, value)
@@ -200,29 +184,31 @@ class TemperingServer:
             raise Refused(SC.BadOutOfRange, "; ".join(f"recipe {rid}.{f}: {m}" for f, m in misfits))
         return recipe
 
-    def _commit(self, rid: str, recipe: Recipe | None) -> None:
-        """Persist, then hand the book to the PLC (from its next scan)."""
+    async def _commit(self, rid: str, recipe: Recipe | None) -> None:
+        """Persist (off the event loop the scan shares), then hand the book to the PLC (from
+        its next scan)."""
         if recipe is None:
-            self.records.delete_recipe(rid)
+            await asyncio.to_thread(self.records.delete_recipe, rid)
             self.book.pop(rid, None)
         else:
-            self.records.save_recipe(rid, recipe.model_dump())
+            await asyncio.to_thread(self.records.save_recipe, rid, recipe.model_dump())
             self.book[rid] = recipe
         self.controller.set_recipes(self.book)
 
     def _recipe_rules(self, rid: str) -> None:
         nodes = self.nodes.recipes[rid]
-        for browse, (field, vtype) in RECIPE_FIELDS.items():
+        for browse, field in RECIPE_FIELDS.items():
             if browse not in nodes:
                 continue
+            vtype = self.nodes.variant_types[nodes[browse].nodeid]
 
-            def after(value, rid=rid, field=field):
+            async def after(value, rid=rid, field=field):
                 if rid not in self.book:
                     raise Refused(SC.BadNodeIdUnknown, f"recipe {rid} was deleted")
                 if self._recipe_in_use(rid):
                     raise Refused(SC.BadInvalidState, f"recipe {rid} is used by the running batch")
                 fields = self.book[rid].model_dump() | {field: value}
-                self._commit(rid, self._validated(rid, fields))
+                await self._commit(rid, self._validated(rid, fields))
 
             self.gate.add_rule(nodes[browse], WriteRule("admin", vtype, lambda v: None,
                                                         f"recipes.{rid}.{field}", after))
@@ -234,9 +220,10 @@ class TemperingServer:
     async def _publish_recipe(self, rid: str, recipe: Recipe) -> None:
         nodes = self.nodes.recipes.get(rid, {})
         data = recipe.model_dump()
-        for browse, (field, vtype) in RECIPE_FIELDS.items():
+        for browse, field in RECIPE_FIELDS.items():
             if browse in nodes:
                 value = data[field]
+                vtype = self.nodes.variant_types[nodes[browse].nodeid]
                 await self.server.write_attribute_value(
                     nodes[browse].nodeid, ua.DataValue(ua.Variant(
                         float(value) if vtype is ua.VariantType.Double else value, vtype)))
@@ -249,7 +236,7 @@ class TemperingServer:
         return rid
 
     async def _add(self, rid: str, recipe: Recipe) -> None:
-        self._commit(rid, recipe)
+        await self._commit(rid, recipe)
         await add_recipe_nodes(self.server, self.nodes, rid, recipe)
         self._recipe_rules(rid)
         await self._publish_recipe(rid, recipe)
@@ -279,9 +266,9 @@ class TemperingServer:
                                             f"(one of {', '.join(RECIPE_FIELDS)})")
         if self._recipe_in_use(rid):
             raise Refused(SC.BadInvalidState, f"recipe {rid} is used by the running batch")
-        field, vtype = RECIPE_FIELDS[field_browse]
+        field = RECIPE_FIELDS[field_browse]
         recipe = self._validated(rid, self.book[rid].model_dump() | {field: value})
-        self._commit(rid, recipe)
+        await self._commit(rid, recipe)
         await self._publish_recipe(rid, recipe)
         return []
 
@@ -295,7 +282,7 @@ class TemperingServer:
             raise Refused(SC.BadInvalidState, f"recipe {rid} is the machine's default recipe")
         if len(self.book) == 1:
             raise Refused(SC.BadInvalidState, "the last recipe cannot be deleted")
-        self._commit(rid, None)
+        await self._commit(rid, None)
         for node in self.nodes.recipes.get(rid, {}).values():
             self.gate.rules.pop(node.nodeid, None)
         await remove_recipe_nodes(self.server, self.nodes, rid)
