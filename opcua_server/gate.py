@@ -24,10 +24,11 @@ asyncua 2.1 gives a method callback no session: the caller comes from
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from asyncua import ua
@@ -61,7 +62,7 @@ class WriteRule:
     vtype: ua.VariantType
     to_command: Callable[[Any], Command | None]
     target: str
-    after: Callable[[Any], Any] | None = None        # e.g. persist a recipe; may raise Refused
+    after: Callable[[Any], Any] | None = None        # e.g. persist a recipe (may be async); may raise Refused
 
 
 def _number(v: Any) -> float:
@@ -98,12 +99,15 @@ class Gate:
             role = self.records.role_of(name)
         return name, role or "viewer"
 
-    def _audit(self, user: str, action: str, target: str, old: Any, new: Any, result: str) -> None:
+    async def _audit(self, user: str, action: str, target: str, old: Any, new: Any, result: str) -> None:
+        """One audit row, written off the event loop (the scan shares it; the database may be
+        a PostgreSQL across the network)."""
         if self.records is None:
             return
         try:
-            self.records.audit(user, action, target, "" if old is None else str(old),
-                               "" if new is None else str(new), result, self.wall())
+            await asyncio.to_thread(self.records.audit, user, action, target,
+                                    "" if old is None else str(old), "" if new is None else str(new),
+                                    result, self.wall())
         except Exception:
             log.exception("audit record of %s %s by %s", action, target, user)
 
@@ -127,7 +131,7 @@ class Gate:
                 # only the variables with a rule are writable, and only their value
                 name, _ = self.role_of(user)
                 results.append(ua.StatusCode(SC.BadNotWritable))
-                self._audit(name, "write", str(wv.NodeId), None, None, "BadNotWritable")
+                await self._audit(name, "write", str(wv.NodeId), None, None, "BadNotWritable")
                 continue
             results.append(await self._write_one(wv, rule, user))
         return results
@@ -152,21 +156,23 @@ class Gate:
                 cmd = _with_user(cmd, name)
                 self.check_state(cmd)
             if rule.after is not None:
-                rule.after(value)
+                done = rule.after(value)
+                if done is not None and hasattr(done, "__await__"):
+                    await done
             if cmd is not None:
                 self.controller.submit(cmd)
             dv = ua.DataValue(ua.Variant(value, rule.vtype), SourceTimestamp=wv.Value.SourceTimestamp,
                               ServerTimestamp=wv.Value.ServerTimestamp)
             await self.server.write_attribute_value(wv.NodeId, dv)
         except Refused as r:
-            self._audit(name, "write", rule.target, old, value, ua.StatusCode(r.code).name + ": " + r.message)
+            await self._audit(name, "write", rule.target, old, value, ua.StatusCode(r.code).name + ": " + r.message)
             log.info("write of %s by %s refused: %s", rule.target, name, r.message)
             return ua.StatusCode(r.code)
         except Exception as e:          # never BadUnexpectedError for a bad value
-            self._audit(name, "write", rule.target, old, value, f"BadInternalError: {e}")
+            await self._audit(name, "write", rule.target, old, value, f"BadInternalError: {e}")
             log.exception("write of %s by %s", rule.target, name)
             return ua.StatusCode(SC.BadInternalError)
-        self._audit(name, "write", rule.target, old, value, "Good")
+        await self._audit(name, "write", rule.target, old, value, "Good")
         return ua.StatusCode(SC.Good)
 
     # -- methods -----------------------------------------------------------------------------
@@ -186,17 +192,17 @@ class Gate:
                 if hasattr(out, "__await__"):
                     out = await out
             except Refused as r:
-                self._audit(name, "call", target, None, values, ua.StatusCode(r.code).name + ": " + r.message)
+                await self._audit(name, "call", target, None, values, ua.StatusCode(r.code).name + ": " + r.message)
                 log.info("call of %s by %s refused: %s", target, name, r.message)
                 return ua.CallMethodResult(StatusCode=ua.StatusCode(r.code), OutputArguments=[])
             except TypeError as e:       # wrong number of arguments
-                self._audit(name, "call", target, None, values, f"BadArgumentsMissing: {e}")
+                await self._audit(name, "call", target, None, values, f"BadArgumentsMissing: {e}")
                 return ua.CallMethodResult(StatusCode=ua.StatusCode(SC.BadArgumentsMissing))
             except Exception as e:
-                self._audit(name, "call", target, None, values, f"BadInternalError: {e}")
+                await self._audit(name, "call", target, None, values, f"BadInternalError: {e}")
                 log.exception("call of %s by %s", target, name)
                 return ua.CallMethodResult(StatusCode=ua.StatusCode(SC.BadInternalError))
-            self._audit(name, "call", target, None, values, "Good")
+            await self._audit(name, "call", target, None, values, "Good")
             return list(out or [])
         return callback
 
@@ -229,7 +235,6 @@ def _internal(user) -> bool:
 
 
 def _with_user(cmd: Command, user: str) -> Command:
-    from dataclasses import replace
     return replace(cmd, user=user)
 
 
