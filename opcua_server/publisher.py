@@ -74,7 +74,6 @@ class Publisher:
         self.emit_alarm_event = emit_alarm_event
         self.zone_settings = zone_settings
         self._last: dict[Any, tuple] = {}     # nodeid -> (value, status code value)
-        self._types: dict[Any, ua.VariantType] = {}
         self.writes = 0
         self.publications = 0
         self.events = 0
@@ -88,21 +87,15 @@ class Publisher:
         if self._last.get(key) == (value, status.value):
             return
         self._last[key] = (value, status.value)
-        vtype, value = await self._declared(node, vtype, value)
+        vtype, value = self._declared(node, vtype, value)
         dv = ua.DataValue(ua.Variant(value, vtype), StatusCode=status,
                           SourceTimestamp=_time(source_s), ServerTimestamp=datetime.now(timezone.utc))
         await self.server.write_attribute_value(key, dv)
         self.writes += 1
 
-    async def _declared(self, node, vtype: ua.VariantType, value):
-        """The variable's declared type (from the model) and the value converted to it."""
-        declared = self._types.get(node.nodeid)
-        if declared is None:
-            try:
-                declared = await node.read_data_type_as_variant_type()
-            except Exception:
-                declared = vtype
-            self._types[node.nodeid] = declared
+    def _declared(self, node, vtype: ua.VariantType, value):
+        """The variable's declared type (the model's ``variant_types``) and the value in it."""
+        declared = self.nodes.variant_types.get(node.nodeid, vtype)
         if declared is vtype or value is None or isinstance(value, (list, datetime, str)):
             return vtype, value
         if declared in _INTS:
