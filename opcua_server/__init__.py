@@ -1,1 +1,1 @@
-"""The OPC UA server and the application's composition root (``tempering`` command)."""
+"""The OPC UA server of the plant window: model, publisher, gate, security, records."""

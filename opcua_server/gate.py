@@ -8,13 +8,16 @@ change nothing. The checks, in order, for each written value or method call:
 2. Type: the Variant must carry the variable's type (Double, String, Boolean);
    ``BadTypeMismatch``.
 3. Range: ``BadOutOfRange`` (trim ±2 K, outputs ±100 %, gains 0..1000, recipe rules).
-4. State: the same rules the scan applies (``plc.sequencer.check_command`` on the current
-   state), e.g. a manual output while the zone is in auto, a recipe a running batch uses;
-   ``BadInvalidState``.
+4. State: the scan's own verdict. The command goes to the PLC process (``plc.bridge``) with
+   an id, the user and the origin, and the gate waits for the scan's answer: refused is
+   ``BadInvalidState`` with the scan's reason; no PLC connected ``BadNoCommunication``; no
+   verdict in time ``BadTimeout``. What only the window knows (a recipe a running batch uses,
+   a manual output while the zone is in auto, as the last snapshot shows) is refused before.
 
-An accepted write updates the variable and queues the command for the next scan; the scan
-re-checks it (it is the one writer of the process image). Every request, accepted or not, is
-recorded in the audit trail: user, node or method, old value, new value, result, time.
+An accepted write updates the variable once the scan has accepted the command. Every request,
+accepted or not, is recorded in the audit trail: user, node or method, old value, new value,
+result (the scan's verdict), time, and the command's id and origin. ``Gate.command`` is the one
+path for every command of the window: OPC UA, the live view's keys, the auto-start.
 
 asyncua 2.1 gives a method callback no session: the caller comes from
 ``opcua_server.security.current_user`` (set by the service ruleset before each request).
@@ -34,9 +37,9 @@ from typing import Any, Callable
 from asyncua import ua
 from asyncua.crypto.permission_rules import UserRole
 
+from plc.bridge import PlcTimeout, PlcUnavailable
 from plc.commands import (Abort, Acknowledge, Command, Hold, Reset, Resume, SetManual, SetTrim,
                           SetTuning, StartRecipe, Stop)
-from plc.sequencer import check_command
 
 from .security import current_user as session_user
 from .security import role_allows
@@ -47,10 +50,15 @@ SC = ua.StatusCodes
 
 
 class Refused(Exception):
-    def __init__(self, code: int, message: str):
+    def __init__(self, code: int, message: str, cmd: Command | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.cmd = cmd          # the command sent, when the refusal is the scan's verdict
+
+
+class CommandRefused(Refused):
+    """The scan refused the command (its reason is the message)."""
 
 
 @dataclass(frozen=True)
@@ -81,9 +89,11 @@ def within(lo: float, hi: float, what: str) -> Callable[[Any], float]:
 
 
 class Gate:
-    def __init__(self, server, controller, records, *, wall: Callable[[], float] = time.time):
+    """``plc``: the window's ``plc.bridge.PlcClient`` (``command``, ``latest``)."""
+
+    def __init__(self, server, plc, records, *, wall: Callable[[], float] = time.time):
         self.server = server
-        self.controller = controller
+        self.plc = plc
         self.records = records
         self.wall = wall
         self.rules: dict[ua.NodeId, WriteRule] = {}
@@ -99,22 +109,47 @@ class Gate:
             role = self.records.role_of(name)
         return name, role or "viewer"
 
-    async def _audit(self, user: str, action: str, target: str, old: Any, new: Any, result: str) -> None:
-        """One audit row, written off the event loop (the scan shares it; the database may be
-        a PostgreSQL across the network)."""
+    async def _audit(self, user: str, action: str, target: str, old: Any, new: Any, result: str,
+                     cmd: Command | None = None) -> None:
+        """One audit row, written off the event loop (the database may be a PostgreSQL across
+        the network)."""
         if self.records is None:
             return
         try:
             await asyncio.to_thread(self.records.audit, user, action, target,
                                     "" if old is None else str(old), "" if new is None else str(new),
-                                    result, self.wall())
+                                    result, self.wall(), command_id=cmd.id if cmd else "",
+                                    origin=cmd.origin if cmd else "")
         except Exception:
             log.exception("audit record of %s %s by %s", action, target, user)
 
-    def check_state(self, cmd: Command) -> None:
-        why = check_command(self.controller.program, self.controller.state, cmd)
-        if why:
-            raise Refused(SC.BadInvalidState, why)
+    async def submit(self, cmd: Command) -> Command:
+        """Send ``cmd`` to the scan and wait for its verdict; Refused with the scan's reason
+        (or why there was no verdict). Returns the command as sent (with its id)."""
+        try:
+            cmd, verdict = await self.plc.command(cmd)
+        except PlcUnavailable as e:
+            raise Refused(SC.BadNoCommunication, f"the PLC is not reachable: {e}") from None
+        except PlcTimeout as e:
+            raise Refused(SC.BadTimeout, str(e)) from None
+        if not verdict.accepted:
+            raise CommandRefused(SC.BadInvalidState, verdict.reason, cmd)
+        return cmd
+
+    async def command(self, cmd: Command, target: str | None = None) -> tuple[bool, str]:
+        """The path of a command that is not an OPC UA request (the live view's keys, the
+        auto-start): sent with its user and origin, its verdict audited. Returns (accepted,
+        the verdict's text)."""
+        cmd = replace(cmd, id=cmd.id or self.plc.new_id())
+        target = target or cmd.name
+        try:
+            cmd = await self.submit(cmd)
+        except Refused as r:
+            await self._audit(cmd.user, "command", target, None, _arguments(cmd),
+                              ua.StatusCode(r.code).name + ": " + r.message, cmd)
+            return False, r.message
+        await self._audit(cmd.user, "command", target, None, _arguments(cmd), "Good", cmd)
+        return True, "accepted"
 
     # -- writes -----------------------------------------------------------------------------
 
@@ -138,6 +173,7 @@ class Gate:
 
     async def _write_one(self, wv: ua.WriteValue, rule: WriteRule, user) -> ua.StatusCode:
         name, role = self.role_of(user)
+        cmd = None
         variant = wv.Value.Value if wv.Value is not None else None
         value = None if variant is None else variant.Value
         try:
@@ -153,37 +189,39 @@ class Gate:
                 raise Refused(SC.BadTypeMismatch, f"{rule.target} takes {rule.vtype.name}, got {got}")
             cmd = rule.to_command(value)
             if cmd is not None:
-                cmd = _with_user(cmd, name)
-                self.check_state(cmd)
+                cmd = replace(cmd, user=name, origin="opcua", id=self.plc.new_id())
             if rule.after is not None:
                 done = rule.after(value)
                 if done is not None and hasattr(done, "__await__"):
                     await done
             if cmd is not None:
-                self.controller.submit(cmd)
+                cmd = await self.submit(cmd)
             dv = ua.DataValue(ua.Variant(value, rule.vtype), SourceTimestamp=wv.Value.SourceTimestamp,
                               ServerTimestamp=wv.Value.ServerTimestamp)
             await self.server.write_attribute_value(wv.NodeId, dv)
         except Refused as r:
-            await self._audit(name, "write", rule.target, old, value, ua.StatusCode(r.code).name + ": " + r.message)
+            await self._audit(name, "write", rule.target, old, value,
+                              ua.StatusCode(r.code).name + ": " + r.message, r.cmd or cmd)
             log.info("write of %s by %s refused: %s", rule.target, name, r.message)
             return ua.StatusCode(r.code)
         except Exception as e:          # never BadUnexpectedError for a bad value
-            await self._audit(name, "write", rule.target, old, value, f"BadInternalError: {e}")
+            await self._audit(name, "write", rule.target, old, value, f"BadInternalError: {e}", cmd)
             log.exception("write of %s by %s", rule.target, name)
             return ua.StatusCode(SC.BadInternalError)
-        await self._audit(name, "write", rule.target, old, value, "Good")
+        await self._audit(name, "write", rule.target, old, value, "Good", cmd)
         return ua.StatusCode(SC.Good)
 
     # -- methods -----------------------------------------------------------------------------
 
     def method(self, target: str, role: str, handler: Callable[..., Any]) -> Callable:
         """An asyncua method callback that checks the caller's role, runs ``handler(user,
-        *args)`` (which returns output arguments or raises Refused) and records the call."""
+        *args)`` (which returns output arguments, or a Command that was sent and accepted, or
+        raises Refused) and records the call."""
         async def callback(parent, *args):
             user = session_user()
             name, user_role = self.role_of(user)
             values = [a.Value if isinstance(a, ua.Variant) else a for a in args]
+            cmd = None
             try:
                 if not role_allows(user_role, role):
                     raise Refused(SC.BadUserAccessDenied, f"{name} ({user_role}) may not call "
@@ -191,8 +229,11 @@ class Gate:
                 out = handler(name, *values)
                 if hasattr(out, "__await__"):
                     out = await out
+                if isinstance(out, Command):
+                    cmd, out = out, []
             except Refused as r:
-                await self._audit(name, "call", target, None, values, ua.StatusCode(r.code).name + ": " + r.message)
+                await self._audit(name, "call", target, None, values,
+                                  ua.StatusCode(r.code).name + ": " + r.message, r.cmd)
                 log.info("call of %s by %s refused: %s", target, name, r.message)
                 return ua.CallMethodResult(StatusCode=ua.StatusCode(r.code), OutputArguments=[])
             except TypeError as e:       # wrong number of arguments
@@ -202,20 +243,23 @@ class Gate:
                 await self._audit(name, "call", target, None, values, f"BadInternalError: {e}")
                 log.exception("call of %s by %s", target, name)
                 return ua.CallMethodResult(StatusCode=ua.StatusCode(SC.BadInternalError))
-            await self._audit(name, "call", target, None, values, "Good")
+            await self._audit(name, "call", target, None, values, "Good", cmd)
             return list(out or [])
         return callback
 
     def command_method(self, target: str, role: str, make: Callable[..., Command]) -> Callable:
-        """A method that queues one command after checking its arguments and the state."""
-        def handler(user: str, *args):
+        """A method that sends one command, after checking its arguments, and returns the
+        scan's verdict."""
+        async def handler(user: str, *args):
             for a in args:
                 if not isinstance(a, str):
                     raise Refused(SC.BadTypeMismatch, f"{target}: expected a String argument")
-            cmd = _with_user(make(*args), user)
-            self.check_state(cmd)
-            self.controller.submit(cmd)
-            return []
+            cmd = replace(make(*args), user=user, origin="opcua", id=self.plc.new_id())
+            try:
+                return await self.submit(cmd)
+            except Refused as r:
+                r.cmd = r.cmd or cmd
+                raise
         return self.method(target, role, handler)
 
     # -- wiring into asyncua -------------------------------------------------------------------
@@ -234,8 +278,10 @@ def _internal(user) -> bool:
         and getattr(user, "role", None) == UserRole.Admin
 
 
-def _with_user(cmd: Command, user: str) -> Command:
-    return replace(cmd, user=user)
+def _arguments(cmd: Command) -> str:
+    """A command's own fields, for the audit trail."""
+    skip = {"user", "id", "origin"}
+    return ", ".join(f"{f}={getattr(cmd, f)!r}" for f in cmd.__slots__ if f not in skip)
 
 
 COMMANDS = {
@@ -249,11 +295,16 @@ COMMANDS = {
 }
 
 
-def zone_rules(zone: str, controller) -> dict[str, WriteRule]:
-    """The writable variables of a zone and their commands."""
+def zone_rules(zone: str, plc) -> dict[str, WriteRule]:
+    """The writable variables of a zone and their commands (``plc.latest``: the last snapshot)."""
+    def view():
+        snap = plc.latest
+        return next((z for z in snap.zones if z.name == zone), None) if snap is not None else None
+
     def manual_output(v):
         x = within(-100, 100, "ManualOutput")(v)
-        if zone not in controller.state.manual:
+        z = view()
+        if z is None or not z.manual:
             raise Refused(SC.BadInvalidState, f"zone {zone} is in auto: write Mode 'manual' first")
         return SetManual(zone, x)
 
@@ -262,10 +313,8 @@ def zone_rules(zone: str, controller) -> dict[str, WriteRule]:
             raise Refused(SC.BadOutOfRange, f"Mode is 'auto' or 'manual' (got {v!r})")
         if v == "auto":
             return SetManual(zone, None)
-        current = controller.state.manual.get(zone)
-        if current is None and controller.last is not None:
-            current = next((z.output_pct for z in controller.last.zones if z.name == zone), 0.0)
-        return SetManual(zone, float(current or 0.0))
+        z = view()          # bumpless: manual starts from the output the loop gives now
+        return SetManual(zone, float(z.output_pct) if z is not None else 0.0)
 
     tune = {g: (lambda g: lambda v: SetTuning(zone, **{g: within(0, 1000, g)(v)}))(g)
             for g in ("kp", "ki", "kd")}

@@ -15,6 +15,8 @@ Quality -> StatusCode (OPC UA Part 4 §7.34, Part 8 §6.3):
     BAD "device rejected ..."               BadDeviceFailure
     BAD, any other reason                   BadSensorFailure (for a zone temperature:
                                             open / shorted / stuck sensor found by the scan)
+    PLC lost (``plc_status()`` not '')      BadNoCommunication on every process value
+                                            (last value kept), and a ``plc.lost`` alarm event
 """
 
 from __future__ import annotations
@@ -26,8 +28,11 @@ from typing import Any, Callable, Mapping
 
 from asyncua import ua
 
-from plc.alarms import AlarmState
+import time
+
+from plc.alarms import AlarmState, Priority
 from plc.channel import SnapshotChannel
+from plc.commands import Event
 from plc.image import Point, Quality
 from plc.state import Phase
 
@@ -62,7 +67,10 @@ class Publisher:
                  links: Callable[[], tuple] = lambda: (), history: Callable[[], Any] = lambda: None,
                  sessions: Callable[[], tuple[int, int]] = lambda: (0, 0),
                  emit_alarm_event: Callable[..., Any] | None = None,
-                 zone_settings: Callable[[], Mapping[str, Mapping[str, float]]] = lambda: {}):
+                 zone_settings: Callable[[], Mapping[str, Mapping[str, float]]] = lambda: {},
+                 plc_status: Callable[[], str] = lambda: ""):
+        self.plc_status = plc_status
+        self.plc_lost = ""
         self.server = server
         self.nodes = nodes
         self.sub = channel.subscribe(maxlen=1024)
@@ -224,10 +232,50 @@ class Publisher:
 
     # -- the task --------------------------------------------------------------------------------
 
+    def _process_nodes(self):
+        n = self.nodes
+        yield from n.points.values()
+        for nodes in n.zones.values():
+            for key in ("Temperature", "Setpoint", "Output", "Mode"):
+                if key in nodes:
+                    yield nodes[key]
+        yield from n.sequencer.values()
+
+    async def _lost(self, reason: str) -> None:
+        """The PLC is gone: every process value Bad (its last value kept), an alarm event."""
+        bad = ua.StatusCode(ua.StatusCodes.BadNoCommunication)
+        for node in self._process_nodes():
+            last = self._last.get(node.nodeid)
+            vtype = self.nodes.variant_types.get(node.nodeid)
+            if last is not None and vtype is not None:
+                await self._set(node, last[0], vtype, bad)
+        await self._plc_event(AlarmState.NORMAL, AlarmState.UNACK_ACTIVE, f"PLC lost: {reason}")
+
+    async def _plc_event(self, old: AlarmState, new: AlarmState, message: str) -> None:
+        if self.emit_alarm_event is None:
+            return
+        e = Event("alarm", time.time(), f"plc.lost: {old.value} -> {new.value}: {message}",
+                  (("alarm_id", "plc.lost"), ("from", old.value), ("to", new.value),
+                   ("priority", int(Priority.CRITICAL)), ("user", "")))
+        try:
+            await self.emit_alarm_event(e)
+            self.events += 1
+        except Exception:
+            log.exception("alarm event %s", e.message)
+
     async def step(self) -> None:
+        reason = self.plc_status()
+        if reason and not self.plc_lost:
+            self.plc_lost = reason
+            log.warning("PLC lost (%s): process values Bad", reason)
+            await self._lost(reason)
         snaps = self.sub.drain()
         if not snaps:
             return
+        if self.plc_lost and not self.plc_status():
+            await self._plc_event(AlarmState.UNACK_ACTIVE, AlarmState.UNACK_RTN,
+                                  f"PLC back (was: {self.plc_lost})")
+            self.plc_lost = ""
         if self.emit_alarm_event is not None:
             for snap in snaps:
                 for e in snap.events:

@@ -3,13 +3,14 @@
     Client --(SignAndEncrypt, user)--> asyncua Server
         address space  <- model.py (types from nodesets/, instances from the config)
         values/events  <- publisher.py (snapshots of the scan; never blocks it)
-        writes/methods -> gate.py (role, type, range, state) -> PLC commands + audit trail
+        writes/methods -> gate.py (role, type, range) -> PLC commands -> the scan's verdict + audit
         recipes        <-> records.py (SQLAlchemy; the recipe book survives restarts)
 
-``TemperingServer(cfg, controller, channel, records, ...).start()`` serves the machine at
-``opcua.endpoint``; ``stop()`` ends it. The recipe book served and used by the PLC is the one in
-the records (seeded from ``recipes.yaml`` on the first start), so recipes edited over OPC UA
-survive a restart.
+``TemperingServer(cfg, plc, records, program=...).start()`` serves the machine at
+``opcua.endpoint``; ``stop()`` ends it. ``plc`` is the window's end of the link to the PLC
+process (``plc.bridge.PlcClient``: snapshots, commands and verdicts). The recipe book served and
+used by the PLC is the one in the records (seeded from ``recipes.yaml`` on the first start, sent
+to the PLC on every connection), so recipes edited over OPC UA survive a restart.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pydantic import ValidationError
 from plc.config import Recipe, recipe_misfits
 from plc.alarms import AlarmState
 from plc.interlocks import condition_ids
-from plc.state import RUNNING
+from plc.state import RUNNING, Phase
 
 from .gate import COMMANDS, Gate, Refused, WriteRule, zone_rules
 from .model import (ALARM_STATE_VALUES, RECIPE_FIELDS, add_recipe_nodes, build_machine, load_types,
@@ -39,17 +40,18 @@ RECIPE_ID_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-")
 
 
 class TemperingServer:
-    def __init__(self, cfg, controller, channel, records, *, pki=None, app_uri: str | None = None,
-                 links: Callable[[], tuple] = lambda: (), history: Callable[[], Any] = lambda: None,
+    def __init__(self, cfg, plc, records, *, program, pki=None, app_uri: str | None = None,
+                 history: Callable[[], Any] = lambda: None,
                  link_names: tuple[str, ...] = (), history_store=None):
         self.history_store = history_store
         self.cfg = cfg
         self.settings = cfg.opcua
-        self.controller = controller
-        self.channel = channel
+        self.plc = plc
+        self.program = program
+        self.channel = plc.channel
         self.records = records
         self.pki = pki
-        self.links = links
+        self.links = plc.links
         self.history = history
         self.link_names = link_names
         self.app_uri = app_uri or f"urn:open-tempering:server:{cfg.machine.id}"
@@ -72,14 +74,14 @@ class TemperingServer:
         self.server.set_server_name(f"Tempering machine {self.cfg.machine.id} ({self.cfg.machine.name})")
         await configure_security(self.server, self.settings, self.records, self.pki, app_uri=self.app_uri)
         self.book = {rid: Recipe.model_validate(fields) for rid, fields in self.records.load_recipes().items()}
-        self.controller.set_recipes(self.book)
+        self.plc.set_recipes(self.book)
         await load_types(self.server)
         self.nodes = await build_machine(self.server, self.cfg, self.book,
-                                         condition_ids(self.controller.program), self.link_names)
+                                         condition_ids(self.program), self.link_names)
         if self.history_store is not None:
             await self._serve_history()
-        self.gate = Gate(self.server, self.controller, self.records)
-        for zone, rules in ((z, zone_rules(z, self.controller)) for z in self.nodes.zones):
+        self.gate = Gate(self.server, self.plc, self.records)
+        for zone, rules in ((z, zone_rules(z, self.plc)) for z in self.nodes.zones):
             for browse, rule in rules.items():
                 if browse in self.nodes.zones[zone]:
                     self.gate.add_rule(self.nodes.zones[zone][browse], rule)
@@ -101,7 +103,7 @@ class TemperingServer:
                                    interval_s=self.settings.publish_interval_ms / 1000.0,
                                    links=self.links, history=self.history, sessions=self._sessions,
                                    emit_alarm_event=self._emit_alarm_event,
-                                   zone_settings=self._zone_settings)
+                                   zone_settings=self._zone_settings, plc_status=self.plc.status)
         self._event_gen = None
 
     async def start(self) -> None:
@@ -133,18 +135,10 @@ class TemperingServer:
 
     # -- diagnostics and events --------------------------------------------------------------
 
-    def _zone_settings(self) -> dict[str, dict[str, float]]:
-        """The writable settings as the PLC has them now (trim, gains, manual output)."""
-        s, p = self.controller.state, self.controller.program
-        out = {}
-        for z in p.zones:
-            gains = s.tuning.get(z.name, {})
-            values = {"Trim": s.trims.get(z.name, 0.0), "Kp": gains.get("kp", z.tuning.kp),
-                      "Ki": gains.get("ki", z.tuning.ki), "Kd": gains.get("kd", z.tuning.kd)}
-            if z.name in s.manual:
-                values["ManualOutput"] = s.manual[z.name]
-            out[z.name] = values
-        return out
+    def _zone_settings(self):
+        """The writable settings as the scan has them now (trim, gains, manual output)."""
+        snap = self.plc.latest
+        return snap.settings if snap is not None else {}
 
     def _sessions(self) -> tuple[int, int]:
         iserver = self.server.iserver
@@ -170,8 +164,8 @@ class TemperingServer:
     # -- recipes -------------------------------------------------------------------------------
 
     def _recipe_in_use(self, rid: str) -> bool:
-        s = self.controller.state
-        return s.recipe_id == rid and s.phase in RUNNING
+        s = self.plc.latest
+        return s is not None and s.recipe_id == rid and Phase(s.phase) in RUNNING
 
     def _validated(self, rid: str, fields: dict) -> Recipe:
         try:
@@ -185,15 +179,14 @@ class TemperingServer:
         return recipe
 
     async def _commit(self, rid: str, recipe: Recipe | None) -> None:
-        """Persist (off the event loop the scan shares), then hand the book to the PLC (from
-        its next scan)."""
+        """Persist (off the event loop), then hand the book to the PLC (from its next scan)."""
         if recipe is None:
             await asyncio.to_thread(self.records.delete_recipe, rid)
             self.book.pop(rid, None)
         else:
             await asyncio.to_thread(self.records.save_recipe, rid, recipe.model_dump())
             self.book[rid] = recipe
-        self.controller.set_recipes(self.book)
+        self.plc.set_recipes(self.book)
 
     def _recipe_rules(self, rid: str) -> None:
         nodes = self.nodes.recipes[rid]
@@ -331,20 +324,14 @@ def open_records(settings, book, base_dir: str | Path = "."):
     return records, note
 
 
-async def start_server(cfg, book, controller, channel, *, links=lambda: (), history=lambda: None,
+async def start_server(cfg, plc, records, *, program, history=lambda: None,
                        link_names: tuple[str, ...] = (), base_dir: str | Path = ".",
-                       history_store=None):
-    """Open the records and the PKI, build and start the server. Returns (server, records, note)."""
+                       history_store=None) -> TemperingServer:
+    """Open the PKI, build and start the server on ``records`` (``open_records``)."""
     from .security import Pki
 
-    settings = cfg.opcua
-    records, note = open_records(settings, book, base_dir)
-    pki = Pki(Path(base_dir) / settings.data_dir / "pki")
-    server = TemperingServer(cfg, controller, channel, records, pki=pki, links=links,
-                             history=history, link_names=link_names, history_store=history_store)
-    try:
-        await server.start()
-    except BaseException:
-        records.close()
-        raise
-    return server, records, note
+    pki = Pki(Path(base_dir) / cfg.opcua.data_dir / "pki")
+    server = TemperingServer(cfg, plc, records, program=program, pki=pki, history=history,
+                             link_names=link_names, history_store=history_store)
+    await server.start()
+    return server

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping
 
 from .alarms import Alarm
@@ -39,6 +39,12 @@ class Snapshot:
     first_out: str | None
     events: tuple[Event, ...]
     stats: Mapping[str, float]
+    settings: Mapping[str, Mapping[str, float]] = None  # zone -> Trim, Kp, Ki, Kd[, ManualOutput]
+
+    def with_events(self, events: tuple[Event, ...]) -> "Snapshot":
+        """This snapshot carrying ``events`` instead of its own (a latest-wins channel that
+        drops a snapshot hands its events on to the next one)."""
+        return replace(self, events=events)
 
 
 class Subscription:

@@ -13,7 +13,13 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True, slots=True)
 class Command:
+    """``user``: who asked; ``id``: unique per request, so its verdict (the scan's
+    ``command_accepted`` / ``command_refused`` event carries it) finds its way back to the
+    caller and into the audit trail; ``origin``: where it came from (``opcua``, ``console``,
+    ``auto-start``, ``supervisor``, ...)."""
     user: str = field(default="", kw_only=True)
+    id: str = field(default="", kw_only=True)
+    origin: str = field(default="", kw_only=True)
 
     @property
     def name(self) -> str:

@@ -22,6 +22,8 @@ Condition ids and what raises them:
     grid.voltage                 a phase outside the voltage limits (delayed)        trip
     grid.frequency               frequency outside nominal +- tolerance (delayed)    trip
     plc.watchdog                 the runtime's scan watchdog fired                   trip
+    plc.window                   the plant window (OPC UA server, records, historian)
+                                 is gone or silent; the PLC goes on controlling      alarm
     io.uncertain                 an input has uncertain quality (stale)              alarm
 """
 
@@ -32,8 +34,9 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from .alarms import Condition, Priority
+from .contract import MOTORS
 from .image import ProcessImage, Quality
-from .program import MOTORS, Program
+from .program import Program
 
 ZONE_CONDITIONS = ("sensor", "over_temp", "under_temp", "deviation_warning", "deviation_error",
                    "above_working_max")
@@ -47,7 +50,7 @@ def condition_ids(p: Program) -> tuple[str, ...]:
             *(f"zone.{z.name}.{c}" for z in p.zones for c in ZONE_CONDITIONS),
             *(f"motor.{m}.over_current" for m in MOTORS),
             *(f"grid.{c}" for c in GRID_CONDITIONS),
-            "plc.watchdog", "io.uncertain")
+            "plc.watchdog", "plc.window", "io.uncertain")
 
 
 STUCK_DRIVE_PCT = 50.0
@@ -88,7 +91,7 @@ def evaluate(p: Program, inputs: ProcessImage, readings: Mapping[str, ZoneReadin
              stuck: Mapping[str, bool], goals: Mapping[str, float | None],
              reached: Mapping[str, bool], working_max_c: float | None,
              watchdog: str, timers: Mapping[str, float],
-             dt_s: float) -> tuple[list[Condition], dict[str, float]]:
+             dt_s: float, window: str = "") -> tuple[list[Condition], dict[str, float]]:
     lim = p.limits
     t = dict(timers)
     out: list[Condition] = []
@@ -148,6 +151,8 @@ def evaluate(p: Program, inputs: ProcessImage, readings: Mapping[str, ZoneReadin
     _grid(p, inputs, t, dt_s, add)
     add(Condition("plc.watchdog", bool(watchdog), f"Scan watchdog: {watchdog}",
                   Priority.CRITICAL, True))
+    add(Condition("plc.window", bool(window), f"Plant window lost: {window}" if window
+                  else "Plant window (OPC UA server, records, historian)", Priority.HIGH, False))
     uncertain = sorted(n for n, pt in inputs.items() if pt.quality is Quality.UNCERTAIN)
     add(Condition("io.uncertain", bool(uncertain),
                   "Uncertain inputs: " + ", ".join(uncertain), Priority.LOW, False))

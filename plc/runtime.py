@@ -83,6 +83,7 @@ class ScanStats:
     """Per-scan logic time and lateness over a sliding window, overrun counters."""
 
     def __init__(self, window: int = 3000):
+        self.sink: Callable[[float, float], None] | None = None   # (logic_s, late_s) of each scan
         self.logic_s: deque[float] = deque(maxlen=window)
         self.late_s: deque[float] = deque(maxlen=window)
         self.scans = 0
@@ -98,6 +99,8 @@ class ScanStats:
         self.late_s.append(late_s)
         self.max_logic_s = max(self.max_logic_s, logic_s)
         self.max_late_s = max(self.max_late_s, late_s)
+        if self.sink is not None:
+            self.sink(logic_s, late_s)
         if overrun:
             self.overruns += 1
             self.consecutive_overruns += 1
@@ -158,8 +161,9 @@ class Controller:
             out.append(self._commands.popleft())
         return out
 
-    def cycle(self, inputs: ProcessImage, now_s: float, watchdog: str = "") -> ScanResult:
-        ctx = ScanContext(self.tick, self.program.period_s, now_s, watchdog)
+    def cycle(self, inputs: ProcessImage, now_s: float, watchdog: str = "",
+              window: str = "") -> ScanResult:
+        ctx = ScanContext(self.tick, self.program.period_s, now_s, watchdog, window)
         result = scan(self.program, self.state, inputs, self._drain(), ctx)
         self.state = result.state
         self.last = result
@@ -177,7 +181,19 @@ class Controller:
         return Snapshot(self.tick, now_s, s.phase.value, s.held, s.interrupted, s.recipe_id,
                         s.batch_id, s.phase_time_s, s.tempered, s.pouring_released, r.zones,
                         inputs, r.outputs, alarms, tuple(sorted(s.trips)), s.first_out, r.events,
-                        self._stats_summary())
+                        self._stats_summary(), self._settings(s))
+
+    def _settings(self, s: PlcState) -> dict[str, dict[str, float]]:
+        """The writable settings as the scan has them now: trim, gains, manual output."""
+        out = {}
+        for z in self.program.zones:
+            gains = s.tuning.get(z.name, {})
+            values = {"Trim": s.trims.get(z.name, 0.0), "Kp": gains.get("kp", z.tuning.kp),
+                      "Ki": gains.get("ki", z.tuning.ki), "Kd": gains.get("kd", z.tuning.kd)}
+            if z.name in s.manual:
+                values["ManualOutput"] = s.manual[z.name]
+            out[z.name] = values
+        return out
 
     def _stats_summary(self) -> dict[str, float]:
         """Scan statistics for observers, recomputed every STATS_EVERY scans (percentiles over
@@ -194,7 +210,13 @@ class WatchdogSettings:
 
 
 class HangWatchdog:
-    """A thread that forces the outputs safe if no scan completes in time."""
+    """A thread that makes the outputs safe if no scan completes in time.
+
+    It must reach the machine without the event loop it watches (a hung loop runs no link
+    task): after putting the safe image in the output slot it calls ``io.sever(reason)`` where
+    the plant I/O has it, which writes the safe image itself over a connection of its own where
+    the transport allows and then closes the field connections, so that the I/O modules'
+    communication watchdog drops the outputs whatever happens next."""
 
     def __init__(self, io: PlantIo, timeout_s: float):
         self.io = io
@@ -218,6 +240,9 @@ class HangWatchdog:
             if late and armed:
                 self.fired += 1
                 self.io.force_safe()
+                sever = getattr(self.io, "sever", None)
+                if sever is not None:
+                    sever(f"no scan completed for {self.timeout_s * 1e3:.0f} ms")
             armed = not late
 
     def stop(self) -> None:
@@ -227,7 +252,11 @@ class HangWatchdog:
 class Runtime:
     def __init__(self, controller: Controller, io: PlantIo, clock: Clock | None = None,
                  watchdog: WatchdogSettings = WatchdogSettings(),
-                 after_scan: Callable[[ScanResult], None] | None = None):
+                 after_scan: Callable[[ScanResult], None] | None = None,
+                 window: Callable[[], str] = lambda: ""):
+        """``window()``: '' while the plant window is there, else why it is lost (the
+        ``plc.window`` alarm of this scan)."""
+        self.window = window
         self.c = controller
         self.io = io
         self.clock = clock or MonotonicClock()
@@ -279,7 +308,7 @@ class Runtime:
         start = clock.now()
         late = max(0.0, start - deadline)
         reason, self.watchdog_reason = self.watchdog_reason, ""
-        result = self.c.cycle(self.io.read_inputs(), clock.wall(), reason)
+        result = self.c.cycle(self.io.read_inputs(), clock.wall(), reason, self.window())
         self.io.write_outputs(result.outputs)
         if self.after_scan:
             self.after_scan(result)

@@ -34,6 +34,7 @@ class ScanContext:
     dt_s: float
     now_s: float
     watchdog: str = ""   # non-empty: the runtime's watchdog fired, with the reason
+    window: str = ""     # non-empty: the plant window (OPC UA, records, historian) is lost, why
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +81,7 @@ def scan(p: Program, s: PlcState, inputs: ProcessImage, commands: Iterable[Comma
     working_max = recipe.working_max_c if (recipe and s.tempered and s.phase in RUNNING) else None
     conditions, timers = interlocks.evaluate(
         p, inputs, readings, stuck, sps, {n: zones[n].reached for n in zones}, working_max,
-        ctx.watchdog, s.timers, dt)
+        ctx.watchdog, s.timers, dt, ctx.window)
     new_alarms, changes = alarm_mod.update(s.alarms, conditions, now)
     events += [sequencer.alarm_event(c) for c in changes]
     trips = set(s.trips)

@@ -121,7 +121,7 @@ def end_batch(s: PlcState, phase: Phase, now_s: float, outcome: str) -> tuple[Pl
 
 def apply_command(p: Program, s: PlcState, cmd: Command, now_s: float) -> tuple[PlcState, list[Event]]:
     why = check_command(p, s, cmd)
-    data = (("command", cmd.name), ("user", cmd.user))
+    data = (("command", cmd.name), ("user", cmd.user), ("command_id", cmd.id), ("origin", cmd.origin))
     if why:
         return s, [Event("command_refused", now_s, f"{cmd.name} refused: {why}", data + (("reason", why),))]
     ev: list[Event] = [Event("command_accepted", now_s, f"{cmd.name} by {cmd.user or '?'}", data)]

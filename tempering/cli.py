@@ -1,7 +1,7 @@
 """The ``tempering`` command: the application's composition root.
 
     tempering run [--config FILE] [--recipe ID] [--no-start] [--period-ms N] [--duration-s S]
-                  [--plant modbus-twin|modbus|inprocess]
+                  [--plant modbus-twin|modbus|inprocess] [--priority auto|realtime|nice|none]
     tempering check-config [FILE]
     tempering simulate [--config FILE] [--recipe ID] [--hours H]
     tempering twin [--config FILE] [--tcp HOST:PORT] [--rtu DEVICE] [--baud N] [--parity P]
@@ -12,10 +12,10 @@
     tempering pki list | trust THUMBPRINT|FILE | reject THUMBPRINT|FILE [--config FILE] [--data-dir DIR]
     tempering export-nodeset FILE [--config FILE]
 
-``run`` starts the soft-PLC in real time with the live terminal view, against the twin served as
-a Modbus TCP slave on loopback (default), a real machine's Modbus links, or the twin in-process;
-Ctrl-C (or SIGTERM, or ``--duration-s``) stops it cleanly: one last scan ends the batch and the
-outputs go safe. ``check-config`` validates a machine file and its recipes and exits 1 with one
+``run`` starts and supervises the PLC process and the plant-window process (``supervisor``)
+and, by default, the twin as a Modbus TCP slave on loopback in a process of its own; ``plc``
+and ``window`` are those processes (started by ``run``, not by hand). Ctrl-C (or SIGTERM, or
+``--duration-s``) stops it cleanly: one last scan ends the batch and the outputs go safe. ``check-config`` validates a machine file and its recipes and exits 1 with one
 message per problem. ``simulate`` runs a whole tempering cycle in virtual time and prints it.
 ``twin`` runs the twin in real time as a Modbus slave (TCP and/or RTU) on the config's register
 map until SIGINT/SIGTERM. ``import-mapping`` turns a legacy Mapping.csv into a register-map
@@ -38,14 +38,9 @@ import sys
 import time
 from pathlib import Path
 
-from plc.commands import Shutdown, StartRecipe, Stop
+from opcua_server.config import DEFAULT_CONFIG, load
+from plc.commands import StartRecipe, Stop
 from plc.config import ConfigError
-
-from .config import DEFAULT_CONFIG, load
-
-
-def _period(args, cfg) -> float:
-    return args.period_ms / 1000.0 if args.period_ms else cfg.period_s
 
 
 def _load(path):
@@ -71,94 +66,6 @@ def cmd_check_config(args) -> int:
     return 0
 
 
-async def _run(args, cfg, book) -> int:
-    from plc.channel import SnapshotChannel
-    from plc.persist import StateStore
-    from plc.program import Program
-    from plc.runtime import Controller, MonotonicClock, Runtime, WatchdogSettings
-
-    from .console import Console
-    from .plant import PlantError, default_plant, start_plant
-
-    program = Program.from_config(cfg, book, period_s=_period(args, cfg))
-    try:
-        plant = await start_plant(args.plant or default_plant(cfg), cfg, seed=args.seed,
-                                  initial_temp_c=args.initial_temp_c)
-    except PlantError as e:
-        print(str(e), file=sys.stderr)
-        return 2
-    print(f"plant: {plant.description}", flush=True)
-    store = StateStore(Path(args.state_file or cfg.machine.state_file))
-    channel = SnapshotChannel()
-    controller = Controller(program, store, channel)
-    history = None
-    if cfg.historian.enabled and not args.no_history:
-        from historian.service import Historian
-        from historian.spool import SpoolLocked
-        try:
-            history = Historian(cfg.historian, cfg.machine.id, channel)
-        except SpoolLocked as e:
-            print(f"history: {e} (another `tempering run` on this directory?); stop it, or run "
-                  f"with --no-history", file=sys.stderr)
-            await plant.close()
-            return 2
-        history.start()
-        print(f"history: {history.sink.name}, spool {cfg.historian.spool_dir}", flush=True)
-    opc = None
-    if not args.no_opcua:
-        from .server import start_server
-        try:
-            opc, opc_records, opc_note = await start_server(
-                cfg, book, controller, channel, links=plant.diagnostics,
-                history=history.diagnostics if history else (lambda: None),
-                link_names=tuple(cfg.fieldbus.links) if cfg.fieldbus else (),
-                history_store=history.store if history else None)
-        except (OSError, ValueError) as e:
-            print(f"opc ua: cannot start the server at {cfg.opcua.endpoint}: {e}", file=sys.stderr)
-            if history is not None:
-                await asyncio.to_thread(history.stop, 0.0)
-            await plant.close()
-            return 2
-        print(f"opc ua: serving {cfg.opcua.endpoint} (policies "
-              f"{', '.join(cfg.opcua.security_policies)}; Sign and SignAndEncrypt; user and password)",
-              flush=True)
-        if opc_note:
-            print(f"opc ua: {opc_note}", flush=True)
-    runtime = Runtime(controller, plant.io, MonotonicClock(), WatchdogSettings(
-        cfg.scan.watchdog_max_consecutive_overruns, cfg.scan.watchdog_max_cycle_factor))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    if args.duration_s:
-        loop.call_later(args.duration_s, stop.set)
-    recipe = args.recipe or cfg.machine.default_recipe
-    if not args.no_start:
-        controller.submit(StartRecipe(recipe, user="operator"))
-    console = Console(channel, f"{cfg.machine.id} ({cfg.machine.name})", controller.submit, recipe,
-                      stop, links=plant.diagnostics,
-                      history=history.diagnostics if history else (lambda: None))
-    tasks = [asyncio.create_task(console.run())]
-    try:
-        await runtime.run(stop, final=[Shutdown(user="operator")])
-    finally:
-        stop.set()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        if opc is not None:
-            await opc.stop()
-            opc_records.close()
-        await plant.close()
-        if history is not None:
-            await asyncio.to_thread(history.stop, 2.0)
-        store.close()
-    s = controller.state
-    safe = not any(plant.outputs().values())
-    print(f"stopped: phase {s.phase.value}, batch {s.batch_id or '-'}, outputs "
-          f"{'safe (all off)' if safe else 'NOT SAFE'}, {controller.stats.scans} scans, "
-          f"{controller.stats.overruns} overruns; state saved to {store.path}")
-    return 0 if safe else 1
-
-
 def cmd_run(args) -> int:
     loaded = _load(args.config)
     if loaded is None:
@@ -167,7 +74,24 @@ def cmd_run(args) -> int:
     if args.recipe and args.recipe not in book:
         print(f"unknown recipe {args.recipe!r} (known: {', '.join(book.ids)})", file=sys.stderr)
         return 2
-    return asyncio.run(_run(args, cfg, book))
+    from .supervisor import run
+    return asyncio.run(run(args, cfg))
+
+
+def cmd_plc(args) -> int:
+    loaded = _load(args.config)
+    if loaded is None:
+        return 1
+    from .plc_process import main as plc_main
+    return plc_main(args, *loaded)
+
+
+def cmd_window(args) -> int:
+    loaded = _load(args.config)
+    if loaded is None:
+        return 1
+    from .window_process import main as window_main
+    return window_main(args, *loaded)
 
 
 def cmd_simulate(args) -> int:
@@ -296,7 +220,7 @@ def _read_password(args) -> str | None:
 
 
 def cmd_users(args) -> int:
-    from .records import Records, RecordsError
+    from opcua_server.records import Records, RecordsError
 
     settings = _opcua_settings(args)
     if settings is None:
@@ -342,7 +266,7 @@ def cmd_users(args) -> int:
 
 
 def cmd_pki(args) -> int:
-    from .security import Pki, PkiError
+    from opcua_server.security import Pki, PkiError
 
     settings = _opcua_settings(args)
     if settings is None:
@@ -370,7 +294,7 @@ async def _export_nodeset(path: Path, cfg, book) -> int:
     from plc.interlocks import condition_ids
     from plc.program import Program
 
-    from .model import MACHINE_URI_PREFIX, build_machine, export_nodeset
+    from opcua_server.model import MACHINE_URI_PREFIX, build_machine, export_nodeset
 
     server = Server()
     await server.init()
@@ -403,21 +327,49 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ap = argparse.ArgumentParser(prog="tempering", description="Soft-PLC of a chocolate tempering machine")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="run the PLC against the twin in real time with a live view")
-    r.add_argument("--config", help="machine file (default: the embedded default machine)")
-    r.add_argument("--recipe", help="recipe to start (default: the machine's default recipe)")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="machine file (default: the embedded default machine)")
+    common.add_argument("--period-ms", type=int, help="scan period override, ms")
+    common.add_argument("--recipe", help="recipe to start (default: the machine's default recipe)")
+    plant = argparse.ArgumentParser(add_help=False)
+    plant.add_argument("--state-file", help="persisted PLC state (default: machine.state_file)")
+    plant.add_argument("--initial-temp-c", type=float, help="twin's starting temperature (default: ambient, solid)")
+    plant.add_argument("--seed", type=int, default=0, help="twin's noise seed")
+    plant.add_argument("--priority", choices=("auto", "realtime", "nice", "none"), default="auto",
+                       help="scheduling of the PLC process: auto (real time SCHED_RR if allowed, "
+                            "else nice -10), realtime, nice, none")
+    plant.add_argument("--scan-log", metavar="FILE", help="append each scan's (time, lateness, logic "
+                                                          "time) to FILE (benchmarks)")
+    plant.add_argument("--window-lost-s", type=float, default=3.0,
+                       help="plant window silent this long: the PLC raises plc.window")
+    window = argparse.ArgumentParser(add_help=False)
+    window.add_argument("--no-history", action="store_true", help="run without the historian")
+    window.add_argument("--no-opcua", action="store_true", help="run without the OPC UA server")
+    r = sub.add_parser("run", parents=[common, plant, window],
+                       help="run the machine: PLC and plant-window processes, the twin, a live view")
     r.add_argument("--no-start", action="store_true", help="do not start a recipe (press s to start)")
-    r.add_argument("--period-ms", type=int, help="scan period override, ms")
     r.add_argument("--duration-s", type=float, help="stop cleanly after this many seconds")
-    r.add_argument("--state-file", help="persisted PLC state (default: machine.state_file)")
-    r.add_argument("--initial-temp-c", type=float, help="twin's starting temperature (default: ambient, solid)")
-    r.add_argument("--seed", type=int, default=0, help="twin's noise seed")
-    r.add_argument("--no-history", action="store_true", help="run without the historian")
-    r.add_argument("--no-opcua", action="store_true", help="run without the OPC UA server")
     r.add_argument("--plant", choices=("modbus-twin", "modbus", "inprocess"),
-                   help="modbus-twin: the twin as a Modbus TCP slave on loopback (default with a "
-                        "fieldbus section); modbus: the links only (a real machine, or "
-                        "`tempering twin`); inprocess: the twin in-process, no Modbus")
+                   help="modbus-twin: the twin as a Modbus TCP slave on loopback, a process of its "
+                        "own (default with a fieldbus section); modbus: the links only (a real "
+                        "machine, or `tempering twin`); inprocess: the twin in the PLC process, no Modbus")
+    r.add_argument("--plc-hang-s", type=float, default=2.0,
+                   help="PLC heartbeat silent this long: the supervisor kills and restarts it")
+    r.add_argument("--window-hang-s", type=float, default=5.0,
+                   help="window heartbeat silent this long: the supervisor kills and restarts it")
+    inner = argparse.ArgumentParser(add_help=False)
+    inner.add_argument("--socket", required=True, help="the PLC's Unix socket for the plant window")
+    inner.add_argument("--heartbeat-fd", type=int, help="pipe to the supervisor")
+    inner.add_argument("--parent-pid", type=int, help="the supervisor (this process dies with it)")
+    x = sub.add_parser("plc", parents=[common, plant, inner],
+                       help="(started by `tempering run`) the PLC process")
+    x.add_argument("--plant", choices=("modbus", "inprocess"), default="modbus")
+    x.add_argument("--duration-s", type=float, help=argparse.SUPPRESS)
+    x.set_defaults(func=cmd_plc)
+    x = sub.add_parser("window", parents=[common, window, inner],
+                       help="(started by `tempering run`) the plant-window process")
+    x.add_argument("--start", metavar="RECIPE", help="start this recipe once the PLC is there")
+    x.set_defaults(func=cmd_window)
     r.set_defaults(func=cmd_run)
     c = sub.add_parser("check-config", help="validate a machine file and its recipes")
     c.add_argument("file", nargs="?", help="machine file (default: the embedded default machine)")
@@ -481,5 +433,5 @@ def main(argv: list[str] | None = None) -> int:
     return args.func(args)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # the supervisor starts its children as ``python -m tempering.cli``
     raise SystemExit(main())

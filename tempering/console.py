@@ -1,9 +1,11 @@
 """The live terminal view of ``tempering run``: what the machine does, at a glance.
 
 ``render(snapshot)`` is pure (snapshot in, text out) so it is tested without a terminal. The
-``Console`` task redraws it twice a second from the latest snapshot (it never touches the scan:
-it only reads the snapshot channel), and turns single keys into operator commands when stdin
-is a terminal. When stdout is not a terminal (a log, CI) it prints events as lines instead.
+``Console`` task (in the plant-window process) redraws it twice a second from the latest
+snapshot (it only reads the snapshot channel), and turns single keys into operator commands when
+stdin is a terminal; each goes through ``command`` (the gate's command path: the scan's
+verdict, audited with origin ``console``) and its verdict is shown. When stdout is not a
+terminal (a log, CI) it prints events as lines instead.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import asyncio
 import contextlib
 import sys
 import time
-from typing import Callable, TextIO
+from typing import Awaitable, Callable, TextIO
 
 from plc.channel import Snapshot, SnapshotChannel
 from plc.commands import Abort, Acknowledge, Command, Hold, Reset, Resume, StartRecipe, Stop
@@ -92,16 +94,18 @@ def render_history(d) -> str:
 
 
 def key_command(key: str, default_recipe: str, user: str) -> Command | None:
+    o = "console"
     return {
-        "s": lambda: StartRecipe(default_recipe, user=user),
-        "h": lambda: Hold(user=user), "r": lambda: Resume(user=user),
-        "p": lambda: Stop(user=user), "a": lambda: Abort(user=user),
-        "x": lambda: Reset(user=user), "k": lambda: Acknowledge(None, user=user),
+        "s": lambda: StartRecipe(default_recipe, user=user, origin=o),
+        "h": lambda: Hold(user=user, origin=o), "r": lambda: Resume(user=user, origin=o),
+        "p": lambda: Stop(user=user, origin=o), "a": lambda: Abort(user=user, origin=o),
+        "x": lambda: Reset(user=user, origin=o), "k": lambda: Acknowledge(None, user=user, origin=o),
     }.get(key.lower(), lambda: None)()
 
 
 class Console:
-    def __init__(self, channel: SnapshotChannel, machine: str, submit: Callable[[Command], None],
+    def __init__(self, channel: SnapshotChannel, machine: str,
+                 submit: Callable[[Command], Awaitable[tuple[bool, str]]],
                  default_recipe: str, stop: asyncio.Event, out: TextIO = sys.stdout,
                  user: str = "console", links: Callable[[], tuple] = lambda: (),
                  history: Callable[[], object] = lambda: None):
@@ -116,6 +120,12 @@ class Console:
         self.user = user
         self.interactive = out.isatty()
         self.messages: list[str] = []
+        self._pending: set[asyncio.Task] = set()
+
+    async def _send(self, cmd: Command) -> None:
+        ok, text = await self.submit(cmd)
+        line = f"{time.strftime('%H:%M:%S')} {cmd.name}: {'accepted' if ok else 'refused: ' + text}"
+        self.messages = (self.messages + [line])[-6:]
 
     async def run(self, refresh_s: float = 0.5) -> None:
         with self._keys():
@@ -159,7 +169,9 @@ class Console:
                 return
             cmd = key_command(ch, self.recipe, self.user)
             if cmd is not None:
-                self.submit(cmd)
+                task = asyncio.create_task(self._send(cmd))
+                self._pending.add(task)
+                task.add_done_callback(self._pending.discard)
 
         tty.setcbreak(fd)
         loop.add_reader(fd, on_key)

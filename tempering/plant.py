@@ -1,9 +1,11 @@
 """The plant the PLC runs against, chosen with ``tempering run --plant``.
 
-- ``modbus-twin`` (default when the config has a ``fieldbus`` section): the twin served as a
-  Modbus TCP slave on each TCP link's endpoint of the register map, and the PLC talking to it
-  over real Modbus TCP on loopback (``plc.modbus``). Everything a real machine would exercise
-  runs: the register map, coalesced polling, qualities, reconnects.
+- ``modbus-twin`` (default when the config has a ``fieldbus`` section): the twin, a process of
+  its own (``tempering twin``, started by the supervisor), served as a Modbus TCP slave on the
+  TCP link's endpoint of the register map, and the PLC talking to it over real Modbus TCP on
+  loopback (``plc.modbus``). Everything a real machine would exercise runs: the register map,
+  coalesced polling, qualities, reconnects, and a killed PLC shows exactly what a real machine
+  would see (its I/O modules' communication watchdog drops the outputs).
 - ``modbus``: the PLC's links only, to a real machine or to a twin started on its own with
   ``tempering twin`` (TCP or RTU).
 - ``inprocess``: the twin inside the PLC's process with no Modbus in between.
@@ -52,45 +54,37 @@ def default_plant(cfg) -> str:
 
 
 async def start_plant(kind: str, cfg, *, seed: int = 0, initial_temp_c: float | None = None) -> Plant:
-    from twin import Twin
-
+    """The PLC process's plant: ``modbus`` (its links; with ``modbus-twin`` the supervisor runs
+    the twin as a process of its own on the link's endpoint) or ``inprocess``."""
     if kind == "inprocess":
+        from twin import Twin
         from twin.inprocess import InProcessTwinIo
 
         io = InProcessTwinIo(Twin(cfg.twin, seed=seed, initial_temp_c=initial_temp_c), wall=time.time)
         plant = Plant(io, "twin in-process (no Modbus)", lambda: io.outputs)
         plant._twin_tasks.append(asyncio.create_task(io.run_realtime(plant._twin_stop)))
         return plant
-
+    if kind not in ("modbus", "modbus-twin"):
+        raise PlantError(f"unknown plant {kind!r} (one of {', '.join(PLANTS)})")
     if cfg.fieldbus is None:
         raise PlantError(f"--plant {kind} needs a fieldbus section in the machine file")
     from plc.modbus.io import ModbusPlantIo
 
     io = ModbusPlantIo(cfg.fieldbus)
     links = ", ".join(f"{n} ({link.endpoint})" for n, link in io.links.items())
-    if kind == "modbus":
-        plant = Plant(io, f"Modbus links {links}", lambda: io.outputs, diagnostics=io.diagnostics)
-    elif kind == "modbus-twin":
-        from twin.modbus_slave import TwinSlave
-
-        tcp = {n: link for n, link in cfg.fieldbus.links.items() if link.transport == "tcp"}
-        if len(tcp) != len(cfg.fieldbus.links) or len(tcp) != 1:
-            raise PlantError("--plant modbus-twin serves the twin on one Modbus TCP link; for RTU "
-                             "links run `tempering twin --rtu DEVICE` and `tempering run --plant modbus`")
-        (name, link), = tcp.items()
-        twin = Twin(cfg.twin, seed=seed, initial_temp_c=initial_temp_c)
-        slave = TwinSlave(twin, cfg.fieldbus.points)
-        try:
-            await slave.start_tcp(link.host, link.port)
-        except OSError as e:
-            raise PlantError(f"cannot serve the twin on {link.host}:{link.port} (link {name}): "
-                             f"{e.strerror or e}") from None
-        slave.update_inputs()
-        plant = Plant(io, f"twin as Modbus TCP slave on {link.host}:{link.port}, PLC links {links}",
-                      slave.outputs, diagnostics=io.diagnostics)
-        plant._twin_tasks.append(asyncio.create_task(slave.run(plant._twin_stop)))
-        plant._closers.append(slave.close)
-    else:
-        raise PlantError(f"unknown plant {kind!r} (one of {', '.join(PLANTS)})")
+    plant = Plant(io, f"Modbus links {links}", lambda: io.outputs, diagnostics=io.diagnostics)
     plant._io_tasks.append(asyncio.create_task(io.run(plant._io_stop)))
     return plant
+
+
+def twin_endpoint(cfg) -> tuple[str, int]:
+    """Where ``modbus-twin`` serves the twin: the one TCP link's endpoint. PlantError if the
+    fieldbus is not one TCP link."""
+    if cfg.fieldbus is None:
+        raise PlantError("--plant modbus-twin needs a fieldbus section in the machine file")
+    links = cfg.fieldbus.links
+    if len(links) != 1 or next(iter(links.values())).transport != "tcp":
+        raise PlantError("--plant modbus-twin serves the twin on one Modbus TCP link; for RTU "
+                         "links run `tempering twin --rtu DEVICE` and `tempering run --plant modbus`")
+    link = next(iter(links.values()))
+    return link.host, link.port

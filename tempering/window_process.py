@@ -1,0 +1,133 @@
+"""The plant-window process: OPC UA server, publisher, gate, records, historian, live view.
+
+    tempering window --socket PATH [--heartbeat-fd N] [--start RECIPE] [run options]
+
+Started (and restarted) by the supervisor of ``tempering run``. It connects to the PLC process
+(``plc.bridge.PlcClient``, reconnecting whenever the PLC restarts), republishes its snapshots to
+the publisher, the historian and the live view, and sends every command — OPC UA writes and
+calls, the live view's keys, the auto-start (``--start``) — through ``Gate.command`` / the gate,
+which waits for the scan's verdict and audits it. Every ``HEARTBEAT_S`` it writes one byte to the
+supervisor's pipe from its event loop: a window whose loop hangs is killed and restarted.
+
+SIGTERM: stop cleanly (exit 0). SIGINT is the supervisor's to handle (ignored here). The ``q``
+key of the live view ends the whole ``tempering run``: exit code ``QUIT``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+
+QUIT = 3
+HEARTBEAT_S = 0.25
+
+
+async def _heartbeat(fd: int | None, stop: asyncio.Event) -> None:
+    if fd is None:
+        return
+    os.set_blocking(fd, False)
+    while not stop.is_set():
+        with contextlib.suppress(BlockingIOError, BrokenPipeError):
+            os.write(fd, b".")
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), HEARTBEAT_S)
+
+
+async def run_window(args, cfg, book) -> int:
+    from opcua_server.gate import Gate
+    from opcua_server.server import open_records
+    from plc.bridge import PlcClient
+    from plc.commands import StartRecipe
+    from plc.program import Program
+
+    from .console import Console
+
+    program = Program.from_config(cfg, book)
+    plc = PlcClient(args.socket, lost_after_s=max(1.0, 10 * program.period_s))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    tasks = [asyncio.create_task(plc.run(stop)),
+             asyncio.create_task(_heartbeat(args.heartbeat_fd, stop))]
+    records, note = await asyncio.to_thread(open_records, cfg.opcua, book)
+    if note:
+        print(f"opc ua: {note}", flush=True)
+    history = None
+    if cfg.historian.enabled and not args.no_history:
+        from historian.service import Historian
+        from historian.spool import SpoolLocked
+        try:
+            history = Historian(cfg.historian, cfg.machine.id, plc.channel)
+        except SpoolLocked as e:
+            print(f"history: {e} (another `tempering run` on this directory?); stop it, or run "
+                  f"with --no-history", file=sys.stderr)
+            return 2
+        history.start()
+        print(f"history: {history.sink.name}, spool {cfg.historian.spool_dir}", flush=True)
+    diagnostics = history.diagnostics if history else (lambda: None)
+    opc = None
+    if not args.no_opcua:
+        from opcua_server.server import start_server
+        try:
+            opc = await start_server(cfg, plc, records, program=program, history=diagnostics,
+                                     link_names=tuple(cfg.fieldbus.links) if cfg.fieldbus else (),
+                                     history_store=history.store if history else None)
+        except (OSError, ValueError) as e:
+            print(f"opc ua: cannot start the server at {cfg.opcua.endpoint}: {e}", file=sys.stderr)
+            stop.set()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if history is not None:
+                await asyncio.to_thread(history.stop, 0.0)
+            records.close()
+            return 2
+        print(f"opc ua: serving {cfg.opcua.endpoint} (policies "
+              f"{', '.join(cfg.opcua.security_policies)}; Sign and SignAndEncrypt; user and password)",
+              flush=True)
+    gate = opc.gate if opc is not None else Gate(None, plc, records)
+    recipe = args.recipe or cfg.machine.default_recipe
+    quit_asked = asyncio.Event()
+    console = Console(plc.channel, f"{cfg.machine.id} ({cfg.machine.name})", gate.command, recipe,
+                      quit_asked, links=plc.links, history=diagnostics)
+    tasks.append(asyncio.create_task(console.run()))
+    if args.start:
+        tasks.append(asyncio.create_task(_auto_start(plc, gate, StartRecipe(
+            args.start, user="operator", origin="auto-start"))))
+    quitting = asyncio.create_task(quit_asked.wait())
+    stopping = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({quitting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        quit_asked.set()
+        stop.set()
+        await asyncio.gather(*tasks, quitting, stopping, return_exceptions=True)
+        if opc is not None:
+            await opc.stop()
+        if history is not None:
+            await asyncio.to_thread(history.stop, 2.0)
+        records.close()
+    return QUIT if quitting.done() and not stopping.done() else 0
+
+
+async def _auto_start(plc, gate, cmd) -> None:
+    """The recipe of ``tempering run`` (unless --no-start), once the PLC is there; through the
+    same path as any operator command, audited with origin ``auto-start``."""
+    try:
+        await asyncio.wait_for(plc.connected_event.wait(), 60.0)
+    except asyncio.TimeoutError:
+        print("auto-start: no PLC connected within 60 s; recipe not started", file=sys.stderr, flush=True)
+        return
+    ok, text = await gate.command(cmd, target="StartRecipe")
+    print(f"auto-start: StartRecipe {cmd.recipe_id}: {'accepted' if ok else 'refused: ' + text}",
+          flush=True)
+
+
+def main(args, cfg, book) -> int:
+    from .plc_process import die_with_parent
+
+    if args.parent_pid:
+        die_with_parent(args.parent_pid)
+    return asyncio.run(run_window(args, cfg, book))
