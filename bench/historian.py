@@ -1,7 +1,7 @@
 """Historian delivery to a real InfluxDB 1.x: throughput next to raw POSTs, and an outage.
 
 Starts its own ``influxd`` on free loopback ports in a temporary directory
-(``historian.testservers.InfluxServer``, the tests' server) and measures, in one run:
+(``tests.servers.InfluxServer``, the tests' server) and measures, in one run:
 
 - ``points_per_s``: sustained points per second through the historian path: a producer appends
   chunks of lines to a ``Spool`` while a ``Forwarder`` (its own thread, batches of <= 5000 lines,
@@ -38,7 +38,7 @@ from pathlib import Path
 from historian.forwarder import Forwarder
 from historian.sinks import Influx1Sink
 from historian.spool import Spool
-from historian.testservers import InfluxServer
+from tests.servers import InfluxServer  # the tests' server; run from the repository root
 
 from .common import emit, fmt
 

@@ -31,13 +31,14 @@ Loaders
     load_recipes(path) -> RecipeBook
     load_all(path, model=MachineConfig) -> (MachineConfig, RecipeBook)
     The machinery they share (strict types, YAML 1.2 reading, messages) is in
-    ``plc.configbase``; the ``fieldbus`` models are in ``plc.modbus.regmap``.
+    ``plc.configbase``; the ``fieldbus`` models are in ``plc.modbus.regmap``; the zones and
+    outputs named here come from the I/O contract, ``plc.contract``.
 
 Field I/O: the optional ``fieldbus:`` section (``plc.modbus.regmap.FieldbusSettings``) names
 the Modbus links and the register map, either inline (``points``) or as ``map_file``, a file
 relative to the machine file. ``load_machine_config`` validates the section alone;
 ``load_all`` also loads the map file and checks the whole map against the links and the PLC's
-I/O contract (``plc.program.INPUT_SPECS`` / ``OUTPUT_SPECS``: every point mapped exactly
+I/O contract (``plc.contract.INPUT_SPECS`` / ``OUTPUT_SPECS``: every point mapped exactly
 once, with a matching direction and type); it returns the config with ``fieldbus.points``
 filled in, so the application reads the points in one place whichever way they were given.
 Problems of the map file are reported against that file (``<map>: points[i] (name).field``).
@@ -82,8 +83,8 @@ from .configbase import (  # noqa: F401
     _show,
     _validate,
 )
+from .contract import ZONE_NUMBERS, ZONE_OUTPUTS, ZONES
 from .modbus.regmap import FieldbusSettings, load_register_map
-from .program import OUTPUT_SPECS
 
 __all__ = [
     "ConfigError",
@@ -110,19 +111,15 @@ __all__ = [
 
 # --------------------------------------------------------------------------- domain constants
 
-#: Zone name -> zone number (seed 001): 1 tank bottom, 2 tank wall, 3 pump, 4 fountain.
-ZONE_NUMBERS: dict[str, int] = {"tank_bottom": 1, "tank_wall": 2, "pump": 3, "fountain": 4}
+# ZONE_NUMBERS (zone name -> number, seed 001) and ZONE_OUTPUTS (the outputs a zone may drive)
+# are the I/O contract's (plc.contract), exported here with the file format they validate.
 #: Zone names in zone-number order.
-ZONE_NAMES: tuple[str, ...] = tuple(ZONE_NUMBERS)
-#: The outputs a zone may drive (heaters and the two tank cooling stages).
-ZONE_OUTPUTS: tuple[str, ...] = tuple(n for n in OUTPUT_SPECS if n.startswith(("heater_", "cool")))
+ZONE_NAMES: tuple[str, ...] = ZONES
 #: Top-level sections owned by components outside ``plc``; dropped unless the model declares them.
 OPTIONAL_SECTIONS: tuple[str, ...] = ("twin", "historian", "opcua")
-ZoneName = Literal["tank_bottom", "tank_wall", "pump", "fountain"]
-OutputName = Literal[
-    "heater_tank_bottom", "heater_tank_wall", "heater_pump", "heater_fountain",
-    "cool1_tank", "cool2_tank",
-]
+# The literals are built from the contract, so a zone or output added there is accepted here.
+ZoneName = Literal[ZONES]  # type: ignore[valid-type]
+OutputName = Literal[ZONE_OUTPUTS]  # type: ignore[valid-type]
 
 Outputs = tuple[OutputName, ...]
 

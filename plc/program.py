@@ -1,9 +1,9 @@
 """The program: the machine's configuration turned into frozen core types at start-up.
 
 The scan never sees YAML or pydantic models: ``Program.from_config`` reads the validated
-configuration once and keeps only what the logic needs, in plain frozen dataclasses. It also
-holds the PLC's I/O contract: the names and types of the input and output points (the register
-map of a later issue maps these names to Modbus addresses; the twin uses the same names).
+configuration once and keeps only what the logic needs, in plain frozen dataclasses. The PLC's
+I/O contract (the names and types of the input and output points, the zones and motors, the safe
+output image) is ``plc.contract``; the names are re-exported here for older importers.
 
 Interpretation of the seed's fields (DESIGN.md §4; documented again in the README):
 - ``set_temp1..4``: per-zone set-point offsets (K) added to the phase goal of the recipe.
@@ -28,41 +28,24 @@ from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Mapping
 
-from .image import PointSpec, PointType
+# Re-exported for importers outside this change that still read the contract from here
+# (plc.scan, plc.sequencer, plc.modbus.io, opcua_server.model, twin.plant and some tests);
+# new code imports plc.contract.
+from .contract import (  # noqa: F401
+    INPUT_SPECS,
+    MOTORS,
+    OUTPUT_SPECS,
+    SAFE_OUTPUTS,
+    TANK_ZONES,
+    ZONES,
+)
 from .pid import PidTuning
 
 if TYPE_CHECKING:  # the core only reads attributes of the validated config
     from .config import MachineConfig, RecipeBook
 
-ZONES = ("tank_bottom", "tank_wall", "pump", "fountain")
-TANK_ZONES = ("tank_bottom", "tank_wall")
-MOTORS = ("mixer", "pump", "vibration")
 # which zone record's i_motor1 limits which motor (the legacy Configuration.csv layout)
 MOTOR_LIMIT_ZONE = {"mixer": "tank_bottom", "pump": "pump", "vibration": "fountain"}
-
-_F, _B = PointType.FLOAT, PointType.BOOL
-INPUT_SPECS: Mapping[str, PointSpec] = MappingProxyType({s.name: s for s in (
-    *(PointSpec(f"temp_{z}", _F, "degC", f"Chocolate temperature, zone {z}") for z in ZONES),
-    *(PointSpec(f"current_{m}", _F, "A", f"Current of the {m} motor") for m in MOTORS),
-    PointSpec("current_total", _F, "A", "Highest phase current of the machine"),
-    PointSpec("grid_v_l1", _F, "V", "Grid voltage, phase L1"),
-    PointSpec("grid_v_l2", _F, "V", "Grid voltage, phase L2"),
-    PointSpec("grid_v_l3", _F, "V", "Grid voltage, phase L3"),
-    PointSpec("grid_freq", _F, "Hz", "Grid frequency"),
-    PointSpec("estop_ok", _B, "", "E-stop chain healthy (hard-wired chain closed)"),
-    PointSpec("pedal", _B, "", "Pouring pedal pressed"),
-)})
-OUTPUT_SPECS: Mapping[str, PointSpec] = MappingProxyType({s.name: s for s in (
-    *(PointSpec(f"heater_{z}", _B, "", f"Heater, zone {z}") for z in ZONES),
-    PointSpec("cool1_tank", _B, "", "Tank cooling, first stage"),
-    PointSpec("cool2_tank", _B, "", "Tank cooling, second stage"),
-    PointSpec("mixer", _B, "", "Mixer motor"),
-    PointSpec("pump", _B, "", "Pump / fountain motor"),
-    PointSpec("vibration", _B, "", "Vibration table motor"),
-    PointSpec("vib_heater", _B, "", "Vibration table heater"),
-    PointSpec("mold_heater", _B, "", "Mold heater"),
-)})
-SAFE_OUTPUTS: Mapping[str, bool] = MappingProxyType({n: False for n in OUTPUT_SPECS})
 
 
 @dataclass(frozen=True, slots=True)

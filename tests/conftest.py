@@ -27,7 +27,8 @@ import pytest
 from plc.commands import Command, Event
 from plc.config import load_all
 from plc.image import Point, ProcessImage
-from plc.program import INPUT_SPECS, ZONES, Program
+from plc.contract import INPUT_SPECS, ZONES
+from plc.program import Program
 from plc.scan import ScanContext, ScanResult, scan
 from plc.state import PlcState
 
@@ -202,7 +203,7 @@ async def twin_slave():
 #
 # - ``influxdb1``: an InfluxDB 1.x (``influxd -config <tmp>/influxdb.conf``) on free loopback
 #   ports with its meta, data and wal in tmp_path, database ``tempering`` created; a
-#   ``historian.testservers.InfluxServer``: ``.url``, ``.database``, ``.pid``, ``.stop()``,
+#   ``servers.InfluxServer`` (tests/servers.py): ``.url``, ``.database``, ``.pid``, ``.stop()``,
 #   ``.start()`` (same port, same data: an outage), ``.query(influxql)`` -> JSON,
 #   ``.rows(influxql)`` -> list of dicts. Stopped by PID at the end, also on failure.
 # - ``victoria_metrics``: a VictoriaMetrics (``-storageDataPath <tmp> -httpListenAddr
@@ -213,7 +214,7 @@ async def twin_slave():
 #   authentication on; ``tls=True``: HTTPS with a self-signed certificate, ``.ca_file``).
 
 def _servers(tmp_path: Path, kind: str):
-    from historian.testservers import ServerError
+    from servers import ServerError
     started = []
 
     def make(**kw):
@@ -228,7 +229,7 @@ def _servers(tmp_path: Path, kind: str):
 
 @pytest.fixture
 def make_influxdb1(tmp_path: Path):
-    from historian.testservers import InfluxServer
+    from servers import InfluxServer
     make, started = _servers(tmp_path, InfluxServer)
     try:
         yield make
@@ -244,7 +245,7 @@ def influxdb1(make_influxdb1):
 
 @pytest.fixture
 def victoria_metrics(tmp_path: Path):
-    from historian.testservers import VictoriaMetricsServer
+    from servers import VictoriaMetricsServer
     make, started = _servers(tmp_path, VictoriaMetricsServer)
     try:
         yield make()

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from plc.config import ConfigError
+from plc.contract import INPUT_SPECS, OUTPUT_SPECS
 from plc.modbus.legacy import COLUMNS, OPTIONAL_COLUMNS, dump_register_map, import_mapping, parse_mapping
 from plc.modbus.regmap import PointMap, load_register_map
-from plc.program import INPUT_SPECS, OUTPUT_SPECS
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -193,7 +193,7 @@ def test_names_outside_the_contract_and_twice(tmp_path):
     rows[LINE["temp_pump"] - 2]["Name"] = "tmp_pump"
     rows[LINE["pedal"] - 2]["Name"] = "estop_ok"
     assert errors(tmp_path, csv_text(rows)) == [
-        f":{LINE['temp_pump']}: Name: not a point of the PLC I/O contract (plc.program); did you "
+        f":{LINE['temp_pump']}: Name: not a point of the PLC I/O contract (plc.contract); did you "
         "mean temp_pump? (got 'tmp_pump')",
         f":{LINE['pedal']}: Name: estop_ok is already mapped by line {LINE['estop_ok']}",
         ": Name: PLC point(s) not mapped: temp_pump, pedal (no active row names them)",

@@ -1,4 +1,4 @@
-"""``python -m historian.loadgen``: the stream it makes, its arguments, and a run against real
+"""``python -m bench.loadgen``: the stream it makes, its arguments, and a run against real
 servers (InfluxDB 1.x with a SIGKILL and a restart on the same spool; the v2 API of
 VictoriaMetrics)."""
 
@@ -11,14 +11,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench.loadgen import point
 from conftest import ROOT
-from historian.loadgen import point
 
 T0 = 1_700_000_000_000_000_000
 
 
 def loadgen(*args: str) -> list[str]:
-    return [sys.executable, "-m", "historian.loadgen", *args]
+    return [sys.executable, "-m", "bench.loadgen", *args]
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -1,7 +1,11 @@
 """The pure core stays pure (DESIGN.md §2 rule 1, STYLE.md habit 1).
 
 1. No pure module imports an I/O, clock, threading or randomness library (checked on the
-   source with ``ast``, so an import inside a function counts too).
+   source with ``ast``, so an import inside a function counts too). The I/O contract
+   (``plc.contract``) and the register codec (``plc.modbus.codec``) are plain data and code:
+   no pydantic, no YAML; the contract imports nothing of the configuration, the program or the
+   register map. No module of ``plc`` imports, directly or through others, a module that
+   imports it.
 2. Determinism: the same scripted run through ``scan`` twice gives equal outputs, states and
    events at every scan, and the same digest in fresh interpreters with different hash seeds.
 """
@@ -25,11 +29,14 @@ from plc.commands import (Abort, Acknowledge, Hold, Reset, Resume, SetManual, Se
                           StartRecipe, Stop)
 from plc.image import bad
 
-PURE = ("plc.image", "plc.pid", "plc.alarms", "plc.commands", "plc.state", "plc.program",
-        "plc.interlocks", "plc.sequencer", "plc.scan", "plc.configbase", "plc.modbus.pdu",
-        "plc.modbus.regmap", "plc.modbus.legacy")
+PURE = ("plc.image", "plc.pid", "plc.alarms", "plc.commands", "plc.state", "plc.contract",
+        "plc.program", "plc.interlocks", "plc.sequencer", "plc.scan", "plc.configbase",
+        "plc.modbus.pdu", "plc.modbus.codec", "plc.modbus.regmap", "plc.modbus.legacy")
 FORBIDDEN = {"asyncio", "socket", "time", "pymodbus", "asyncua", "sqlalchemy",
              "influxdb_client", "threading", "os", "random"}
+#: pure and free of the config machinery too: usable by anything, importing nothing heavy
+PLAIN = {"plc.contract": {"plc.image"}, "plc.modbus.codec": {"plc.modbus.pdu"}}
+PLAIN_FORBIDDEN = {"pydantic", "pydantic_core", "yaml"}
 
 
 def imported_modules(source: str, package: str) -> set[str]:
@@ -72,6 +79,47 @@ def test_pure_module_imports_no_io(module):
     # and among the project's own modules it imports only other pure ones
     own = {m for m in mods if m.startswith("plc.")}
     assert own <= set(PURE), f"{module} imports impure {sorted(own - set(PURE))}"
+
+
+@pytest.mark.parametrize("module", sorted(PLAIN))
+def test_contract_and_codec_are_plain(module):
+    mods = imported_modules(source_of(module), module.rpartition(".")[0])
+    tops = {m.split(".")[0] for m in mods}
+    assert not tops & PLAIN_FORBIDDEN, f"{module} imports {sorted(tops & PLAIN_FORBIDDEN)}"
+    own = {m for m in mods if m.startswith("plc.")}
+    assert own <= PLAIN[module], f"{module} imports {sorted(own - PLAIN[module])}"
+
+
+def plc_import_graph() -> dict[str, set[str]]:
+    """Module of ``plc`` -> the modules of ``plc`` it imports at run time (packages'
+    ``__init__`` included; ``if TYPE_CHECKING:`` imports are never run and left out)."""
+    spec = importlib.util.find_spec("plc")
+    assert spec and spec.origin
+    root = Path(spec.origin).parent
+    graph: dict[str, set[str]] = {}
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        is_init = parts[-1] == "__init__"
+        name = ".".join(parts[:-1] if is_init else parts)
+        package = name if is_init else name.rpartition(".")[0]
+        graph[name] = {m for m in imported_modules(path.read_text(encoding="utf-8"), package)
+                       if m.startswith("plc")}
+    return {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
+
+
+def test_no_module_of_plc_imports_its_importer():
+    graph = plc_import_graph()
+    assert {"plc.contract", "plc.config", "plc.modbus.regmap"} <= set(graph)
+    for start in graph:
+        path, seen, todo = {start: (start,)}, set(), [start]
+        while todo:
+            here = todo.pop()
+            for dep in sorted(graph[here]):
+                assert dep != start, f"import cycle: {' -> '.join((*path[here], start))}"
+                if dep not in seen:
+                    seen.add(dep)
+                    path[dep] = (*path[here], dep)
+                    todo.append(dep)
 
 
 def test_the_checker_sees_imports():

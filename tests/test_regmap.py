@@ -1,4 +1,5 @@
-"""plc.modbus.regmap: value codec, request planning and register-map validation.
+"""plc.modbus.codec (the value codec) and plc.modbus.regmap (request planning and
+register-map validation).
 
 Table-driven codec tests with hand-computed registers for every type and word order; the
 planner on small maps and on the default map; every validation message, exact. Pure: no
@@ -17,25 +18,27 @@ import yaml
 
 from plc.config import ConfigError
 from plc.modbus import pdu
-from plc.modbus.regmap import (
+from plc.contract import INPUT_SPECS, OUTPUT_SPECS
+from plc.modbus.codec import (
     Block,
     DataType,
-    LinkSettings,
-    PointMap,
     Table,
     WordOrder,
     apply_bits,
-    check_map,
     decode_block,
     decode_registers,
     encode_block,
     encode_registers,
+)
+from plc.modbus.regmap import (
+    LinkSettings,
+    PointMap,
+    check_map,
     load_register_map,
     plan_reads,
     plan_writes,
     poll_line_time_s,
 )
-from plc.program import INPUT_SPECS, OUTPUT_SPECS
 
 ROOT = Path(__file__).resolve().parent.parent
 MAP_FILE = ROOT / "config" / "register-map.yaml"
@@ -392,7 +395,7 @@ VALIDATION_CASES = [
      [f"{at('temp_pump', 'link')}: no such link in fieldbus.links (have io) (got 'io2')"]),
     # the I/O contract
     ({"temp_pump": {"name": "tmp_pump"}},
-     ["points[2] (tmp_pump).name: not a point of the PLC I/O contract (plc.program); did you mean "
+     ["points[2] (tmp_pump).name: not a point of the PLC I/O contract (plc.contract); did you mean "
       "temp_pump? (got 'tmp_pump')",
       "points: PLC point(s) not mapped: temp_pump"]),
     ({"temp_pump": {"name": "temp_tank_bottom"}},

@@ -14,7 +14,7 @@ import time
 from typing import Callable
 
 from plc.image import Point, ProcessImage, Quality
-from plc.program import INPUT_SPECS, SAFE_OUTPUTS
+from plc.contract import INPUT_SPECS, SAFE_OUTPUTS
 
 from .plant import Twin
 

@@ -50,8 +50,8 @@ from typing import Callable, Iterable, Sequence
 
 from plc.modbus import pdu
 from plc.modbus.pdu import ExceptionResponse, FrameError, Request
-from plc.modbus.regmap import TABLE_OF_FUNCTION, PointMap, Table, apply_bits, decode_registers, \
-    encode_registers
+from plc.modbus.codec import TABLE_OF_FUNCTION, Table, apply_bits, decode_registers, encode_registers
+from plc.modbus.regmap import PointMap
 from plc.modbus.transport import open_serial
 
 from .plant import Twin

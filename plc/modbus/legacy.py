@@ -51,7 +51,8 @@ from pydantic import ValidationError
 
 from ..configbase import _NOTHING, ConfigError, _Loader, _problems, _read_text, _show
 from . import pdu
-from .regmap import DataType, PointMap, WordOrder, _check_map
+from .codec import DataType, WordOrder
+from .regmap import PointMap, _check_map
 
 __all__ = ["COLUMNS", "OPTIONAL_COLUMNS", "dump_register_map", "import_mapping", "parse_mapping"]
 

@@ -33,7 +33,8 @@ from typing import Callable, Mapping, Sequence
 from plc.image import Point, Quality
 
 from .pdu import ExceptionResponse, FrameError
-from .regmap import Block, LinkSettings, PointMap, decode_block, encode_block, plan_reads, plan_writes
+from .codec import Block, decode_block, encode_block
+from .regmap import LinkSettings, PointMap, plan_reads, plan_writes
 from .transport import DeviceTimeout, LinkDown, LinkError, RtuTransport, TcpTransport, Transport
 
 ERROR_KINDS = ("timeout", "exception", "garbage", "disconnect")

@@ -1,8 +1,10 @@
 """The register map: which Modbus register or bit carries which PLC point, and how.
 
-One job: describe, validate, encode/decode and plan. No I/O: the links (``plc.modbus.link``)
-and the twin's slave (``twin.modbus_slave``) both use this module, so the two ends of the wire
-agree by construction and an independent client (mbpoll) checks the pair in the tests.
+One job: describe, validate and plan. No I/O: the links (``plc.modbus.link``) and the twin's
+slave (``twin.modbus_slave``) both use this module, so the two ends of the wire agree by
+construction and an independent client (mbpoll) checks the pair in the tests. How a value is
+coded into registers (types, word orders, scale / offset, packed bits) is the pure codec,
+``plc.modbus.codec``; this module holds the pydantic models of the map and its checks.
 
 Semantics of the legacy ``Mapping.csv`` (DESIGN.md §4), one entry per point:
 - ``link``: name of a link in ``fieldbus.links`` (a TCP endpoint or a serial port).
@@ -28,7 +30,7 @@ Validation, every problem at once, each naming the point and the field
   type bool, no bit twice; a bit function carries a bool; ``address`` + width <= 65536;
   ``scale`` != 0.
 - the map as a whole (``check_map``): the link exists; the name is a point of the PLC I/O
-  contract (``plc.program.INPUT_SPECS`` / ``OUTPUT_SPECS``), mapped once, every contract point
+  contract (``plc.contract.INPUT_SPECS`` / ``OUTPUT_SPECS``), mapped once, every contract point
   mapped; an input is read (1-4) and an output written (5, 6, 15, 16); a bool point has type
   bool, a float point a number type; no coil or register written by two points (two bools
   packed into one register with disjoint bits and the same function share it). Overlapping
@@ -46,9 +48,6 @@ from __future__ import annotations
 
 import difflib
 import math
-import struct
-from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Mapping, Sequence
 
@@ -76,55 +75,18 @@ from ..configbase import (
     _read_mapping,
     _validate,
 )
+from ..contract import INPUT_SPECS, OUTPUT_SPECS
 from ..image import PointType
-from ..program import INPUT_SPECS, OUTPUT_SPECS
 from . import pdu
-from .pdu import Request
+from .codec import TABLE_OF_FUNCTION, WIDE_TYPES, Block, DataType, Table, WordOrder
 
 __all__ = [
-    "Block", "DataType", "DeviceSettings", "FieldbusSettings", "LinkConfig", "LinkSettings",
-    "PointMap", "RegisterMap", "RtuLink", "TABLE_OF_FUNCTION", "Table", "TcpLink", "WordOrder",
-    "apply_bits", "check_map", "decode_block", "decode_registers", "encode_block",
-    "encode_registers", "load_register_map", "plan_reads", "plan_writes", "poll_line_time_s",
+    "DeviceSettings", "FieldbusSettings", "LinkConfig", "LinkSettings", "PointMap",
+    "RegisterMap", "RtuLink", "TcpLink", "check_map", "load_register_map", "plan_reads",
+    "plan_writes", "poll_line_time_s",
 ]
 
 
-class DataType(str, Enum):
-    BOOL = "bool"
-    INT16 = "int16"
-    UINT16 = "uint16"
-    INT32 = "int32"
-    UINT32 = "uint32"
-    FLOAT32 = "float32"
-
-
-class WordOrder(str, Enum):
-    ABCD = "ABCD"
-    CDAB = "CDAB"
-    BADC = "BADC"
-    DCBA = "DCBA"
-
-
-class Table(str, Enum):
-    """The four Modbus data tables; every function code addresses one."""
-
-    COILS = "coils"                  # 1 read, 5/15 write
-    DISCRETE_INPUTS = "discrete"     # 2 read
-    HOLDING = "holding"              # 3 read, 6/16 write
-    INPUT = "input"                  # 4 read
-
-
-TABLE_OF_FUNCTION = {1: Table.COILS, 2: Table.DISCRETE_INPUTS, 3: Table.HOLDING, 4: Table.INPUT,
-                     5: Table.COILS, 6: Table.HOLDING, 15: Table.COILS, 16: Table.HOLDING}
-
-#: struct format (big-endian) and raw range of each number type
-_FORMAT = {DataType.INT16: ">h", DataType.UINT16: ">H", DataType.INT32: ">i",
-           DataType.UINT32: ">I", DataType.FLOAT32: ">f"}
-_FLOAT32_MAX = 3.4028234663852886e38
-_RANGE = {DataType.INT16: (-0x8000, 0x7FFF), DataType.UINT16: (0, 0xFFFF),
-          DataType.INT32: (-0x80000000, 0x7FFFFFFF), DataType.UINT32: (0, 0xFFFFFFFF),
-          DataType.FLOAT32: (-_FLOAT32_MAX, _FLOAT32_MAX)}
-_WIDE = frozenset({DataType.INT32, DataType.UINT32, DataType.FLOAT32})
 _NUMBER_TYPES = ", ".join(t.value for t in DataType if t is not DataType.BOOL)
 _INTEGER_TYPES = ", ".join(t.value for t in DataType if t not in (DataType.BOOL, DataType.FLOAT32))
 _PACKED_FUNCTIONS = frozenset({3, 4, 6, 16})   # register functions: a bool may be packed in bits
@@ -167,7 +129,7 @@ class PointMap(_Frozen):
     @property
     def width(self) -> int:
         """Registers the value occupies (2 for 32-bit types), or 1 bit."""
-        return 2 if self.type in _WIDE and not self.is_bit else 1
+        return 2 if self.type in WIDE_TYPES and not self.is_bit else 1
 
     @model_validator(mode="after")
     def _consistent(self) -> PointMap:
@@ -225,7 +187,7 @@ def _check_map(indexed: Sequence[tuple[int, PointMap]], links: Mapping[str, Any]
                              f"{', '.join(links) or 'none'})", p.link))
         spec = INPUT_SPECS.get(p.name) or OUTPUT_SPECS.get(p.name)
         if spec is None:
-            problems.append(((i, "name"), "not a point of the PLC I/O contract (plc.program)"
+            problems.append(((i, "name"), "not a point of the PLC I/O contract (plc.contract)"
                              + _name_hint(p.name), p.name))
         elif p.name in first:
             j = first[p.name]
@@ -420,82 +382,7 @@ def load_register_map(path: str | Path,
     return _validate(path, _read_mapping(path), RegisterMap, context={"links": links}).points
 
 
-# --------------------------------------------------------------------------- value codec
-
-
-def _reorder(data: bytes, order: WordOrder) -> bytes:
-    """Register bytes <-> value bytes (big-endian); each order is its own inverse. On one
-    register CDAB changes nothing and BADC / DCBA swap its two bytes."""
-    if order is WordOrder.ABCD:
-        return data
-    if order is WordOrder.DCBA:
-        return data[::-1]
-    words = [data[k:k + 2] for k in range(0, len(data), 2)]
-    if order is WordOrder.CDAB:
-        return b"".join(reversed(words))
-    return b"".join(w[::-1] for w in words)         # BADC
-
-
-def decode_registers(p: PointMap, regs: Sequence[int]) -> float | bool:
-    """The engineering value of ``p`` from its ``p.width`` registers (or its one bit).
-    bool: with ``bits`` true when every listed bit is set, else when the register is not 0.
-    Numbers: raw per type and order, then ``raw * scale + offset`` as a float."""
-    if p.type is DataType.BOOL:
-        if p.bits:
-            return all(int(regs[0]) >> b & 1 for b in p.bits)
-        return bool(regs[0])
-    data = _reorder(b"".join(int(r).to_bytes(2, "big") for r in regs[:p.width]), p.order)
-    (raw,) = struct.unpack(_FORMAT[p.type], data)
-    return raw * p.scale + p.offset
-
-
-def encode_registers(p: PointMap, value: float | bool) -> tuple[int, ...]:
-    """The registers that carry ``value`` for ``p`` (inverse of ``decode_registers``).
-    Numbers: raw = round((value - offset) / scale) clamped to the type's range (float32: not
-    rounded, clamped to the float32 range). bool: 1 / 0, or the bits set / clear in an
-    otherwise empty register (a block composes shared registers, see ``encode_block``).
-    ValueError for NaN to an integer type."""
-    if p.type is DataType.BOOL:
-        return (apply_bits(p, 0, bool(value)) if p.bits else int(bool(value)),)
-    raw = (float(value) - p.offset) / p.scale
-    lo, hi = _RANGE[p.type]
-    if p.type is DataType.FLOAT32:
-        raw = raw if math.isnan(raw) else min(max(raw, lo), hi)
-    elif math.isnan(raw):
-        raise ValueError(f"{p.name}: cannot write NaN as {p.type.value}")
-    else:
-        raw = int(min(max(round(raw) if math.isfinite(raw) else raw, lo), hi))
-    data = _reorder(struct.pack(_FORMAT[p.type], raw), p.order)
-    return tuple(int.from_bytes(data[k:k + 2], "big") for k in range(0, len(data), 2))
-
-
-def apply_bits(p: PointMap, word: int, value: bool) -> int:
-    """``word`` with every bit of ``p.bits`` set (``value`` true) or cleared."""
-    mask = sum(1 << b for b in set(p.bits))
-    return (word | mask) if value else (word & ~mask & 0xFFFF)
-
-
 # --------------------------------------------------------------------------- request planning
-
-
-@dataclass(frozen=True)
-class Block:
-    """One request's worth of points: ``count`` bits or registers from ``address``."""
-
-    link: str
-    unit: int
-    function: int
-    address: int
-    count: int
-    points: tuple[PointMap, ...]
-
-    @property
-    def end(self) -> int:
-        """First address after the block."""
-        return self.address + self.count
-
-    def request(self, values: tuple = ()) -> Request:
-        return Request(self.function, self.address, self.count, tuple(values))
 
 
 def _groups(points: Sequence[PointMap]) -> dict[tuple[str, int, int], list[PointMap]]:
@@ -554,40 +441,6 @@ def plan_writes(points: Sequence[PointMap]) -> tuple[Block, ...]:
         limit = {15: pdu.MAX_WRITE_BITS, 16: pdu.MAX_WRITE_REGISTERS}.get(function, 1)
         blocks += _coalesce(key, group, 0, limit)
     return tuple(blocks)
-
-
-def decode_block(block: Block, data: Sequence) -> dict[str, float | bool]:
-    """Point name -> engineering value, from the ``block.count`` bits or registers its read
-    returned. ValueError if ``data`` has another length."""
-    if len(data) != block.count:
-        raise ValueError(f"{len(data)} values for a block of {block.count}")
-    values: dict[str, float | bool] = {}
-    for p in block.points:
-        at = p.address - block.address
-        if p.is_bit:
-            values[p.name] = bool(data[at])
-        else:
-            values[p.name] = decode_registers(p, data[at:at + p.width])
-    return values
-
-
-def encode_block(block: Block, values: Mapping[str, bool | float]) -> tuple:
-    """The ``block.count`` bits (bools) or registers (ints) that write ``values`` (one per
-    point of the block; KeyError if one is missing). A register with packed bits is composed
-    of every point of the block mapped into it; its other bits are 0."""
-    if block.function in pdu.BIT_FUNCTIONS:
-        bits = [False] * block.count
-        for p in block.points:
-            bits[p.address - block.address] = bool(values[p.name])
-        return tuple(bits)
-    words = [0] * block.count
-    for p in block.points:
-        at = p.address - block.address
-        if p.bits:
-            words[at] = apply_bits(p, words[at], bool(values[p.name]))
-        else:
-            words[at:at + p.width] = encode_registers(p, values[p.name])
-    return tuple(words)
 
 
 def poll_line_time_s(blocks: Sequence[Block], baud: int, parity: str = "none",

@@ -2,8 +2,9 @@
 (``influxd``) and VictoriaMetrics (``victoria-metrics``), each in its own directory on free ports.
 
 One job: start, stop, restart (same port, same data: for outage tests) and read back. Nothing
-here is used by the historian itself; the tests' fixtures (``tests/conftest.py``) and
-``bench/historian.py`` share this code.
+here is used by the historian itself; the tests' fixtures (``tests/conftest.py``, which imports
+it as ``servers``: ``tests/`` is on ``sys.path`` under pytest, as for ``conftest``) and
+``bench/historian.py`` (as ``tests.servers``, run from the repository root) share this code.
 
 Rules
 - Processes are started by path from ``$PATH``, with their output in ``<directory>/*.log``; they
