@@ -2,7 +2,9 @@
 
 ``InProcessTwinIo`` implements the runtime's ``PlantIo``: ``read_inputs`` turns the twin's
 current readings into good points stamped with the given clock, ``write_outputs`` stores the
-output image (applied by the twin from its next step on), ``force_safe`` drops every output.
+output image (applied by the twin from its next step on), ``force_safe`` drops every output,
+and so does ``sever(reason)`` (the hang watchdog's path, from another thread: there is no field
+connection to close in process, the reason is kept in ``last_sever``).
 In virtual time the caller advances the twin with ``advance(dt_s)`` after each scan; in real
 time ``run_realtime`` steps it by the elapsed wall time in its own task.
 """
@@ -24,6 +26,7 @@ class InProcessTwinIo:
         self.twin = twin
         self._wall = wall or (lambda: twin.time_s)
         self._outputs: dict[str, bool] = dict(SAFE_OUTPUTS)
+        self.last_sever = ""
 
     def read_inputs(self) -> ProcessImage:
         ts = self._wall()
@@ -35,6 +38,11 @@ class InProcessTwinIo:
 
     def force_safe(self) -> None:
         self._outputs = dict(SAFE_OUTPUTS)
+
+    def sever(self, reason: str) -> None:
+        """Any thread: every output off now (one assignment, nothing to wait for)."""
+        self._outputs = dict(SAFE_OUTPUTS)
+        self.last_sever = reason
 
     @property
     def outputs(self) -> dict[str, bool]:

@@ -284,6 +284,11 @@ class TwinSlave:
     def units(self) -> tuple[int, ...]:
         return tuple(self._tables)
 
+    @property
+    def tcp_clients(self) -> int:
+        """TCP connections open now."""
+        return len(self._conns)
+
     # ------------------------------------------------------------------ process image
 
     def update_inputs(self) -> None:

@@ -20,6 +20,15 @@ Failures and what they do (per block, reason on every point of the block):
 - a unit with ``demote_after`` consecutive polls without any valid reply is demoted: tried once
   (no retries) every ``demoted_poll_ms`` so that it cannot starve the other units of a shared
   RS-485 line; it is promoted again (and polled in full, outputs rewritten) when it answers.
+
+``Link.sever(reason, safe, timeout_s)`` is the one method meant for another thread, while this
+link's event loop may be blocked (the hang watchdog): it writes the safe image itself, blocking,
+within ``timeout_s`` (``transport.send_blocking``: TCP on a new connection, RTU on the open
+port), then shuts the live TCP connection down (``transport.sever``) so that the devices'
+communication watchdogs drop their outputs even if the write failed. It takes no lock and
+touches none of the task's state; when the loop runs again the task meets the closed
+connection ("link ... down: connection severed: <reason>") and reconnects with its backoff.
+Counted in ``LinkDiagnostics.severs``; what was done in ``last_sever``; it never raises.
 """
 
 from __future__ import annotations
@@ -95,6 +104,9 @@ class LinkDiagnostics:
     reconnects: int
     late_replies: int
     devices: tuple[DeviceDiagnostics, ...]
+    severs: int = 0            # Link.sever calls (the hang watchdog's emergency path)
+    last_sever: str = ""       # what the last one did; "" if none
+    last_sever_wall: float = 0.0
 
 
 @dataclass
@@ -135,11 +147,27 @@ class OutputSlot:
     def __init__(self, safe: Mapping[str, bool]):
         self.values: dict[str, bool] = dict(safe)
         self.changed = asyncio.Event()
+        self.loop: asyncio.AbstractEventLoop | None = None    # the links' loop, once running
 
     def put(self, values: Mapping[str, bool]) -> None:
+        """Any thread: from outside the links' loop the wake-up goes through the loop."""
         if dict(values) != self.values:
             self.values = dict(values)
-            self.changed.set()
+            loop = self.loop
+            if loop is None or _running_loop() is loop:
+                self.changed.set()
+            else:
+                try:
+                    loop.call_soon_threadsafe(self.changed.set)
+                except RuntimeError:       # the loop is closed: nobody waits any more
+                    pass
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 class Link:
@@ -170,6 +198,9 @@ class Link:
         self.requests_per_poll = 0
         self._poll_requests = 0
         self._connected_once = False
+        self.severs = 0
+        self.last_sever = ""
+        self.last_sever_wall = 0.0
 
     # -- diagnostics ----------------------------------------------------------------------
 
@@ -181,12 +212,13 @@ class Link:
             d.counters.last_error_wall, _percentile(list(d.counters.rtt_s), 0.5) * 1000,
             _percentile(list(d.counters.rtt_s), 0.99) * 1000, d.failures)
             for d in self.devices.values())
+        state = "down" if not self.transport.connected else \
+            "severed" if self.transport.severed else "connected"
         return LinkDiagnostics(
-            self.name, self.settings.transport, self.endpoint,
-            "connected" if self.transport.connected else "down", c.requests, dict(c.errors),
+            self.name, self.settings.transport, self.endpoint, state, c.requests, dict(c.errors),
             c.last_error, _percentile(rtt, 0.5) * 1000, _percentile(rtt, 0.99) * 1000,
             self.requests_per_poll, self.polls, self.reconnects, self.transport.late_replies,
-            devices)
+            devices, self.severs, self.last_sever, self.last_sever_wall)
 
     # -- one request ------------------------------------------------------------------------
 
@@ -320,6 +352,7 @@ class Link:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Poll until ``stop`` is set; then write the output slot once more and close."""
+        self.outputs.loop = asyncio.get_running_loop()
         backoff_s = 0.1
         cap_s = self.settings.reconnect_max_ms / 1000.0
         poll_s = self.settings.poll_ms / 1000.0
@@ -354,6 +387,35 @@ class Link:
                 backoff_s = min(backoff_s * 2, cap_s)
         await self.flush()
 
+    # -- from another thread ----------------------------------------------------------------
+
+    def sever(self, reason: str, safe: Mapping[str, bool], timeout_s: float = 0.2) -> str:
+        """Write ``safe`` to every output block now, blocking, within ``timeout_s``; then shut
+        the live connection down. Safe from any thread while the loop is blocked; never
+        raises. What was done (also in ``last_sever``)."""
+        t0 = time.monotonic()
+        try:
+            requests = [(dev.unit, block.request(encode_block(block, safe)))
+                        for dev in self.devices.values() for block in dev.writes]
+            outcomes = self.transport.send_blocking(requests, timeout_s)
+            failed = [o for o in outcomes if o is not None]
+            wrote = f"safe outputs written: {len(requests) - len(failed)} of {len(requests)} " \
+                    f"requests"
+            if failed:
+                wrote += f" ({_what(failed[0])})"
+        except Exception as e:          # a bug must not stop step 2 nor reach the watchdog
+            wrote = f"safe outputs not written: {_what(e)}"
+        try:
+            closed = "live connection shut down" if self.transport.sever(reason) else \
+                "no live connection to close" if self.settings.transport == "tcp" else \
+                "serial line left open"
+        except Exception as e:
+            closed = f"live connection not closed: {_what(e)}"
+        text = f"severed ({reason}) in {(time.monotonic() - t0) * 1000:.0f} ms: {wrote}; {closed}"
+        self.last_sever, self.last_sever_wall = text, self.wall()
+        self.severs += 1
+        return text
+
     async def flush(self) -> None:
         """Write every output block once (the last image, normally safe), then close."""
         try:
@@ -365,6 +427,10 @@ class Link:
             pass
         finally:
             await self.transport.close()
+
+
+def _what(e: BaseException) -> str:
+    return getattr(e, "reason", None) or str(e) or type(e).__name__
 
 
 async def _wait(stop: asyncio.Event, seconds: float) -> None:

@@ -12,6 +12,18 @@ write) or raises one of:
     pdu.FrameError      a reply that is not a valid reply to this request (garbage)
     pdu.ExceptionResponse  the device refused with exception code N
 
+``send_blocking(requests, timeout_s)`` and ``sever(reason)`` are the two exceptions to "one
+event loop owns the transport": both may be called from another thread while that loop is
+blocked (the hang watchdog's emergency path, ``Link.sever``). ``send_blocking`` carries
+requests synchronously within one time budget and returns one outcome per request (``None``,
+or the exception above that ended it); it never touches the loop's state. ``sever`` shuts the
+live TCP connection down (``shutdown(SHUT_RDWR)``, so the device sees it end and its
+communication watchdog drops its outputs); the loop, when it runs again, reads the end of the
+connection, the link goes down with "connection severed: <reason>" and reconnects as after any
+connection loss. On RTU there is no connection to end: ``sever`` leaves the port open (closing
+it from another thread could close a descriptor number the loop reuses meanwhile, and closes
+a pty pair made by socat for good); the device's own watchdog sees the silence.
+
 TCP: one connection, TCP_NODELAY, a reader task that matches replies to requests by
 transaction id; a late reply to a timed-out request is dropped (counted in ``late_replies``)
 and never taken for the reply to a later one. A malformed MBAP header means the stream is out
@@ -28,11 +40,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import socket
 import termios
 import time
 import tty
-from typing import Protocol
+from typing import Protocol, Sequence
 
 from . import pdu
 from .pdu import FrameError, Request
@@ -57,15 +70,31 @@ class DeviceTimeout(LinkError):
         self.timeout_s = timeout_s
 
 
+#: the outcome of one request of ``send_blocking``: None (accepted), or why not
+Outcome = Exception | None
+
+
 class Transport(Protocol):
     name: str
     late_replies: int
 
     @property
     def connected(self) -> bool: ...
+    @property
+    def severed(self) -> str: ...   # the reason of a sever the loop has not seen yet, or ""
     async def connect(self, timeout_s: float) -> None: ...
     async def transact(self, unit: int, req: Request, timeout_s: float) -> tuple: ...
     async def close(self) -> None: ...
+    def send_blocking(self, requests: Sequence[tuple[int, Request]],
+                      timeout_s: float) -> list[Outcome]: ...
+    def sever(self, reason: str) -> bool: ...
+
+
+def _check_reply(unit: int, req: Request, reply_unit: int, body: bytes) -> None:
+    """Raise FrameError / ExceptionResponse unless ``body`` is ``unit``'s reply to ``req``."""
+    if reply_unit != unit:
+        raise FrameError(f"reply from unit {reply_unit} to a request to unit {unit}")
+    pdu.decode_response(req, body)
 
 
 class TcpTransport:
@@ -77,13 +106,20 @@ class TcpTransport:
         self._task: asyncio.Task | None = None
         self._pending: dict[int, asyncio.Future] = {}
         self._tid = 0
+        self._sock = None            # the live connection's socket (asyncio's TransportSocket)
+        self._severed = ""           # set by sever() from another thread; cleared by connect()
 
     @property
     def connected(self) -> bool:
         return self._writer is not None and not self._writer.is_closing()
 
+    @property
+    def severed(self) -> str:
+        return self._severed
+
     async def connect(self, timeout_s: float) -> None:
         await self.close()
+        self._severed = ""
         try:
             async with asyncio.timeout(timeout_s):
                 reader, writer = await asyncio.open_connection(self.host, self.port)
@@ -95,7 +131,7 @@ class TcpTransport:
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._reader, self._writer = reader, writer
+        self._reader, self._writer, self._sock = reader, writer, sock
         self._task = asyncio.create_task(self._read_loop(reader))
 
     async def _read_loop(self, reader: asyncio.StreamReader) -> None:
@@ -113,9 +149,11 @@ class TcpTransport:
         except FrameError as e:
             error = FrameError(f"garbage from {self.host}:{self.port}: {e.reason}; reconnecting")
         except asyncio.IncompleteReadError:
-            error = LinkDown(self.name, f"connection closed by {self.host}:{self.port}")
+            error = LinkDown(self.name, f"connection severed: {self._severed}" if self._severed
+                             else f"connection closed by {self.host}:{self.port}")
         except OSError as e:
-            error = LinkDown(self.name, f"connection to {self.host}:{self.port}: {e.strerror or e}")
+            error = LinkDown(self.name, f"connection severed: {self._severed}" if self._severed
+                             else f"connection to {self.host}:{self.port}: {e.strerror or e}")
         except asyncio.CancelledError:
             error = LinkDown(self.name, "connection closed")
         self._drop(error)
@@ -127,11 +165,14 @@ class TcpTransport:
         self._pending.clear()
         if self._writer is not None:
             self._writer.close()
-        self._writer = None
+        self._writer = self._sock = None
 
     async def transact(self, unit: int, req: Request, timeout_s: float) -> tuple:
+        if self._severed and self._writer is not None:
+            self._drop(LinkDown(self.name, f"connection severed: {self._severed}"))
         if not self.connected:
-            raise LinkDown(self.name, "not connected")
+            raise LinkDown(self.name, f"connection severed: {self._severed}" if self._severed
+                           else "not connected")
         self._tid = (self._tid + 1) & 0xFFFF
         tid = self._tid
         fut = asyncio.get_running_loop().create_future()
@@ -151,6 +192,65 @@ class TcpTransport:
             raise FrameError(f"reply from unit {reply_unit} to a request to unit {unit}")
         return pdu.decode_response(req, body)
 
+    # -- from another thread (see the module docstring) -------------------------------------
+
+    def send_blocking(self, requests: Sequence[tuple[int, Request]],
+                      timeout_s: float) -> list[Outcome]:
+        """Send ``(unit, request)`` one after the other on a new blocking connection to the
+        endpoint, each reply awaited, all within ``timeout_s`` (connect included); one
+        outcome per request. Never raises for the network."""
+        if not requests:
+            return []
+        deadline = time.monotonic() + timeout_s
+        outcomes: list[Outcome] = []
+        try:
+            with socket.create_connection((self.host, self.port), timeout=timeout_s) as s:
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                for tid, (unit, req) in enumerate(requests, start=1):
+                    outcomes.append(self._exchange_blocking(s, tid, unit, req, deadline, timeout_s))
+                    if isinstance(outcomes[-1], LinkError):
+                        break          # out of time, or the connection is gone
+        except socket.timeout:
+            outcomes.append(LinkDown(self.name, f"connect to {self.host}:{self.port} timed out"))
+        except OSError as e:
+            outcomes.append(LinkDown(self.name, f"connect to {self.host}:{self.port}: "
+                                                f"{e.strerror or e}"))
+        last = outcomes[-1] if outcomes else None
+        outcomes += [last] * (len(requests) - len(outcomes))     # the ones never sent
+        return outcomes
+
+    def _exchange_blocking(self, s: socket.socket, tid: int, unit: int, req: Request,
+                           deadline: float, timeout_s: float) -> Outcome:
+        try:
+            s.settimeout(max(deadline - time.monotonic(), 1e-3))
+            s.sendall(pdu.mbap_frame(tid, unit, pdu.encode_request(req)))
+            while True:
+                header = _recv_exactly(s, pdu.MBAP_LEN, deadline)
+                reply_tid, reply_unit, length = pdu.mbap_header(header)
+                body = _recv_exactly(s, length, deadline)
+                if reply_tid == tid:
+                    _check_reply(unit, req, reply_unit, body)
+                    return None
+        except socket.timeout:
+            return DeviceTimeout(self.name, unit, timeout_s)
+        except (FrameError, pdu.ExceptionResponse) as e:
+            return e
+        except OSError as e:
+            return LinkDown(self.name, f"{self.host}:{self.port}: {e.strerror or e}")
+
+    def sever(self, reason: str) -> bool:
+        """Shut the live connection down (both directions) without touching the loop's
+        objects; True if there was one. The loop sees the end of the connection when it runs."""
+        sock = self._sock
+        if sock is None:
+            return False
+        self._severed = reason or "severed"
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:          # already closed by the peer or the loop
+            return False
+        return True
+
     async def close(self) -> None:
         task, self._task = self._task, None
         writer = self._writer
@@ -163,7 +263,22 @@ class TcpTransport:
                 await writer.wait_closed()
             except OSError:
                 pass
-        self._writer = None
+        self._writer = self._sock = None
+
+
+def _recv_exactly(s: socket.socket, n: int, deadline: float) -> bytes:
+    """``n`` bytes from blocking ``s`` by ``deadline`` (socket.timeout after it; OSError on EOF)."""
+    data = bytearray()
+    while len(data) < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("timed out")
+        s.settimeout(left)
+        chunk = s.recv(n - len(data))
+        if not chunk:
+            raise ConnectionResetError(0, "connection closed by the device")
+        data += chunk
+    return bytes(data)
 
 
 _BAUD = {b: getattr(termios, f"B{b}") for b in (1200, 2400, 4800, 9600, 19200, 38400, 57600,
@@ -211,6 +326,10 @@ class RtuTransport:
     @property
     def connected(self) -> bool:
         return self._fd is not None
+
+    @property
+    def severed(self) -> str:
+        return ""                # a serial line has no connection to sever (module docstring)
 
     async def connect(self, timeout_s: float) -> None:
         await self.close()
@@ -305,6 +424,86 @@ class RtuTransport:
         if reply_unit != unit:
             raise FrameError(f"reply from unit {reply_unit} to a request to unit {unit}")
         return pdu.decode_response(req, body)
+
+    # -- from another thread (see the module docstring) -------------------------------------
+
+    def send_blocking(self, requests: Sequence[tuple[int, Request]],
+                      timeout_s: float) -> list[Outcome]:
+        """Write ``(unit, request)`` frames on the open port one after the other, each reply
+        awaited, all within ``timeout_s``; one outcome per request. Only while the loop that
+        owns the port is blocked (nobody else writes): whatever is on the line first is
+        discarded after a frame gap of silence. Never raises for the line."""
+        fd = self._fd
+        if fd is None:
+            down = LinkDown(self.name, f"{self.device} not open")
+            return [down] * len(requests)
+        deadline = time.monotonic() + timeout_s
+        outcomes: list[Outcome] = []
+        try:
+            self._drain_blocking(fd, deadline)
+            for unit, req in requests:
+                outcomes.append(self._exchange_blocking(fd, unit, req, deadline, timeout_s))
+                if isinstance(outcomes[-1], LinkError):
+                    break
+        except OSError as e:
+            outcomes.append(LinkDown(self.name, f"{self.device}: {e.strerror or e}"))
+        last = outcomes[-1] if outcomes else None
+        outcomes += [last] * (len(requests) - len(outcomes))
+        self._last_tx_end = time.monotonic()     # the loop keeps a frame gap after us
+        return outcomes
+
+    def _drain_blocking(self, fd: int, deadline: float) -> None:
+        """Read and drop input until the line has been silent for one frame gap."""
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], min(self.gap_s, left))[0]:
+                return
+            try:
+                if not os.read(fd, 4096):
+                    return
+            except BlockingIOError:
+                pass
+
+    def _exchange_blocking(self, fd: int, unit: int, req: Request, deadline: float,
+                           timeout_s: float) -> Outcome:
+        frame = pdu.rtu_frame(unit, pdu.encode_request(req))
+        while frame:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return DeviceTimeout(self.name, unit, timeout_s)
+            try:
+                frame = frame[os.write(fd, frame):]
+            except BlockingIOError:
+                select.select([], [fd], [], left)
+        expected = 1 + pdu.response_pdu_length(req) + 2
+        buf = bytearray()
+        while len(buf) < expected:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                if buf:
+                    return FrameError(f"incomplete reply from unit {unit}: {len(buf)} of "
+                                      f"{expected} bytes")
+                return DeviceTimeout(self.name, unit, timeout_s)
+            try:
+                chunk = os.read(fd, expected - len(buf))
+            except BlockingIOError:
+                continue
+            if not chunk:
+                return LinkDown(self.name, f"{self.device}: end of file")
+            buf += chunk
+            if len(buf) >= 2 and buf[1] == req.function | 0x80:
+                expected = 5                     # an exception reply: unit, function, code, CRC
+        try:
+            reply_unit, body = pdu.rtu_unframe(bytes(buf[:expected]))
+            _check_reply(unit, req, reply_unit, body)
+        except (FrameError, pdu.ExceptionResponse) as e:
+            return e
+        time.sleep(self.gap_s)                   # the silence before the next frame
+        return None
+
+    def sever(self, reason: str) -> bool:
+        """Nothing to close on a serial line (see the module docstring): False."""
+        return False
 
     async def close(self) -> None:
         if self._fd is not None:
