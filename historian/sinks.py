@@ -10,7 +10,7 @@ Rules
   precision ``ns``. A replay (the batch sent again after a timeout whose answer was lost) writes
   the very same points, which InfluxDB and the local store keep once (same series and time:
   the point is overwritten). VictoriaMetrics does the same only with ``-dedup.minScrapeInterval``
-  (``historian.testservers`` starts it with ``1ms``).
+  (``tests/servers.py`` starts it with ``1ms``).
 - Bodies are gzip-compressed (``Content-Encoding: gzip``) unless ``gzip=False``.
 - Credentials (password, token) go in headers only, never in a URL, a ``name``, a message, a
   log line or an exception; anything a server echoes back is redacted too.

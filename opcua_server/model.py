@@ -47,7 +47,8 @@ from asyncua.common.instantiate_util import instantiate
 from asyncua.server.address_space import AttributeValue, NodeData
 
 from plc.alarms import AlarmState
-from plc.program import MOTOR_LIMIT_ZONE, MOTORS, OUTPUT_SPECS, ZONES, Program
+from plc.contract import MOTORS, OUTPUT_SPECS, ZONES
+from plc.program import MOTOR_LIMIT_ZONE, Program
 from plc.state import Phase
 
 TYPES_URI = "urn:open-tempering:types"

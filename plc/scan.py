@@ -24,7 +24,8 @@ from . import interlocks, sequencer
 from .commands import Command, Event
 from .image import Point, ProcessImage, Quality
 from .pid import PidState, PwmState, pid_update, pwm_step, split_range
-from .program import OUTPUT_SPECS, SAFE_OUTPUTS, Program
+from .contract import OUTPUT_SPECS, SAFE_OUTPUTS
+from .program import Program
 from .state import RUNNING, Phase, PlcState, ZoneState
 
 

@@ -27,7 +27,8 @@ from .commands import (MAX_GAIN, MAX_TRIM_K, Abort, Acknowledge, Command, Event,
                        Resume, SetManual, SetTrim, SetTuning, Shutdown, StartRecipe, Stop)
 from .interlocks import TIME_EPS_S
 from .pid import reset as pid_reset
-from .program import TANK_ZONES, Program, RecipeProgram
+from .contract import TANK_ZONES
+from .program import Program, RecipeProgram
 from .state import RUNNING, Phase, PlcState, ZoneState
 
 

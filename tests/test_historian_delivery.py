@@ -4,7 +4,7 @@ a kill -9 of the process, checked by querying the real server afterwards.
 (a) Spool + Forwarder in this process stream numbered points (field ``seq`` = 0..N-1, each with
     its own fixed ns timestamp) to InfluxDB 1.x through Influx1Sink, and to VictoriaMetrics'
     v2 write API through Influx2Sink; the server is stopped mid-stream while production goes on,
-    then started again. (b) ``python -m historian.loadgen`` streams to InfluxDB 1.x, is killed
+    then started again. (b) ``python -m bench.loadgen`` streams to InfluxDB 1.x, is killed
     with SIGKILL mid-stream (by PID) and started again on the same spool directory.
 In every case the server must hold exactly N points, every seq once.
 """
@@ -94,11 +94,11 @@ def test_outage_victoria_metrics_every_point_exactly_once(victoria_metrics, tmp_
 
 
 class LoadgenRun:
-    """``python -m historian.loadgen`` as a child process; its stdout read by a thread."""
+    """``python -m bench.loadgen`` as a child process; its stdout read by a thread."""
 
     def __init__(self, spool: Path, server, count: int, rate: float):
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "historian.loadgen", "--spool", str(spool),
+            [sys.executable, "-m", "bench.loadgen", "--spool", str(spool),
              "--sink", "influxdb1", "--url", server.url, "--database", server.database,
              "--count", str(count), "--rate", str(rate), "--progress-s", "0.05",
              "--retry-min-s", "0.05", "--retry-max-s", "0.3", "--timeout-s", "2",

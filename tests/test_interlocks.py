@@ -15,18 +15,18 @@ import pytest
 
 from plc.image import Point, Quality, bad
 from plc.interlocks import ZoneReading, evaluate, read_zone
-from plc.program import ZONES
+from plc.contract import ZONES
 
 DT = 0.1
 
 
 def conditions(program, image, *, goals=None, reached=None, working_max=None, watchdog="",
-               timers=None, stuck=None, dt=DT):
+               timers=None, stuck=None, dt=DT, window=""):
     readings = {z: read_zone(program, image, z) for z in ZONES}
     conds, timers = evaluate(
         program, image, readings, {z: False for z in ZONES} | (stuck or {}),
         goals or {z: None for z in ZONES}, {z: False for z in ZONES} | (reached or {}),
-        working_max, watchdog, timers or {}, dt)
+        working_max, watchdog, timers or {}, dt, window)
     return {c.id: c for c in conds}, timers
 
 
@@ -69,7 +69,7 @@ def test_read_zone(program, make_inputs, point, pv, fault):
 
 # --- healthy ----------------------------------------------------------------------------------
 
-ALL_IDS = {"estop", "plc.watchdog", "io.uncertain", "grid.current", "grid.phase_loss",
+ALL_IDS = {"estop", "plc.watchdog", "plc.window", "io.uncertain", "grid.current", "grid.phase_loss",
            "grid.voltage", "grid.frequency",
            *(f"motor.{m}.over_current" for m in ("mixer", "pump", "vibration")),
            *(f"zone.{z}.{k}" for z in ZONES for k in ("sensor", "over_temp", "under_temp",
@@ -92,7 +92,7 @@ def test_healthy_inputs_raise_nothing_and_every_id_is_reported(program, make_inp
 def test_trip_flags_follow_the_docstring(program, make_inputs):
     conds, _ = conditions(program, make_inputs())
     trips = {i for i, c in conds.items() if c.trip}
-    assert trips == ALL_IDS - {"io.uncertain", *(f"zone.{z}.{k}" for z in ZONES for k in (
+    assert trips == ALL_IDS - {"io.uncertain", "plc.window", *(f"zone.{z}.{k}" for z in ZONES for k in (
         "deviation_warning", "deviation_error", "above_working_max"))}
 
 
@@ -158,6 +158,14 @@ def test_watchdog(program, make_inputs):
     conds, _ = conditions(program, make_inputs(), watchdog="3 consecutive overruns")
     assert active_ids(conds) == {"plc.watchdog"}
     assert "3 consecutive overruns" in conds["plc.watchdog"].message
+
+
+def test_plant_window_lost_is_an_alarm_not_a_trip(program, make_inputs):
+    """The PLC goes on controlling without its window: an alarm to see, never a trip."""
+    conds, _ = conditions(program, make_inputs(), window="plant window silent for 3.2 s (hung?)")
+    assert active_ids(conds) == {"plc.window"}
+    assert not conds["plc.window"].trip
+    assert "plant window silent for 3.2 s" in conds["plc.window"].message
 
 
 def test_motor_without_limit_is_not_monitored(program, make_inputs):
@@ -310,10 +318,10 @@ def test_condition_ids_lists_every_condition_evaluate_raises(program):
     import re
 
     import plc.interlocks as il
-    from plc.program import MOTORS
+    from plc.contract import MOTORS
 
     ids = il.condition_ids(program)
-    assert len(ids) == len(set(ids)) == 1 + 4 * 6 + 3 + 4 + 2
+    assert len(ids) == len(set(ids)) == 1 + 4 * 6 + 3 + 4 + 3
     src = open(il.__file__).read()
     written = set()
     for lit in re.findall(r'Condition\(f?"([^"]+)"', src):

@@ -21,14 +21,8 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from opcua_server.config import load
+from machines import InProcessMachine
 from opcua_server.security import thumbprint
-from opcua_server.server import TemperingServer
-from plc.channel import SnapshotChannel
-from plc.program import Program
-from plc.runtime import Controller, MonotonicClock, Runtime, WatchdogSettings
-from twin import Twin
-from twin.inprocess import InProcessTwinIo
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = ROOT / ".npm-tools"
@@ -66,44 +60,12 @@ async def node_client(**args) -> dict:
     return result
 
 
-class Machine:
+class Machine(InProcessMachine):
     """The PLC (real time, 100 ms scan) on the in-process twin at 40 °C and the OPC UA server,
-    both in the test's event loop."""
+    both in the test's event loop, over the bridge."""
 
     def __init__(self, opcua_pki):
-        cfg, book = load()
-        self.cfg = cfg.model_copy(update={"opcua": opcua_pki.settings})
-        self.book = book
-        opcua_pki.records.seed_recipes(book)
-        self.channel = SnapshotChannel()
-        self.controller = Controller(Program.from_config(self.cfg, book, period_s=0.1), channel=self.channel)
-        self.io = InProcessTwinIo(Twin(self.cfg.twin, seed=3, initial_temp_c=40.0), wall=time.time)
-        self.server = TemperingServer(self.cfg, self.controller, self.channel, opcua_pki.records,
-                                      pki=opcua_pki.pki)
-        self.pki = opcua_pki
-        self.stop = asyncio.Event()
-        self.tasks: list[asyncio.Task] = []
-
-    async def __aenter__(self) -> "Machine":
-        await self.server.start()
-        runtime = Runtime(self.controller, self.io, MonotonicClock(), WatchdogSettings(5, 10.0))
-        self.tasks = [asyncio.create_task(runtime.run(self.stop)),
-                      asyncio.create_task(self.io.run_realtime(self.stop))]
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        self.stop.set()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-        await self.server.stop()
-
-    @property
-    def endpoint(self) -> str:
-        return self.cfg.opcua.endpoint
-
-    @property
-    def server_certificate(self) -> str:
-        """The server's own certificate (made or remade at start) for the client to trust."""
-        return str(self.pki.pki.cert_path)
+        super().__init__(opcua_pki, seed=3, initial_temp_c=40.0)
 
 
 async def js_certificate(pki_dir: Path) -> Path:

@@ -28,7 +28,8 @@ from plc.alarms import AlarmState
 from plc.config import RecipeBook
 from plc.image import PointType
 from plc.interlocks import condition_ids
-from plc.program import INPUT_SPECS, OUTPUT_SPECS, ZONES, Program
+from plc.contract import INPUT_SPECS, OUTPUT_SPECS, ZONES
+from plc.program import Program
 from plc.state import Phase
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,50 +10,14 @@ import time
 import pytest
 from asyncua import ua
 
-from opcua_server.config import load
-from opcua_server.server import TemperingServer
-from plc.channel import SnapshotChannel
-from plc.program import Program
-from plc.runtime import Controller, MonotonicClock, Runtime, WatchdogSettings
-from twin import Twin
-from twin.inprocess import InProcessTwinIo
+from machines import InProcessMachine
 
 
-class Machine:
-    """PLC (real time, 100 ms) on the in-process twin, and the OPC UA server in this loop."""
+class Machine(InProcessMachine):
+    """PLC (real time, 100 ms) on the in-process twin, and the OPC UA server, over the bridge."""
 
     def __init__(self, opcua_pki, book=None):
-        cfg, file_book = load()
-        self.cfg = cfg.model_copy(update={"opcua": opcua_pki.settings})
-        self.pki = opcua_pki
-        self.records = opcua_pki.records
-        self.records.seed_recipes(file_book)
-        self.channel = SnapshotChannel()
-        self.controller = Controller(Program.from_config(self.cfg, file_book, period_s=0.1),
-                                     channel=self.channel)
-        self.twin = Twin(self.cfg.twin, seed=2, initial_temp_c=40.0)
-        self.io = InProcessTwinIo(self.twin, wall=time.time)
-        self.stop = asyncio.Event()
-        self.server = TemperingServer(self.cfg, self.controller, self.channel, self.records,
-                                      pki=opcua_pki.pki, app_uri=opcua_pki.app_uri)
-        self.tasks = []
-
-    async def __aenter__(self):
-        await self.server.start()
-        rt = Runtime(self.controller, self.io, MonotonicClock(), WatchdogSettings(5, 10.0))
-        self.tasks = [asyncio.create_task(rt.run(self.stop)),
-                      asyncio.create_task(self.io.run_realtime(self.stop))]
-        await asyncio.sleep(0.4)
-        return self
-
-    async def __aexit__(self, *exc):
-        self.stop.set()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-        await self.server.stop()
-
-    @property
-    def nodes(self):
-        return self.server.nodes
+        super().__init__(opcua_pki, seed=2, initial_temp_c=40.0)
 
 
 async def until(predicate, timeout_s=5.0):
@@ -255,6 +219,7 @@ async def test_history_read_of_zone_temperatures_from_the_local_store(opcua_pki,
 
     store = LocalStore(tmp_path / "history.sqlite")
     t0 = float(int(time.time()) - 100)
+    from opcua_server.config import load
     machine_id = load()[0].machine.id
     store.write_lines([line("zone", {"machine": machine_id, "zone": "pump", "phase": "pouring",
                                      "batch": "b", "recipe": "dark-70"},
@@ -277,3 +242,46 @@ async def test_history_read_of_zone_temperatures_from_the_local_store(opcua_pki,
             everything = await temp.read_raw_history(start - timedelta(seconds=100), datetime.now(timezone.utc))
             assert len(everything) == 50 and all(v.Value.Value < 40 for v in everything)
     store.close()
+
+
+async def test_a_refused_start_returns_the_scans_verdict_to_the_client_and_the_audit(opcua_pki):
+    """The gate does not guess: StartRecipe while a batch runs goes to the scan, which refuses
+    it; the client gets BadInvalidState and the audit row the scan's own reason, linked to the
+    command's id (the same id the scan's verdict event carries)."""
+    async with Machine(opcua_pki) as m:
+        refusals = m.plc.channel.subscribe(maxlen=4096)
+        async with await opcua_pki.client("operator") as op:
+            parent = client_node(op, await m.server.server.get_node(
+                m.nodes.methods["StartRecipe"].nodeid).get_parent())
+            start = client_node(op, m.nodes.methods["StartRecipe"])
+            dark = ua.Variant("dark-70", ua.VariantType.String)
+            assert await status_of_call(parent, start, dark) == "Good"
+            assert await status_of_call(parent, start, dark) == "BadInvalidState"
+        rows = [a for a in m.records.audit_entries(50) if a["target"] == "StartRecipe"]
+        refused = next(a for a in rows if a["result"].startswith("BadInvalidState"))
+        assert refused["result"] == "BadInvalidState: a batch is heating; stop or abort it first"
+        assert refused["origin"] == "opcua" and refused["command_id"]
+        accepted = next(a for a in rows if a["result"] == "Good")
+        assert accepted["command_id"] and accepted["command_id"] != refused["command_id"]
+        events = [e for s in refusals.drain() for e in s.events if e.kind == "command_refused"]
+        assert any(dict(e.data)["command_id"] == refused["command_id"] for e in events)
+
+
+async def test_plc_lost_makes_every_process_value_bad_and_commands_fail_plainly(opcua_pki):
+    """The PLC stops sending (its process is gone): the window shows Bad, not stale Good; a
+    command is answered BadNoCommunication at once; the PLC's own side sees the window go."""
+    async with Machine(opcua_pki) as m:
+        async with await opcua_pki.client("operator") as op:
+            temp = client_node(op, m.nodes.zones["pump"]["Temperature"])
+            assert (await temp.read_data_value()).StatusCode.is_good()
+            m.plc_stop.set()                  # the scan ends: no more snapshots
+            await m.port.close()              # and the PLC's end of the link goes
+            await until(lambda: m.plc.status() != "")
+
+            async def bad():
+                return (await temp.read_data_value(raise_on_bad_status=False)).StatusCode.value == ua.StatusCodes.BadNoCommunication
+            await until(bad, 5.0)
+            parent = client_node(op, await m.server.server.get_node(
+                m.nodes.methods["Hold"].nodeid).get_parent())
+            assert await status_of_call(parent, client_node(op, m.nodes.methods["Hold"])) == "BadNoCommunication"
+        assert m.port.status().startswith("plant window disconnected")

@@ -15,7 +15,7 @@ import pytest
 from plc import persist
 from plc.commands import Abort, Hold, Reset, Resume, SetManual, SetTrim, StartRecipe
 from plc.persist import StateStore, read, write_atomic
-from plc.program import OUTPUT_SPECS, ZONES
+from plc.contract import OUTPUT_SPECS, ZONES
 from plc.state import Phase, PlcState, restored
 
 ALL_OFF = {n: False for n in OUTPUT_SPECS}

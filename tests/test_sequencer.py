@@ -17,7 +17,8 @@ from plc.commands import (Abort, Acknowledge, Command, Hold, Reset, Resume, SetM
                           StartRecipe, Stop)
 from plc.alarms import Alarm, AlarmState
 from plc.image import bad
-from plc.program import OUTPUT_SPECS, TANK_ZONES, ZONES, Program
+from plc.contract import OUTPUT_SPECS, TANK_ZONES, ZONES
+from plc.program import Program
 from plc.sequencer import check_command, setpoints
 from plc.state import Phase, PlcState
 

@@ -94,9 +94,9 @@ def test_yaml_twin_section_equals_the_defaults():
 
 
 def test_twin_core_imports_no_clock_and_no_io():
-    # plc.program: the I/O contract (point names); pure, itself guarded by test_purity
+    # plc.contract: the I/O contract (point names); pure, itself guarded by test_purity
     allowed = {"__future__", "math", "collections", "collections.abc", "numpy", "pydantic",
-               "twin.config", "plc.program"}
+               "twin.config", "plc.contract"}
     for name in ("plant.py", "config.py"):
         tree = ast.parse((ROOT / "twin" / name).read_text())
         for node in ast.walk(tree):

@@ -104,7 +104,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from plc.program import OUTPUT_SPECS
+from plc.contract import OUTPUT_SPECS
 from twin.config import TwinConfig
 
 __all__ = ["Twin"]
