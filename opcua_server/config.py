@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator, model_validator
 
 from plc.config import MachineConfig, RecipeBook, load_all
-from plc.configbase import _NOTHING, Flag, Int, Text, _Frozen, _Problems
+from plc.configbase import _NOTHING, Flag, Int, Number, Text, _Frozen, _Problems
 from historian.config import HistorianSettings
 from twin.config import TwinConfig
 
@@ -47,7 +47,9 @@ class OpcUaSettings(_Frozen):
     trusted and rejected certificates) and, without ``database_url``, the SQLite records
     ``tempering.db``. ``database_url`` is an SQLAlchemy URL (``postgresql+psycopg://...``).
     ``allow_none_policy`` offers the unencrypted None endpoint too, accepted only on a loopback
-    endpoint (a local engineering tool), and announced loudly at start-up."""
+    endpoint (a local engineering tool), and announced loudly at start-up. The ``login_*``
+    settings rate-limit failed logins (opcua_server.limits.LoginLimiter); ``max_*`` and
+    ``min_*_interval_ms`` bound what clients may ask of the server (opcua_server.limits)."""
 
     endpoint: Text = "opc.tcp://127.0.0.1:4840"
     data_dir: Text = "var/opcua"
@@ -56,6 +58,21 @@ class OpcUaSettings(_Frozen):
     allow_anonymous: Flag = False       # True: anonymous sessions, with the viewer role (read only)
     allow_none_policy: Flag = False
     publish_interval_ms: Annotated[Int, Field(ge=10, le=60_000)] = 100
+    # failed logins (opcua_server.limits.LoginLimiter): counted per user name, and per client
+    # certificate and per client host; a progressive delay before each further check, then a
+    # lock-out without any password check
+    login_max_failures: Annotated[Int, Field(ge=1, le=1000)] = 5        # per user name
+    login_max_failures_per_client: Annotated[Int, Field(ge=1, le=10_000)] = 20   # per certificate, per host
+    login_window_s: Annotated[Number, Field(gt=0, le=86_400)] = 300.0   # failures older than this are forgotten
+    login_lockout_s: Annotated[Number, Field(ge=0, le=86_400)] = 300.0
+    login_delay_s: Annotated[Number, Field(ge=0, le=60)] = 0.5          # after 1 failure; doubles per failure
+    login_delay_max_s: Annotated[Number, Field(ge=0, le=60)] = 8.0
+    # server limits (opcua_server.limits.apply_limits), answered with the standard StatusCodes
+    max_sessions: Annotated[Int, Field(ge=1, le=1000)] = 32                       # BadTooManySessions
+    max_subscriptions_per_session: Annotated[Int, Field(ge=1, le=1000)] = 10      # BadTooManySubscriptions
+    max_monitored_items_per_session: Annotated[Int, Field(ge=1, le=100_000)] = 2000   # BadTooManyMonitoredItems
+    min_sampling_interval_ms: Annotated[Number, Field(ge=0, le=60_000)] = 100.0   # smaller ones are revised up
+    min_publishing_interval_ms: Annotated[Number, Field(ge=0, le=60_000)] = 100.0
 
     @field_validator("endpoint")
     @classmethod

@@ -9,12 +9,18 @@ against both. Tables (created on first use):
   ``scrypt$<n>$<r>$<p>$<salt>$<key>`` (hashlib.scrypt, RFC 7914, a random 16-byte salt per user
   and per password change, base64); a check derives the key again and compares it in constant
   time (``hmac.compare_digest``). An unknown user costs the same derivation, so the time of a
-  refusal does not tell whether the name exists.
+  refusal does not tell whether the name exists. New hashes use SCRYPT_COST (OWASP Password
+  Storage Cheat Sheet minimum: N=2^17, r=8, p=1: 128 MiB, about 0.5 s on a small CPU); a hash
+  made with other parameters (the earlier N=2^14) still verifies, and is made again with
+  SCRYPT_COST at the user's next successful login.
 - ``recipes``: one row per recipe, one column per field of ``plc.config.Recipe``, validated
   through that model before they are written and again when they are read.
-- ``audit``: one row per operator action (an OPC UA write or method call): time (ISO 8601,
-  UTC), user, action, target (node or method), old value, new value, result (StatusCode name),
-  all as text.
+- ``audit``: one row per operator action (an OPC UA write or method call) and per login:
+  time (ISO 8601, UTC), user, action, target (node or method), old value, new value, result
+  (StatusCode name), and, where they apply, the PLC command it became (command_id), where it
+  came from (origin), the client's address (peer, ``host:port``) and certificate thumbprint
+  (certificate); all as text, NULL where not given. Databases made before these four columns
+  get them added on open (schema 2).
 - ``meta``: key/value (schema version; whether the recipes were seeded from recipes.yaml).
 
 Errors (RecordsError and its subclasses; each carries the data at fault):
@@ -27,8 +33,9 @@ Errors (RecordsError and its subclasses; each carries the data at fault):
         NoSuchRecipe(RecordsError, KeyError)    .recipe_id
 Database failures are SQLAlchemy's (``sqlalchemy.exc.OperationalError``...), unchanged.
 
-Calls block on the database (an fsync on SQLite; a round trip on PostgreSQL; about 70 ms of
-scrypt in ``check_password``): from asyncio code, call them with ``asyncio.to_thread``.
+Calls block on the database (an fsync on SQLite; a round trip on PostgreSQL; about 0.5 s and
+128 MiB of scrypt in ``check_password``, add_user and set_password): from asyncio code, call
+them with ``asyncio.to_thread`` (hashlib.scrypt releases the GIL).
 """
 
 from __future__ import annotations
@@ -43,11 +50,11 @@ import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 from pydantic import ValidationError
 from sqlalchemy import (Boolean, Column, Float, Integer, MetaData, String, Table, Text, create_engine,
-                        delete, func, insert, select, update)
+                        delete, func, insert, inspect, select, update)
 from sqlalchemy.engine import Engine, make_url
 
 from plc.config import Recipe, RecipeBook
@@ -56,15 +63,38 @@ from plc.configbase import _messages
 #: The roles, each with the rights of the ones before it (security.role_allows).
 ROLES: tuple[str, ...] = ("viewer", "operator", "technician", "admin")
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"     # 2: audit.command_id, origin, peer, certificate
 USER_NAME = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
 MIN_PASSWORD_LENGTH = 8
 MAX_PASSWORD_LENGTH = 1024
 
-# scrypt cost (RFC 7914): N=2^14, r=8, p=1 is 16 MiB and ~70 ms per check on a small CPU.
-# Stored with each hash, so raising it later keeps the old hashes readable.
-_SCRYPT_N, _SCRYPT_R, _SCRYPT_P, _KEY_BYTES, _SALT_BYTES = 2 ** 14, 8, 1, 32, 16
-_MAXMEM = 128 * 1024 * 1024
+
+
+class ScryptCost(NamedTuple):
+    """scrypt's cost parameters (RFC 7914): N (CPU/memory, a power of 2), r (block size),
+    p (parallelism). Memory: 128 * r * N bytes."""
+
+    n: int
+    r: int
+    p: int
+
+
+#: The cost of new hashes: the OWASP Password Storage Cheat Sheet's minimum for scrypt (N=2^17,
+#: r=8, p=1): 128 MiB and about 0.5 s per derivation on a small CPU. Stored with each hash, so
+#: changing it keeps the old hashes readable (they are re-hashed at the next successful login).
+#: Tests may lower it (monkeypatch this name); nothing else should.
+SCRYPT_COST = ScryptCost(2 ** 17, 8, 1)
+_KEY_BYTES, _SALT_BYTES = 32, 16
+#: No stored hash may ask for more memory than this (a hash changed behind our back to
+#: N=2^30 would otherwise cost 128 GiB): such a hash is refused like a wrong password.
+MAX_SCRYPT_MEMORY = 512 * 1024 * 1024
+
+
+def scrypt_memory(cost: ScryptCost) -> int:
+    """The ``maxmem`` that ``hashlib.scrypt`` needs for ``cost``: OpenSSL counts the block V
+    (128 * r * (N + 2) bytes) and B (128 * r * p bytes); one MiB of margin."""
+    n, r, p = cost
+    return 128 * r * (n + 2) + 128 * r * p + 1024 * 1024
 
 
 class RecordsError(Exception):
@@ -152,7 +182,12 @@ audit_log = Table(
     Column("old_value", Text),
     Column("new_value", Text),
     Column("result", Text, nullable=False),
+    Column("command_id", Text),     # schema 2: the PLC command an accepted action became
+    Column("origin", Text),         # schema 2: where the action came from
+    Column("peer", Text),           # schema 2: the client's host:port (logins)
+    Column("certificate", Text),    # schema 2: the client certificate's thumbprint (logins)
 )
+_AUDIT_SINCE_2 = ("command_id", "origin", "peer", "certificate")
 
 meta = Table(
     "meta", _metadata,
@@ -172,35 +207,54 @@ def _b64(data: bytes) -> str:
 
 
 def hash_password(password: str) -> str:
-    """``scrypt$n$r$p$salt$key`` of ``password`` with a fresh random salt."""
+    """``scrypt$n$r$p$salt$key`` of ``password`` with a fresh random salt, at SCRYPT_COST."""
+    cost = SCRYPT_COST
     salt = os.urandom(_SALT_BYTES)
-    key = hashlib.scrypt(password.encode("utf-8"), salt=salt, n=_SCRYPT_N, r=_SCRYPT_R, p=_SCRYPT_P,
-                         dklen=_KEY_BYTES, maxmem=_MAXMEM)
-    return f"scrypt${_SCRYPT_N}${_SCRYPT_R}${_SCRYPT_P}${_b64(salt)}${_b64(key)}"
+    key = hashlib.scrypt(password.encode("utf-8"), salt=salt, n=cost.n, r=cost.r, p=cost.p,
+                         dklen=_KEY_BYTES, maxmem=scrypt_memory(cost))
+    return f"scrypt${cost.n}${cost.r}${cost.p}${_b64(salt)}${_b64(key)}"
+
+
+def hash_cost(stored: str) -> ScryptCost | None:
+    """The cost parameters of a stored hash (None: not one of ours)."""
+    try:
+        scheme, n, r, p, _salt, _key = stored.split("$")
+        return ScryptCost(int(n), int(r), int(p)) if scheme == "scrypt" else None
+    except ValueError:
+        return None
 
 
 def verify_password(password: str, stored: str) -> bool:
     """True if ``password`` derives the key of ``stored``; the keys are compared in constant
-    time. A malformed ``stored`` is False (after the same work, so it times like a refusal)."""
+    time. A malformed ``stored`` is False (after the work of SCRYPT_COST, so it times like a
+    refusal); one asking for more than MAX_SCRYPT_MEMORY is False at once."""
     try:
         scheme, n, r, p, salt, key = stored.split("$")
         if scheme != "scrypt":
             raise ValueError(scheme)
-        n_, r_, p_ = int(n), int(r), int(p)
+        cost = ScryptCost(int(n), int(r), int(p))
         salt_b, key_b = base64.b64decode(salt, validate=True), base64.b64decode(key, validate=True)
     except ValueError:
-        n_, r_, p_, salt_b, key_b = _SCRYPT_N, _SCRYPT_R, _SCRYPT_P, b"\0" * _SALT_BYTES, b""
+        cost, salt_b, key_b = SCRYPT_COST, b"\0" * _SALT_BYTES, b""
+    if scrypt_memory(cost) > MAX_SCRYPT_MEMORY:
+        return False
     try:
-        derived = hashlib.scrypt(password.encode("utf-8", "surrogatepass"), salt=salt_b, n=n_, r=r_,
-                                 p=p_, dklen=len(key_b) or _KEY_BYTES, maxmem=_MAXMEM)
+        derived = hashlib.scrypt(password.encode("utf-8", "surrogatepass"), salt=salt_b, n=cost.n,
+                                 r=cost.r, p=cost.p, dklen=len(key_b) or _KEY_BYTES,
+                                 maxmem=scrypt_memory(cost))
     except ValueError:               # cost parameters out of range: not a hash of ours
         return False
     return hmac.compare_digest(derived, key_b)
 
 
-@functools.cache
 def _dummy_hash() -> str:
-    """A hash of a random password, checked against for unknown users (same cost as a real one)."""
+    """A hash of a random password at SCRYPT_COST, checked against for unknown users (the same
+    cost as a real, current one)."""
+    return _dummy_hash_at(SCRYPT_COST)
+
+
+@functools.cache
+def _dummy_hash_at(cost: ScryptCost) -> str:
     return hash_password(base64.b64encode(os.urandom(24)).decode())
 
 
@@ -267,7 +321,18 @@ class Records:
         with self.engine.begin() as db:
             if db.scalar(select(meta.c.value).where(meta.c.key == "schema")) is None:
                 db.execute(insert(meta).values(key="schema", value=SCHEMA_VERSION))
+            self._migrate(db)
         self._user_lock = threading.Lock()
+
+    @staticmethod
+    def _migrate(db) -> None:
+        """Schema 1 -> 2: the audit table's four nullable columns (ALTER TABLE ... ADD COLUMN,
+        the same on SQLite and PostgreSQL; old rows get NULL)."""
+        have = {c["name"] for c in inspect(db).get_columns("audit")}
+        for name in _AUDIT_SINCE_2:
+            if name not in have:
+                db.exec_driver_sql(f"ALTER TABLE audit ADD COLUMN {name} TEXT")
+        db.execute(update(meta).where(meta.c.key == "schema").values(value=SCHEMA_VERSION))
 
     def __repr__(self) -> str:
         return f"Records({self.url!r})"
@@ -331,7 +396,9 @@ class Records:
 
     def check_password(self, name: str, password: str) -> str | None:
         """The user's role if ``password`` is theirs, else None (also for an unknown user, after
-        the same scrypt work). Never raises for bad input."""
+        the same scrypt work). Never raises for bad input. A right password whose hash was made
+        with other cost parameters than SCRYPT_COST is hashed again with SCRYPT_COST and stored
+        (unless the password was changed meanwhile): one more derivation, on that login only."""
         if not isinstance(name, str) or not isinstance(password, str) or len(password) > MAX_PASSWORD_LENGTH:
             verify_password("", _dummy_hash())
             return None
@@ -341,7 +408,17 @@ class Records:
         if row is None:
             verify_password(password, _dummy_hash())
             return None
-        return row.role if verify_password(password, row.password_hash) else None
+        if not verify_password(password, row.password_hash):
+            return None
+        if hash_cost(row.password_hash) != SCRYPT_COST:
+            self._rehash(name, password, row.password_hash)
+        return row.role
+
+    def _rehash(self, name: str, password: str, old_hash: str) -> None:
+        new_hash = hash_password(password)
+        with self.engine.begin() as db:      # only if it is still the hash just verified
+            db.execute(update(users).where(users.c.name == name, users.c.password_hash == old_hash)
+                       .values(password_hash=new_hash))
 
     # ----------------------------------------------------------------------- recipes
 
@@ -390,20 +467,26 @@ class Records:
     # ----------------------------------------------------------------------- audit trail
 
     def audit(self, user: str, action: str, target: str, old: object, new: object, result: str,
-              time_s: float) -> None:
-        """Record one action: ``time_s`` in seconds since the epoch (UTC); ``action`` "write" or
-        "call"; ``target`` the node or method; ``old``/``new`` stored as text (None stays
-        NULL); ``result`` the StatusCode's name ("Good", "BadUserAccessDenied"...)."""
+              time_s: float, *, command_id: str = "", origin: str = "", peer: str = "",
+              certificate: str = "") -> None:
+        """Record one action: ``time_s`` in seconds since the epoch (UTC); ``action`` "write",
+        "call" or "login"; ``target`` the node or method; ``old``/``new`` stored as text (None
+        stays NULL); ``result`` the StatusCode's name ("Good", "BadUserAccessDenied: ...").
+        Optional, NULL when empty: ``command_id`` (the PLC command an accepted write or call
+        became), ``origin`` (where it came from), ``peer`` (the client's ``host:port``),
+        ``certificate`` (the client certificate's thumbprint)."""
         with self.engine.begin() as db:
             db.execute(insert(audit_log).values(
                 time=_utc_text(time_s), user_name=str(user), action=str(action), target=str(target),
-                old_value=_text(old), new_value=_text(new), result=str(result)))
+                old_value=_text(old), new_value=_text(new), result=str(result),
+                command_id=str(command_id) or None, origin=str(origin) or None, peer=str(peer) or None,
+                certificate=str(certificate) or None))
 
     def audit_entries(self, limit: int = 100) -> list[dict[str, str | None]]:
         """The newest ``limit`` entries, newest first: dicts with time, user, action, target,
-        old, new, result."""
+        old, new, result, command_id, origin, peer, certificate (None where not given)."""
         with self.engine.connect() as db:
             rows = db.execute(select(audit_log).order_by(audit_log.c.id.desc()).limit(limit)).mappings()
             return [{"time": r["time"], "user": r["user_name"], "action": r["action"],
                      "target": r["target"], "old": r["old_value"], "new": r["new_value"],
-                     "result": r["result"]} for r in rows]
+                     "result": r["result"], **{k: r[k] for k in _AUDIT_SINCE_2}} for r in rows]

@@ -19,13 +19,25 @@ Layers, from the bottom:
   the SHA-1 of the DER, in hex, as OPC UA uses them (Part 4 §7.37); a unique prefix will do.
 - TemperingUserManager: asyncua's user manager interface. A wrong password, an unknown user, an
   anonymous session (unless allowed), a session on a channel without a trusted client
-  certificate: None, which asyncua answers with BadUserAccessDenied (an identity token type we
-  do not offer is refused earlier with BadIdentityTokenRejected).
+  certificate, a user name, certificate or client host locked out after failed logins
+  (limits.LoginLimiter): None, which asyncua answers with BadUserAccessDenied (an identity
+  token type we do not offer is refused earlier with BadIdentityTokenRejected). The password
+  check (scrypt, ~0.5 s) runs in a worker thread, after the limiter's delay (asyncio.sleep),
+  decided by a hook around asyncua's ActivateSession before asyncua asks ``get_user``
+  synchronously; every login, accepted or refused, is in the audit trail with the client's
+  ``host:port``, its certificate's thumbprint and the reason.
 - TemperingRuleset: asyncua's per-request permission check. Viewers may only read, browse and
   subscribe; nobody may add or delete nodes or references over the network. It also makes the
   session's user known to handlers through ``current_user()`` (see there).
-- configure_security(server, settings, records, pki): all of the above, on an asyncua Server,
-  after ``server.init()`` and before ``server.start()``.
+- configure_security(server, settings, records, pki): all of the above, and the server limits
+  of ``limits.apply_limits``, on an asyncua Server, after ``server.init()`` and before
+  ``server.start()``.
+
+asyncua 2.1 internals used (checked by the tests against a real asyncua server and client):
+``UaProcessor._process_message`` (wrapped once per process; only servers whose InternalServer
+has a ``tempering_logins`` manager are affected), its ``name`` (the peer), ``session``,
+``_connection.security_policy``, ``InternalServer.decrypt_user_token`` and
+``lookup_external_session``.
 
 Errors: PkiError(Exception) > NoSuchCertificate(PkiError, KeyError), AmbiguousCertificate,
 BadCertificateFile (a file that is not a certificate). Refusals towards clients are asyncua
@@ -35,6 +47,7 @@ BadCertificateUriInvalid) or a None user (BadUserAccessDenied).
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import datetime
 import hashlib
@@ -60,14 +73,18 @@ from asyncua.common.utils import ServiceError
 from asyncua.crypto import cert_gen
 from asyncua.crypto.permission_rules import ADMIN_TYPES, USER_TYPES, PermissionRuleset, User, UserRole
 from asyncua.crypto.validator import CertificateValidator, CertificateValidatorOptions
+from asyncua.server.internal_session import SessionState
+from asyncua.server.uaprocessor import UaProcessor
+from asyncua.ua.ua_binary import struct_from_binary
 
+from .limits import Key, LoginLimiter, apply_limits
 from .records import ROLES
 
 log = logging.getLogger(__name__)
 
 __all__ = ["ROLES", "role_allows", "Pki", "CertificateEntry", "PkiError", "NoSuchCertificate",
            "AmbiguousCertificate", "BadCertificateFile", "TemperingUser", "TemperingUserManager",
-           "TemperingRuleset", "current_user", "configure_security", "thumbprint"]
+           "LoginAttempt", "TemperingRuleset", "current_user", "configure_security", "thumbprint"]
 
 
 def role_allows(role: str | None, needed: str) -> bool:
@@ -349,66 +366,331 @@ class TemperingUser(User):
         return self.name or "anonymous"
 
 
+class LoginAttempt(NamedTuple):
+    """The answer to one login, decided before asyncua asks ``get_user``: ``user`` (None:
+    refused, for ``reason``), for the name, password digest and channel certificate it was
+    decided for."""
+
+    name: str | None
+    digest: bytes
+    certificate: bytes
+    user: TemperingUser | None
+    reason: str = ""
+
+
+#: The login being activated, set by the ActivateSession hook around asyncua's handling of it
+#: (which calls get_user synchronously in the same task).
+_attempt: contextvars.ContextVar[LoginAttempt | None] = contextvars.ContextVar(
+    "tempering_opcua_login", default=None)
+
+#: At most this many password checks at once (each scrypt takes 128 MiB and a core for ~0.5 s):
+#: a burst of logins queues here instead of taking every core and the memory.
+MAX_PARALLEL_CHECKS = 2
+
+
 class TemperingUserManager:
     """asyncua user manager over the records (never asyncua's PermissiveUserManager, which
-    lets anyone in and makes anyone named "admin" an admin).
+    lets anyone in and makes anyone named "admin" an admin), with rate-limited, audited logins
+    whose password checks never run on the event loop.
 
-    ``get_user`` is called by asyncua at ActivateSession, synchronously; ``certificate`` is
-    the client certificate of the secure channel (empty on a None channel). It returns a
-    TemperingUser, or None (asyncua: BadUserAccessDenied) for: a channel without a client
-    certificate unless ``allow_unsecured`` (the None policy is allowed); a channel certificate
-    that is not trusted (given ``pki``; the certificate given in CreateSession was checked
-    already, this checks the one that signed the channel); an anonymous session unless
-    ``allow_anonymous``; an unknown user or a wrong password (records.check_password: scrypt,
-    constant-time compare, about 70 ms).
+    Refused (asyncua answers BadUserAccessDenied), in this order, each without a password
+    check: a channel without a client certificate unless ``allow_unsecured`` (the None policy
+    is allowed); a channel certificate that is not trusted (given ``pki``; the certificate
+    given in CreateSession was checked already, this checks the one that signed the channel);
+    an anonymous session unless ``allow_anonymous``; a user name, certificate or client host
+    locked out by ``limiter`` (limits.LoginLimiter). Then, after the limiter's progressive
+    delay (an asyncio.sleep), the password: records.check_password (scrypt, constant-time
+    compare, ~0.5 s) in a worker thread, at most MAX_PARALLEL_CHECKS at once, one at a time
+    per user name; a wrong one counts against the user name, the certificate and the host.
 
-    asyncua calls ``get_user`` on the event loop the scan shares, so 70 ms of scrypt per login
-    would delay the scan by as much. A successful check is therefore remembered for
-    ``VERIFIED_TTL_S`` as an HMAC of name and password under a key that lives only in this
-    process (never the password): the same user logging in again in that time costs a
-    microsecond; a wrong password always pays the full scrypt."""
+    asyncua 2.1 calls ``get_user`` synchronously, on the event loop the scan shares, inside
+    ActivateSession. ``configure_security`` therefore installs a hook around asyncua's
+    handling of ActivateSession (``serve_activate_session``) that decides the login first,
+    awaiting the slow parts; ``get_user`` then hands out that decision. Called without the hook
+    (a test, another caller), ``get_user`` decides by itself, synchronously and without the
+    delay. The hook also writes every login, accepted or refused, to the audit trail (action
+    "login", user, peer ``host:port``, certificate thumbprint, result with the reason), and
+    ``serve_create_session`` the sessions refused earlier (an untrusted certificate: user "-").
+
+    A successful check is remembered for ``VERIFIED_TTL_S`` as an HMAC of name and password
+    under a key that lives only in this process (never the password): the same user logging in
+    again in that time costs a microsecond; a wrong password always pays the full scrypt."""
 
     VERIFIED_TTL_S = 60.0
 
     def __init__(self, records, *, pki: Pki | None = None, allow_anonymous: bool = False,
-                 allow_unsecured: bool = False, clock=time.monotonic):
+                 allow_unsecured: bool = False, limiter: LoginLimiter | None = None,
+                 clock=time.monotonic, wall_clock=time.time):
+        from .config import OpcUaSettings
+
         self._key = os.urandom(32)
         self._verified: dict[str, tuple[bytes, float]] = {}
         self._clock = clock
+        self._wall_clock = wall_clock
         self.records = records
         self.pki = pki
         self.allow_anonymous = allow_anonymous
         self.allow_unsecured = allow_unsecured
+        self.limiter = limiter if limiter is not None else LoginLimiter.from_settings(OpcUaSettings())
+        self._per_user: dict[str, list] = {}            # name -> [asyncio.Lock, users of it]
+        self._checks: asyncio.Semaphore | None = None   # made in the server's loop
 
-    def get_user(self, iserver: Any = None, username: str | None = None, password: str | None = None,
-                 certificate: Any = None) -> TemperingUser | None:
+    # ----------------------------------------------------------------------- the decision
+
+    def _digest(self, username: str | None, password: str | None) -> bytes:
+        return hmac.new(self._key, f"{username or ''}\0{password or ''}".encode("utf-8", "surrogatepass"),
+                        "sha256").digest()
+
+    def _attempt(self, username, password, certificate, user, reason="") -> LoginAttempt:
+        return LoginAttempt(username, self._digest(username, password), bytes(certificate or b""),
+                            user, reason)
+
+    def _screen(self, username: str | None, certificate: bytes) -> tuple[TemperingUser | None, str] | None:
+        """The checks without a password (blocking: reads pki/trusted). (None, reason): refused;
+        (user, ""): an allowed anonymous session; None: go on to the password."""
         if not certificate:
             if not self.allow_unsecured:
                 log.warning("refused a session on a channel without a client certificate")
-                return None
-        elif self.pki is not None and not self.pki.is_trusted(bytes(certificate)):
-            self.pki.record_rejected(bytes(certificate))
+                return None, "no client certificate"
+        elif self.pki is not None and not self.pki.is_trusted(certificate):
+            self.pki.record_rejected(certificate)
             log.warning("refused a session on a channel signed by an untrusted certificate")
-            return None
+            return None, "untrusted certificate"
         if not username:
             if self.allow_anonymous:
-                return TemperingUser(role=UserRole.User, name=None, tempering_role="viewer")
+                return TemperingUser(role=UserRole.User, name=None, tempering_role="viewer"), ""
             log.warning("refused an anonymous session")
-            return None
-        digest = hmac.new(self._key, f"{username}\0{password or ''}".encode(), "sha256").digest()
+            return None, "anonymous not allowed"
+        return None
+
+    @staticmethod
+    def _keys(username: str, certificate: bytes, peer: Any) -> list[Key]:
+        keys: list[Key] = [("user", username)]
+        if certificate:
+            keys.append(("certificate", thumbprint(certificate)))
+        if peer:
+            keys.append(("peer", str(peer[0])))
+        return keys
+
+    def _locked(self, keys: list[Key]) -> str:
+        now = self._clock()
+        until = self.limiter.locked_until(keys, now)
+        if until <= now:
+            return ""
+        log.warning("refused %s without a password check: locked out for %.0f s more",
+                    ", ".join(f"{k}={v!r}" for k, v in keys if until == self.limiter.locked_until([(k, v)], now)),
+                    until - now)
+        return f"locked out ({until - now:.0f} s left)"
+
+    def _password(self, username: str, password: str) -> str | None:
+        """The user's role if the password is right (blocking: scrypt, or the database only if
+        remembered)."""
+        digest = self._digest(username, password)
         seen = self._verified.get(username)
         now = self._clock()
         if seen is not None and now < seen[1] and hmac.compare_digest(seen[0], digest):
-            role = self.records.role_of(username)          # a role change applies at once
-        else:
-            role = self.records.check_password(username, password or "")
-            if role is not None:
-                self._verified[username] = (digest, now + self.VERIFIED_TTL_S)
+            return self.records.role_of(username)          # a role change applies at once
+        role = self.records.check_password(username, password or "")
         if role is None:
             self._verified.pop(username, None)
-            log.warning("refused user %r: unknown user or wrong password", username)
-            return None
-        return TemperingUser(role=UserRole.User, name=username, tempering_role=role)
+        else:
+            self._verified[username] = (digest, now + self.VERIFIED_TTL_S)
+        return role
+
+    def _account(self, keys: list[Key], username: str, password: str | None, certificate: bytes,
+                 role: str | None) -> LoginAttempt:
+        now = self._clock()
+        if role is None:
+            until = self.limiter.failed(keys, now)
+            log.warning("refused user %r: unknown user or wrong password%s", username,
+                        f"; locked out for {until - now:.0f} s" if until > now else "")
+            reason = "wrong password or unknown user" + (
+                f"; now locked out ({until - now:.0f} s)" if until > now else "")
+            return self._attempt(username, password, certificate, None, reason)
+        self.limiter.succeeded(("user", username), now)
+        return self._attempt(username, password, certificate,
+                             TemperingUser(role=UserRole.User, name=username, tempering_role=role))
+
+    def check(self, username: str | None, password: str | None, certificate: Any = None,
+              peer: Any = None) -> LoginAttempt:
+        """Decide a login synchronously (blocking: scrypt; no delay): for callers without an
+        event loop to keep free."""
+        certificate = bytes(certificate or b"")
+        screened = self._screen(username, certificate)
+        if screened is not None:
+            return self._attempt(username, password, certificate, *screened)
+        keys = self._keys(username, certificate, peer)
+        locked = self._locked(keys)
+        if locked:
+            return self._attempt(username, password, certificate, None, locked)
+        return self._account(keys, username, password, certificate, self._password(username, password))
+
+    async def check_async(self, username: str | None, password: str | None, certificate: Any = None,
+                          peer: Any = None) -> LoginAttempt:
+        """Decide a login without blocking the event loop: file and database reads and scrypt
+        in worker threads, the limiter's delay as an asyncio.sleep."""
+        certificate = bytes(certificate or b"")
+        screened = await asyncio.to_thread(self._screen, username, certificate)
+        if screened is not None:
+            return self._attempt(username, password, certificate, *screened)
+        keys = self._keys(username, certificate, peer)
+        entry = self._per_user.setdefault(username, [asyncio.Lock(), 0])
+        entry[1] += 1
+        try:
+            async with entry[0]:          # one check at a time per name: each sees the last one's failure
+                locked = self._locked(keys)
+                if locked:
+                    return self._attempt(username, password, certificate, None, locked)
+                delay = self.limiter.delay_s(keys, self._clock())
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                    locked = self._locked(keys)        # other names may have locked the certificate
+                    if locked:
+                        return self._attempt(username, password, certificate, None, locked)
+                if self._checks is None:
+                    self._checks = asyncio.Semaphore(MAX_PARALLEL_CHECKS)
+                async with self._checks:
+                    role = await asyncio.to_thread(self._password, username, password)
+                return self._account(keys, username, password, certificate, role)
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._per_user[username]
+
+    def get_user(self, iserver: Any = None, username: str | None = None, password: str | None = None,
+                 certificate: Any = None) -> TemperingUser | None:
+        """asyncua's question at ActivateSession: the login decided by the hook for exactly
+        these name, password and channel certificate; else decided now (blocking)."""
+        attempt = _attempt.get()
+        if (attempt is not None and attempt.name == username
+                and attempt.certificate == bytes(certificate or b"")
+                and hmac.compare_digest(attempt.digest, self._digest(username, password))):
+            return attempt.user
+        return self.check(username, password, certificate).user
+
+    # ----------------------------------------------------------------------- the hooks
+
+    async def _audit(self, user: str, peer: str, certificate: bytes, result: str, role: str | None = None) -> None:
+        """One login row, written off the event loop; a database failure is logged, never
+        raised into the session's handling."""
+        try:
+            await asyncio.to_thread(self.records.audit, user, "login", "session", None,
+                                    f"role {role}" if role else None, result, self._wall_clock(),
+                                    peer=peer, certificate=thumbprint(certificate) if certificate else "")
+        except Exception:
+            log.exception("audit record of the login of %s from %s", user, peer)
+
+    async def serve_create_session(self, processor: Any, body: Any, proceed) -> Any:
+        """Around asyncua's CreateSession: a refused one (an untrusted, expired or foreign
+        client certificate; too many sessions) in the audit trail."""
+        try:
+            return await proceed()
+        except (ServiceError, ua.UaStatusCodeError) as e:
+            try:
+                certificate = struct_from_binary(ua.CreateSessionParameters, body).ClientCertificate or b""
+            except Exception:
+                certificate = b""
+            await self._audit("-", _peer_text(processor.name), certificate, _result(e.code, ""))
+            raise
+
+    async def serve_activate_session(self, processor: Any, requesthdr: Any, body: Any, proceed) -> Any:
+        """Around asyncua's ActivateSession: decide the login here (check_async), let asyncua
+        run with that decision (get_user), audit the outcome."""
+        iserver = processor.iserver
+        session = processor.session or iserver.lookup_external_session(requesthdr.AuthenticationToken)
+        policy = processor._connection.security_policy
+        certificate = bytes(policy.peer_certificate or b"")
+        peer = _peer_text(processor.name)
+        try:
+            params = struct_from_binary(ua.ActivateSessionParameters, body)
+        except Exception:
+            return await proceed()
+        token = params.UserIdentityToken
+        if isinstance(token, ua.ExtensionObject) and token.TypeId == ua.NodeId(ua.ObjectIds.Null):
+            token = ua.AnonymousIdentityToken()             # Part 4 §5.6.3, as asyncua reads it
+        label = token.UserName if isinstance(token, ua.UserNameIdentityToken) else "anonymous"
+        attempt, reason = None, ""
+        if session is None or session.state == SessionState.Closed:
+            pass                                            # asyncua answers BadSessionIdInvalid
+        elif not _signature_ok(policy, session, params):
+            reason = "invalid client signature"
+        elif not isinstance(token, iserver.supported_tokens):
+            reason = "anonymous not allowed" if isinstance(token, ua.AnonymousIdentityToken) \
+                else f"{type(token).__name__} not offered"
+        elif isinstance(token, ua.UserNameIdentityToken):
+            try:
+                username, password = await asyncio.to_thread(iserver.decrypt_user_token, session, token)
+            except Exception:
+                reason = "invalid identity token"
+            else:
+                attempt = await self.check_async(username, password, certificate, processor.name)
+        elif isinstance(token, ua.AnonymousIdentityToken):
+            attempt = await self.check_async(None, None, certificate, processor.name)
+        context = _attempt.set(attempt)
+        try:
+            result = await proceed()
+        except Exception as e:
+            code = getattr(e, "code", ua.StatusCodes.BadInternalError)
+            await self._audit(label, peer, certificate,
+                              _result(code, attempt.reason if attempt is not None and attempt.reason else reason))
+            raise
+        finally:
+            _attempt.reset(context)
+        user = session.user if session is not None else None
+        await self._audit(label, peer, certificate, "Good", getattr(user, "tempering_role", None))
+        return result
+
+
+def _result(code: int, reason: str) -> str:
+    name = ua.StatusCode(code).name
+    return f"{name}: {reason}" if reason else name
+
+
+def _peer_text(peer: Any) -> str:
+    """``host:port`` of a socket's peer name (``[host]:port`` for IPv6)."""
+    if not peer:
+        return ""
+    host, port = str(peer[0]), peer[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _signature_ok(policy: Any, session: Any, params: Any) -> bool:
+    """The client's signature of ActivateSession, checked as asyncua will (cheap): a forged
+    request costs no password check."""
+    data = session.nonce if policy.host_certificate is None else policy.host_certificate + session.nonce
+    try:
+        policy.asymmetric_cryptography.verify(data, params.ClientSignature.Signature)
+    except Exception:
+        return False
+    return True
+
+
+_CREATE_SESSION = ua.NodeId(ua.ObjectIds.CreateSessionRequest_Encoding_DefaultBinary)
+_ACTIVATE_SESSION = ua.NodeId(ua.ObjectIds.ActivateSessionRequest_Encoding_DefaultBinary)
+
+
+def _install_session_hooks() -> None:
+    """Wrap asyncua 2.1's ``UaProcessor._process_message`` (once per process) so that a
+    server whose InternalServer has a ``tempering_logins`` (a TemperingUserManager) runs
+    CreateSession and ActivateSession through it; every other server and message is untouched."""
+    if getattr(UaProcessor._process_message, "_tempering_hook", False):
+        return
+    original = UaProcessor._process_message
+
+    async def _process_message(self, typeid, requesthdr, seqhdr, body):
+        logins = getattr(self.iserver, "tempering_logins", None)
+        if logins is None or typeid not in (_CREATE_SESSION, _ACTIVATE_SESSION):
+            return await original(self, typeid, requesthdr, seqhdr, body)
+        mine = body.copy()                  # asyncua reads ``body``; we read our own copy
+
+        def proceed():
+            return original(self, typeid, requesthdr, seqhdr, body)
+        if typeid == _CREATE_SESSION:
+            return await logins.serve_create_session(self, mine, proceed)
+        return await logins.serve_activate_session(self, requesthdr, mine, proceed)
+
+    _process_message._tempering_hook = True
+    UaProcessor._process_message = _process_message
 
 
 _current_user: contextvars.ContextVar[TemperingUser | None] = contextvars.ContextVar(
@@ -468,7 +750,9 @@ async def configure_security(server, settings, records, pki: Pki | None = None, 
     the own certificate (made on first start), the security policies of ``settings`` in Sign
     and SignAndEncrypt (and None, with a loud warning on stderr, only if allowed and the
     endpoint is loopback), the identity tokens (user name; anonymous only if allowed), the user
-    manager, the per-role ruleset and the client certificate check. Returns the user manager.
+    manager with its login limiter, audit and ActivateSession hook, the per-role ruleset, the
+    client certificate check and the server limits (limits.apply_limits). Returns the user
+    manager.
     ``settings`` is an ``opcua_server.config.OpcUaSettings``; ``pki`` defaults to
     ``Pki(settings.pki_dir)``."""
     from .config import is_loopback
@@ -498,7 +782,11 @@ async def configure_security(server, settings, records, pki: Pki | None = None, 
     server.set_identity_tokens(tokens)
     server.allow_remote_admin(False)
     manager = TemperingUserManager(records, pki=pki, allow_anonymous=settings.allow_anonymous,
-                                   allow_unsecured=settings.allow_none_policy)
+                                   allow_unsecured=settings.allow_none_policy,
+                                   limiter=LoginLimiter.from_settings(settings))
     server.iserver.set_user_manager(manager)
+    _install_session_hooks()
+    server.iserver.tempering_logins = manager
     server.set_certificate_validator(pki.validate_client)
+    apply_limits(server, settings)
     return manager

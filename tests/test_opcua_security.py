@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from sqlalchemy import text, update
 
 from opcua_server import records as records_module
-from opcua_server.cli import main
+from tempering.cli import main
 from opcua_server.config import DEFAULT_CONFIG, OpcUaSettings
 from opcua_server.records import (ROLES, InvalidRecipe, InvalidUser, LastAdmin, NoSuchRecipe, NoSuchUser,
                                   Records, UserExists)
@@ -36,6 +36,23 @@ from plc.config import ConfigError, load_all
 from conftest import MACHINE_FILE, OpcUaTestPki
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+FAST_SCRYPT = records_module.ScryptCost(2 ** 12, 8, 1)
+
+
+@pytest.fixture(autouse=True)
+def fast_scrypt(request, monkeypatch):
+    """Passwords hashed at a low cost (records.SCRYPT_COST) unless the test asks for
+    ``real_scrypt``: the real one is 0.5 s per hash, and each secured server has four users."""
+    if "real_scrypt" not in request.fixturenames:
+        monkeypatch.setattr(records_module, "SCRYPT_COST", FAST_SCRYPT)
+
+
+@pytest.fixture
+def real_scrypt():
+    """The production cost (records.SCRYPT_COST as shipped: N=2^17, r=8, p=1)."""
+    return records_module.SCRYPT_COST
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +140,7 @@ def test_wrong_password_unknown_user_and_junk_are_refused(records):
         assert records.check_password(name, password) is None, (name, password)
 
 
-def test_passwords_are_stored_only_as_salted_scrypt_hashes(records):
+def test_passwords_are_stored_only_as_salted_scrypt_hashes(records, real_scrypt):
     records.add_user("alice", "same-password-1", "admin")
     records.add_user("bob", "same-password-1", "viewer")
     with records.engine.connect() as db:
@@ -132,7 +149,7 @@ def test_passwords_are_stored_only_as_salted_scrypt_hashes(records):
     for stored in rows.values():
         assert "same-password-1" not in stored
         scheme, n, r, p, salt, key = stored.split("$")
-        assert (scheme, int(n), int(r), int(p)) == ("scrypt", 2 ** 14, 8, 1)
+        assert (scheme, int(n), int(r), int(p)) == ("scrypt", 2 ** 17, 8, 1)   # OWASP's minimum
         assert len(records_module.base64.b64decode(salt)) == 16
     assert rows["alice"] != rows["bob"]                    # a salt per user
 
@@ -171,7 +188,7 @@ def test_the_password_check_compares_in_constant_time(monkeypatch, tmp_path):
                         lambda *a, **kw: derivations.append(kw["n"]) or real_scrypt(*a, **kw))
     assert r.check_password("nobody", "alice-password") is None
     assert r.check_password("alice", "wrong-password") is None
-    assert derivations == [2 ** 14, 2 ** 14]
+    assert derivations == [FAST_SCRYPT.n, FAST_SCRYPT.n]
     r.close()
 
 
@@ -244,19 +261,26 @@ def test_audit_rows_are_text_newest_first(records):
     records.audit("olga", "write", "ns=2;s=Zones/Pump/Trim", 0.0, 0.5, "Good", t0)
     records.audit("olga", "call", "Sequencer.StartRecipe", None, "['dark-70']", "Good", t0 + 1.25)
     records.audit("victor", "write", "ns=2;s=Zones/Pump/Trim", 0.5, 3, "BadUserAccessDenied", t0 + 2)
+    records.audit("olga", "call", "Sequencer.Hold", None, "[]", "Good", t0 + 3, command_id="c-17",
+                  origin="opcua")
     entries = records.audit_entries(limit=10)
+    none = {"command_id": None, "origin": None, "peer": None, "certificate": None}
     assert entries == [
+        {"time": "2026-03-01T12:00:03.000Z", "user": "olga", "action": "call",
+         "target": "Sequencer.Hold", "old": None, "new": "[]", "result": "Good",
+         **none, "command_id": "c-17", "origin": "opcua"},
         {"time": "2026-03-01T12:00:02.000Z", "user": "victor", "action": "write",
-         "target": "ns=2;s=Zones/Pump/Trim", "old": "0.5", "new": "3", "result": "BadUserAccessDenied"},
+         "target": "ns=2;s=Zones/Pump/Trim", "old": "0.5", "new": "3", "result": "BadUserAccessDenied", **none},
         {"time": "2026-03-01T12:00:01.250Z", "user": "olga", "action": "call",
-         "target": "Sequencer.StartRecipe", "old": None, "new": "['dark-70']", "result": "Good"},
+         "target": "Sequencer.StartRecipe", "old": None, "new": "['dark-70']", "result": "Good", **none},
         {"time": "2026-03-01T12:00:00.000Z", "user": "olga", "action": "write",
-         "target": "ns=2;s=Zones/Pump/Trim", "old": "0.0", "new": "0.5", "result": "Good"},
+         "target": "ns=2;s=Zones/Pump/Trim", "old": "0.0", "new": "0.5", "result": "Good", **none},
     ]
     assert records.audit_entries(limit=1) == entries[:1]
     columns = {c.name: str(c.type) for c in records_module.audit_log.columns}
     assert columns == {"id": "INTEGER", **{c: "TEXT" for c in (
-        "time", "user_name", "action", "target", "old_value", "new_value", "result")}}
+        "time", "user_name", "action", "target", "old_value", "new_value", "result",
+        "command_id", "origin", "peer", "certificate")}}
 
 
 def test_records_url_hides_the_database_password(postgresql_url):
