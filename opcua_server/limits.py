@@ -54,7 +54,7 @@ class LoginLimiter:
 
     def __init__(self, *, max_failures: int = 5, max_failures_per_client: int = 20,
                  window_s: float = 300.0, lockout_s: float = 300.0, delay_s: float = 0.5,
-                 delay_max_s: float = 8.0, max_keys: int = 10_000):
+                 delay_max_s: float = 4.0, max_keys: int = 10_000):
         self.max_failures = max_failures
         self.max_failures_per_client = max_failures_per_client
         self.window_s = window_s

@@ -248,14 +248,15 @@ def verify_password(password: str, stored: str) -> bool:
 
 
 def _dummy_hash() -> str:
-    """A hash of a random password at SCRYPT_COST, checked against for unknown users (the same
-    cost as a real, current one)."""
+    """A stored hash at SCRYPT_COST that no password matches (a random key: one in 2^256),
+    checked against for unknown users: the same cost as a real, current one."""
     return _dummy_hash_at(SCRYPT_COST)
 
 
 @functools.cache
 def _dummy_hash_at(cost: ScryptCost) -> str:
-    return hash_password(base64.b64encode(os.urandom(24)).decode())
+    salt, key = os.urandom(_SALT_BYTES), os.urandom(_KEY_BYTES)
+    return f"scrypt${cost.n}${cost.r}${cost.p}${_b64(salt)}${_b64(key)}"
 
 
 def _check_name(name: object) -> str:

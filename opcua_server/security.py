@@ -576,16 +576,24 @@ class TemperingUserManager:
         try:
             await asyncio.to_thread(self.records.audit, user, "login", "session", None,
                                     f"role {role}" if role else None, result, self._wall_clock(),
-                                    peer=peer, certificate=thumbprint(certificate) if certificate else "")
+                                    origin="opcua", peer=peer,
+                                    certificate=thumbprint(certificate) if certificate else "")
         except Exception:
             log.exception("audit record of the login of %s from %s", user, peer)
 
     async def serve_create_session(self, processor: Any, body: Any, proceed) -> Any:
         """Around asyncua's CreateSession: a refused one (an untrusted, expired or foreign
-        client certificate; too many sessions) in the audit trail."""
+        client certificate; too many sessions) in the audit trail, and gone: asyncua 2.1 keeps
+        the session it made before the certificate check until the connection closes, where it
+        would hold one of ``max_sessions`` for a client nobody trusts."""
+        before = processor.session
         try:
             return await proceed()
         except (ServiceError, ua.UaStatusCodeError) as e:
+            made = processor.session
+            if made is not None and made is not before and made.state == SessionState.Created:
+                await made.close_session(True)
+                processor.session = before
             try:
                 certificate = struct_from_binary(ua.CreateSessionParameters, body).ClientCertificate or b""
             except Exception:

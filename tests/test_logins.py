@@ -254,7 +254,7 @@ async def test_every_login_is_audited_with_peer_address_and_certificate(opcua_pk
     for e in rows:
         host, port = e["peer"].rsplit(":", 1)
         assert host == "127.0.0.1" and 1024 <= int(port) < 65536 and port != str(opcua_pki.settings.port)
-        assert e["target"] == "session" and e["time"].endswith("Z")
+        assert e["target"] == "session" and e["origin"] == "opcua" and e["time"].endswith("Z")
     assert len({e["peer"] for e in rows}) == 5                          # a connection each
 
 
@@ -306,6 +306,22 @@ async def test_too_many_sessions_are_refused(opcua_pki):
             await second.disconnect()
         await login(opcua_pki, "admin")                 # a session closed: room again
         await first.disconnect()
+
+
+async def test_a_refused_certificate_holds_no_session(opcua_pki):
+    """asyncua makes the session before it checks the certificate; a client refused there that
+    keeps its connection open must not keep a session (it would fill max_sessions)."""
+    async with serving(opcua_pki, max_sessions=1):
+        stranger = await opcua_pki.client("admin", trusted=False)
+        await stranger.connect_socket()
+        try:
+            await stranger.send_hello()
+            await stranger.open_secure_channel()
+            with pytest.raises(ua.uaerrors.BadCertificateUntrusted):
+                await stranger.create_session()
+            await login(opcua_pki, "operator")          # the one session there is room for
+        finally:
+            stranger.disconnect_socket()
 
 
 async def test_subscriptions_monitored_items_and_intervals_are_limited(opcua_pki):
