@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import sys
+
+log = logging.getLogger(__name__)
 
 QUIT = 3
 HEARTBEAT_S = 0.25
@@ -49,67 +52,72 @@ async def run_window(args, cfg, book) -> int:
     plc = PlcClient(args.socket, lost_after_s=max(1.0, 10 * program.period_s))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    tasks = [asyncio.create_task(plc.run(stop)),
-             asyncio.create_task(_heartbeat(args.heartbeat_fd, stop))]
-    records, note = await asyncio.to_thread(open_records, cfg.opcua, book)
-    if note:
-        print(f"opc ua: {note}", flush=True)
-    history = None
-    if cfg.historian.enabled and not args.no_history:
-        from historian.service import Historian
-        from historian.spool import SpoolLocked
-        try:
-            history = Historian(cfg.historian, cfg.machine.id, plc.channel)
-        except SpoolLocked as e:
-            print(f"history: {e} (another `tempering run` on this directory?); stop it, or run "
-                  f"with --no-history", file=sys.stderr)
-            return 2
-        history.start()
-        print(f"history: {history.sink.name}, spool {cfg.historian.spool_dir}", flush=True)
-    diagnostics = history.diagnostics if history else (lambda: None)
-    opc = None
-    if not args.no_opcua:
-        from opcua_server.server import start_server
-        try:
-            opc = await start_server(cfg, plc, records, program=program, history=diagnostics,
-                                     link_names=tuple(cfg.fieldbus.links) if cfg.fieldbus else (),
-                                     history_store=history.store if history else None)
-        except (OSError, ValueError) as e:
-            print(f"opc ua: cannot start the server at {cfg.opcua.endpoint}: {e}", file=sys.stderr)
+    async with contextlib.AsyncExitStack() as undo:      # one way out, also when cancelled
+        tasks = [asyncio.create_task(_heartbeat(args.heartbeat_fd, stop))]
+
+        async def end_tasks():
             stop.set()
             await asyncio.gather(*tasks, return_exceptions=True)
-            if history is not None:
-                await asyncio.to_thread(history.stop, 0.0)
-            records.close()
-            return 2
-        print(f"opc ua: serving {cfg.opcua.endpoint} (policies "
-              f"{', '.join(cfg.opcua.security_policies)}; Sign and SignAndEncrypt; user and password)",
-              flush=True)
-    gate = opc.gate if opc is not None else Gate(None, plc, records)
-    recipe = args.recipe or cfg.machine.default_recipe
-    quit_asked = asyncio.Event()
-    console = Console(plc.channel, f"{cfg.machine.id} ({cfg.machine.name})", gate.command, recipe,
-                      quit_asked, links=plc.links, history=diagnostics)
-    tasks.append(asyncio.create_task(console.run()))
-    if args.start:
-        tasks.append(asyncio.create_task(_auto_start(plc, gate, StartRecipe(
-            args.start, user="operator", origin="auto-start"))))
-    quitting = asyncio.create_task(quit_asked.wait())
-    stopping = asyncio.create_task(stop.wait())
-    try:
+        undo.push_async_callback(end_tasks)
+        records, note = await asyncio.to_thread(open_records, cfg.opcua, book)
+        undo.callback(records.close)
+        if note:
+            print(f"opc ua: {note}", flush=True)
+        history = None
+        if cfg.historian.enabled and not args.no_history:
+            from historian.service import Historian
+            from historian.spool import SpoolLocked
+            try:
+                history = Historian(cfg.historian, cfg.machine.id, plc.channel)
+            except SpoolLocked as e:
+                print(f"history: {e} (another `tempering run` on this directory?); stop it, or run "
+                      f"with --no-history", file=sys.stderr)
+                return 2
+            history.start()
+            undo.push_async_callback(asyncio.to_thread, history.stop, 2.0)
+            print(f"history: {history.sink.name}, spool {cfg.historian.spool_dir}", flush=True)
+        diagnostics = history.diagnostics if history else (lambda: None)
+        opc = None
+        if not args.no_opcua:
+            from opcua_server.server import start_server
+            try:
+                opc = await start_server(cfg, plc, records, program=program, history=diagnostics,
+                                         link_names=tuple(cfg.fieldbus.links) if cfg.fieldbus else (),
+                                         history_store=history.store if history else None)
+            except (OSError, ValueError) as e:
+                print(f"opc ua: cannot start the server at {cfg.opcua.endpoint}: {e}", file=sys.stderr)
+                return 2
+            undo.push_async_callback(opc.stop)
+            print(f"opc ua: serving {cfg.opcua.endpoint} (policies "
+                  f"{', '.join(cfg.opcua.security_policies)}; Sign and SignAndEncrypt; user and "
+                  f"password)", flush=True)
+        gate = opc.gate if opc is not None else Gate(None, plc, records)
+        recipe = args.recipe or cfg.machine.default_recipe
+        quit_asked = asyncio.Event()
+        console = Console(plc.channel, f"{cfg.machine.id} ({cfg.machine.name})", gate.command, recipe,
+                          quit_asked, links=plc.links, history=diagnostics)
+        tasks.append(asyncio.create_task(console.run()))
+        # connect once every observer (publisher, historian, live view) is subscribed: the first
+        # snapshot carries the events of the time this window was away (alarms, verdicts)
+        tasks.append(asyncio.create_task(plc.run(stop)))
+        for t in tasks:
+            t.add_done_callback(_log_failure)
+        if args.start:
+            tasks.append(asyncio.create_task(_auto_start(plc, gate, StartRecipe(
+                args.start, user="operator", origin="auto-start"))))
+        loop.add_signal_handler(signal.SIGTERM, stop.set)     # running: stop cleanly
+        quitting = asyncio.create_task(quit_asked.wait())
+        stopping = asyncio.create_task(stop.wait())
+        tasks += [quitting, stopping]
         await asyncio.wait({quitting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
         quit_asked.set()
-        stop.set()
-        await asyncio.gather(*tasks, quitting, stopping, return_exceptions=True)
-        if opc is not None:
-            await opc.stop()
-        if history is not None:
-            await asyncio.to_thread(history.stop, 2.0)
-        records.close()
-    return QUIT if quitting.done() and not stopping.done() else 0
+        return QUIT if not stop.is_set() else 0
+
+
+def _log_failure(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("%s failed", task.get_coro().__qualname__, exc_info=task.exception())
 
 
 async def _auto_start(plc, gate, cmd) -> None:
@@ -125,9 +133,27 @@ async def _auto_start(plc, gate, cmd) -> None:
           flush=True)
 
 
+async def _until_terminated(args, cfg, book) -> int:
+    """``run_window``, cancelled by SIGTERM while it is still starting (building the address
+    space takes seconds; a stop asked meanwhile must not wait for it)."""
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    window = asyncio.create_task(run_window(args, cfg, book))
+    try:
+        return await asyncio.shield(window)
+    except asyncio.CancelledError:
+        if window.done():
+            return window.result()
+        window.cancel()              # still starting: give up what is half built
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await window
+        return 0
+
+
 def main(args, cfg, book) -> int:
     from .plc_process import die_with_parent
 
     if args.parent_pid:
         die_with_parent(args.parent_pid)
-    return asyncio.run(run_window(args, cfg, book))
+    return asyncio.run(_until_terminated(args, cfg, book))

@@ -329,7 +329,7 @@ def test_plc_and_twin_as_two_processes(tmp_path, free_port):
     try:
         assert "listening" in twin.stdout.readline()
         run = subprocess.run([bin_dir / "tempering", "run", "--plant", "modbus", "--config", machine,
-                              "--duration-s", "4", "--state-file", tmp_path / "state.json"],
+                              "--duration-s", "15", "--state-file", tmp_path / "state.json", "--no-opcua"],
                              capture_output=True, text=True, timeout=60)
         assert run.returncode == 0, run.stdout + run.stderr
         assert "phase: idle -> heating" in run.stdout
