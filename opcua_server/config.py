@@ -67,6 +67,9 @@ class OpcUaSettings(_Frozen):
     login_lockout_s: Annotated[Number, Field(ge=0, le=86_400)] = 300.0
     login_delay_s: Annotated[Number, Field(ge=0, le=60)] = 0.5          # after 1 failure; doubles per failure
     login_delay_max_s: Annotated[Number, Field(ge=0, le=60)] = 4.0     # below clients' request timeouts
+    # password checks at once: each takes a core and 128 MiB for ~0.5 s (scrypt); 1 leaves the
+    # other cores to the PLC, a burst of logins queues
+    login_max_parallel_checks: Annotated[Int, Field(ge=1, le=64)] = 1
     # server limits (opcua_server.limits.apply_limits), answered with the standard StatusCodes
     max_sessions: Annotated[Int, Field(ge=1, le=1000)] = 32                       # BadTooManySessions
     max_subscriptions_per_session: Annotated[Int, Field(ge=1, le=1000)] = 10      # BadTooManySubscriptions

@@ -383,11 +383,6 @@ class LoginAttempt(NamedTuple):
 _attempt: contextvars.ContextVar[LoginAttempt | None] = contextvars.ContextVar(
     "tempering_opcua_login", default=None)
 
-#: At most this many password checks at once (each scrypt takes 128 MiB and a core for ~0.5 s):
-#: a burst of logins queues here instead of taking every core and the memory.
-MAX_PARALLEL_CHECKS = 2
-
-
 class TemperingUserManager:
     """asyncua user manager over the records (never asyncua's PermissiveUserManager, which
     lets anyone in and makes anyone named "admin" an admin), with rate-limited, audited logins
@@ -400,8 +395,9 @@ class TemperingUserManager:
     an anonymous session unless ``allow_anonymous``; a user name, certificate or client host
     locked out by ``limiter`` (limits.LoginLimiter). Then, after the limiter's progressive
     delay (an asyncio.sleep), the password: records.check_password (scrypt, constant-time
-    compare, ~0.5 s) in a worker thread, at most MAX_PARALLEL_CHECKS at once, one at a time
-    per user name; a wrong one counts against the user name, the certificate and the host.
+    compare, ~0.5 s and 128 MiB) in a worker thread, at most ``parallel_checks`` at once (a
+    burst of logins queues instead of taking every core and the memory), one at a time per
+    user name; a wrong one counts against the user name, the certificate and the host.
 
     asyncua 2.1 calls ``get_user`` synchronously, on the event loop the scan shares, inside
     ActivateSession. ``configure_security`` therefore installs a hook around asyncua's
@@ -420,7 +416,7 @@ class TemperingUserManager:
 
     def __init__(self, records, *, pki: Pki | None = None, allow_anonymous: bool = False,
                  allow_unsecured: bool = False, limiter: LoginLimiter | None = None,
-                 clock=time.monotonic, wall_clock=time.time):
+                 parallel_checks: int = 1, clock=time.monotonic, wall_clock=time.time):
         from .config import OpcUaSettings
 
         self._key = os.urandom(32)
@@ -433,6 +429,7 @@ class TemperingUserManager:
         self.allow_unsecured = allow_unsecured
         self.limiter = limiter if limiter is not None else LoginLimiter.from_settings(OpcUaSettings())
         self._per_user: dict[str, list] = {}            # name -> [asyncio.Lock, users of it]
+        self.parallel_checks = parallel_checks
         self._checks: asyncio.Semaphore | None = None   # made in the server's loop
 
     # ----------------------------------------------------------------------- the decision
@@ -548,7 +545,7 @@ class TemperingUserManager:
                     if locked:
                         return self._attempt(username, password, certificate, None, locked)
                 if self._checks is None:
-                    self._checks = asyncio.Semaphore(MAX_PARALLEL_CHECKS)
+                    self._checks = asyncio.Semaphore(self.parallel_checks)
                 async with self._checks:
                     role = await asyncio.to_thread(self._password, username, password)
                 return self._account(keys, username, password, certificate, role)
@@ -791,7 +788,8 @@ async def configure_security(server, settings, records, pki: Pki | None = None, 
     server.allow_remote_admin(False)
     manager = TemperingUserManager(records, pki=pki, allow_anonymous=settings.allow_anonymous,
                                    allow_unsecured=settings.allow_none_policy,
-                                   limiter=LoginLimiter.from_settings(settings))
+                                   limiter=LoginLimiter.from_settings(settings),
+                                   parallel_checks=settings.login_max_parallel_checks)
     server.iserver.set_user_manager(manager)
     _install_session_hooks()
     server.iserver.tempering_logins = manager

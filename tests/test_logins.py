@@ -98,6 +98,27 @@ def test_the_limiter_forgets_the_oldest_keys_beyond_its_bound():
     assert lim.failures([("user", "made-up-0")], 1.0) == 0
 
 
+def test_the_user_manager_refuses_a_locked_user_without_a_password_check(tmp_path):
+    """The same rules without an event loop (get_user called directly): virtual time, no delay."""
+    from opcua_server.security import TemperingUserManager
+
+    r = Records(f"sqlite:///{tmp_path / 'r.db'}")
+    r.add_user("alice", "alice-password", "operator")
+    checks, now = [], [0.0]
+    check = r.check_password
+    r.check_password = lambda n, p: checks.append(n) or check(n, p)
+    um = TemperingUserManager(r, allow_unsecured=True, limiter=limiter(lockout_s=30.0), clock=lambda: now[0])
+    for _ in range(3):
+        assert um.check("alice", "wrong-password", peer=("10.0.0.7", 50000)).user is None
+    attempt = um.check("alice", "alice-password", peer=("10.0.0.7", 50001))
+    assert attempt.user is None and attempt.reason == "locked out (30 s left)"
+    assert um.get_user(None, "alice", "alice-password") is None
+    assert checks == ["alice"] * 3                                  # no scrypt while locked
+    now[0] = 30.0
+    assert um.get_user(None, "alice", "alice-password").tempering_role == "operator"
+    r.close()
+
+
 # --------------------------------------------------------------------------- scrypt's cost
 
 
@@ -280,7 +301,7 @@ async def test_password_checks_do_not_block_the_event_loop(opcua_pki, real_scryp
         took = time.perf_counter() - started
         stop.set()
         await task
-    assert took >= 2 * scrypt_s * 0.8               # four checks, two at a time: they did run
+    assert took >= 4 * scrypt_s * 0.8               # four checks, one at a time: they did run
     assert max(gaps) < scrypt_s / 2, (max(gaps), scrypt_s)
 
 
