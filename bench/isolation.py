@@ -145,8 +145,9 @@ class Run:
     """``tempering run`` in its own process group; its stdout read line by line, with the pid of
     each child as the supervisor announces it."""
 
-    def __init__(self, machine: Machine):
+    def __init__(self, machine: Machine, priority: str = "auto"):
         self.m = machine
+        self.priority = priority
         self.proc: asyncio.subprocess.Process | None = None
         self.lines: list[tuple[float, str]] = []        # (wall time received, line)
         self.pids: dict[str, int] = {}
@@ -161,8 +162,8 @@ class Run:
         self.proc = await asyncio.create_subprocess_exec(
             *_tempering(), "run", "--config", str(self.m.machine_file), "--state-file", str(self.m.state_file),
             "--initial-temp-c", str(INITIAL_TEMP_C), "--scan-log", str(self.m.scan_log),
-            cwd=self.m.workdir, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=errlog, start_new_session=True)
+            "--priority", self.priority, cwd=self.m.workdir, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=errlog, start_new_session=True)
         errlog.close()
         self._reader = asyncio.create_task(self._read())
 
@@ -613,7 +614,7 @@ class OutputPoller:
 async def scenario_kill_window(run: Run, m: Machine, cert, key, password) -> dict:
     pid = run.pids["window"]
     n = len(run.lines)
-    t_wall, t0 = time.time(), time.monotonic()
+    t_wall = time.time()
     os.kill(pid, signal.SIGKILL)
     took = await good_read(m, cert, key, password, 60.0)
     t_good = time.time()
@@ -623,7 +624,6 @@ async def scenario_kill_window(run: Run, m: Machine, cert, key, password) -> dic
     r = scan_stats(recs, t_wall, t_good + 1.0)
     r.update({"window_restart_s": took, "killed_pid": pid, "new_pid": run.pids.get("window"),
               "supervisor_restart_line_s": restarted[0] - t_wall})
-    _ = t0
     return r
 
 
@@ -727,7 +727,7 @@ def spool_backlog_bytes(directory: Path) -> int:
 
 async def run_one(tmp: Path, cert: Path, key: Path, password: str, args, out: dict) -> None:
     m = Machine(tmp / "run1", cert, password)
-    run = Run(m)
+    run = Run(m, args.priority)
     scen = out["scenarios"]
     try:
         await run.start()
@@ -816,7 +816,7 @@ async def run_two(tmp: Path, cert: Path, key: Path, password: str, args, out: di
     m = Machine(tmp / "run2", cert, password)
     avg = await asyncio.to_thread(fill_spool, m, args.backlog_lines)
     start_bytes = spool_backlog_bytes(m.spool_dir)
-    run = Run(m)
+    run = Run(m, args.priority)
     try:
         await run.start()
         t_window, _ = await run.wait_line(r"supervisor: window started", 0, 30.0)
@@ -864,7 +864,8 @@ async def run_two(tmp: Path, cert: Path, key: Path, password: str, args, out: di
 
 
 async def measure(args) -> dict:
-    out: dict = {"scenarios": {}, "cores": os.cpu_count(), "period_ms": PERIOD_S * 1e3}
+    out: dict = {"scenarios": {}, "cores": os.cpu_count(), "period_ms": PERIOD_S * 1e3,
+                 "priority_asked": args.priority}
     with tempfile.TemporaryDirectory(prefix="bench-isolation-") as tmp:
         tmp = Path(tmp)
         cert, key = client_certificate(tmp / "client-pki")
@@ -916,6 +917,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backlog-lines", type=int, default=100_000)
     ap.add_argument("--drain-limit-s", type=float, default=300.0)
     ap.add_argument("--after-s", type=float, default=10.0, help="idle after the historian drain")
+    ap.add_argument("--priority", choices=("auto", "realtime", "nice", "none"), default="auto",
+                    help="the PLC process's scheduling, passed to tempering run (default auto)")
     ap.add_argument("--skip", nargs="*", default=[], help="scenarios to leave out")
     ap.add_argument("--keep", metavar="DIR", help="copy the temporary directory (logs) here at the end")
     ap.add_argument("--worker", metavar="SPEC", help=argparse.SUPPRESS)
