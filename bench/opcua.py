@@ -22,7 +22,9 @@ trusted client certificate, user name and password); one run measures:
 - ``notifications_per_s``: data-change notifications delivered to ``--clients`` (10) asyncua
   clients, each in its own session and subscription (100 ms publishing) on every data variable of
   the machine, while the PLC scans at 100 ms on the in-process twin running the default recipe, in
-  the server's process and event loop as in ``tempering run``. The clients run in a child process
+  the server's process and event loop (over the bridge, ``plc.bridge``, on a Unix socket): the
+  server's own cost, side by side with the idle scan. ``tempering run`` runs the PLC in a process
+  of its own; ``bench.isolation`` measures that. The clients run in a child process
   (``--clients-worker``), as a SCADA would on another machine; they count for ``--seconds`` once
   subscribed and past the initial values.
 - ``late_ms_p99_idle`` / ``late_ms_p99_loaded``: the scan's lateness p99 (wake-up minus its
@@ -58,7 +60,7 @@ from opcua_server.config import DEFAULT_CONFIG, load
 from opcua_server.records import Records
 from opcua_server.security import Pki
 from opcua_server.server import TemperingServer
-from plc.channel import SnapshotChannel
+from plc.bridge import PlcClient, WindowPort
 from plc.commands import StartRecipe
 from plc.interlocks import condition_ids
 from plc.program import Program
@@ -130,7 +132,7 @@ def machine_files(directory: Path, opcua_port: int, modbus_port: int) -> Path:
 
 def _tempering() -> list[str]:
     script = Path(sys.executable).parent / "tempering"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "opcua_server.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "tempering.cli"]
 
 
 async def _first_good_read(proc, t0: float, endpoint: str, cert: Path, key: Path, server_cert: Path,
@@ -341,17 +343,22 @@ async def load_run(cfg, book, tmp: Path, clients: int, seconds: float) -> dict:
     pki.trust(cert)
 
     program = Program.from_config(cfg, book, period_s=PERIOD_S)
-    channel = SnapshotChannel()
-    controller = Controller(program, channel=channel)
+    controller = Controller(program)
     expected = int((2 * seconds + 120) / PERIOD_S)
     controller.stats = ScanStats(window=10 * expected)     # every sample of the run is kept
     io = InProcessTwinIo(Twin(cfg.twin, seed=7, initial_temp_c=45.0), wall=time.time)
-    server = TemperingServer(cfg, controller, channel, records, pki=pki)
+    port = WindowPort(tmp / "plc.sock", controller.submit, on_recipes=controller.set_recipes)
+    controller.channel = port
+    await port.start()
+    plc = PlcClient(tmp / "plc.sock")
+    server = TemperingServer(cfg, plc, records, program=program, pki=pki)
     await server.start()
     stop = asyncio.Event()
     runtime = Runtime(controller, io, MonotonicClock(), WatchdogSettings(
-        cfg.scan.watchdog_max_consecutive_overruns, cfg.scan.watchdog_max_cycle_factor))
-    tasks = [asyncio.create_task(runtime.run(stop)), asyncio.create_task(io.run_realtime(stop))]
+        cfg.scan.watchdog_max_consecutive_overruns, cfg.scan.watchdog_max_cycle_factor),
+        window=port.status)
+    tasks = [asyncio.create_task(runtime.run(stop)), asyncio.create_task(io.run_realtime(stop)),
+             asyncio.create_task(plc.run(stop))]
     controller.submit(StartRecipe(cfg.machine.default_recipe, user="bench"))
     stats = controller.stats
     windows: dict[str, list[tuple[int, int]]] = {"idle": [], "connecting": [], "loaded": []}
@@ -400,6 +407,7 @@ async def load_run(cfg, book, tmp: Path, clients: int, seconds: float) -> dict:
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
         await server.stop()
+        await port.close()
         records.close()
 
     late = list(stats.late_s)

@@ -18,7 +18,7 @@ import pytest
 import pytest_asyncio
 from asyncua import Server, ua
 
-from opcua_server.cli import main
+from tempering.cli import main
 from opcua_server.config import load
 from opcua_server.model import (ALARM_STATE_VALUES, MACHINE_URI_PREFIX, PHASE_VALUES, POINT_PATHS,
                                 RECIPE_FIELDS, TYPE_IDS, TYPES_NODESET, TYPES_URI, Writable,
