@@ -52,6 +52,7 @@ bench: $(STAMP)
 	$(PY) -m bench.modbus
 	$(PY) -m bench.historian
 	$(PY) -m bench.opcua
+	$(PY) -m bench.isolation
 
 clean:
 	rm -rf $(VENV) var

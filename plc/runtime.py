@@ -43,6 +43,7 @@ class PlantIo(Protocol):
     def read_inputs(self) -> ProcessImage: ...
     def write_outputs(self, outputs: ProcessImage) -> None: ...
     def force_safe(self) -> None: ...
+    def sever(self, reason: str) -> None: ...   # from another thread: reach the machine without the loop
 
 
 class Clock(Protocol):
@@ -240,9 +241,7 @@ class HangWatchdog:
             if late and armed:
                 self.fired += 1
                 self.io.force_safe()
-                sever = getattr(self.io, "sever", None)
-                if sever is not None:
-                    sever(f"no scan completed for {self.timeout_s * 1e3:.0f} ms")
+                self.io.sever(f"no scan completed for {self.timeout_s * 1e3:.0f} ms")
             armed = not late
 
     def stop(self) -> None:
