@@ -22,7 +22,8 @@ user. Messages are tuples:
 Rules (DESIGN.md §2):
 - The scan only calls ``WindowPort.publish``: O(events), never waits, never pickles. A snapshot
   not yet sent is replaced by a newer one; the events of the one dropped travel with its
-  successor (an alarm transition or a verdict is never lost), and the drop is counted.
+  successor (an alarm transition or a verdict is not lost), and the drop is counted. While no
+  window reads, at most ``MAX_CARRIED_EVENTS`` wait (the oldest beyond are dropped, counted).
 - Pickling and sending run on the PLC's loop between scans; at most one frame is in the
   transport beyond its small high-water mark, so a slow or stopped window costs the PLC nothing
   but dropped snapshots.
@@ -142,6 +143,7 @@ class WindowPort:
         self.started_s = clock()
         self.last: Snapshot | None = None
         self.dropped = 0               # snapshots replaced before they were sent
+        self.events_dropped = 0        # events beyond MAX_CARRIED_EVENTS while no window read
         self.connects = 0
         self.commands = 0
         self._pending: Snapshot | None = None
@@ -163,7 +165,10 @@ class WindowPort:
         if self._pending is not None:
             self.dropped += 1
             carried = self._pending.events + snap.events
-            snap = snap.with_events(carried[-MAX_CARRIED_EVENTS:])
+            if len(carried) > MAX_CARRIED_EVENTS:
+                self.events_dropped += len(carried) - MAX_CARRIED_EVENTS
+                carried = carried[-MAX_CARRIED_EVENTS:]
+            snap = snap.with_events(carried)
         self._pending = snap
         self._wake.set()
 
@@ -254,7 +259,7 @@ class WindowPort:
     def _send_pending(self, writer: asyncio.StreamWriter) -> None:
         snap, self._pending = self._pending, None
         if snap is not None:
-            extra: dict[str, Any] = {"dropped": self.dropped}
+            extra: dict[str, Any] = {"dropped": self.dropped, "events_dropped": self.events_dropped}
             now = self.clock()
             if now - self._links_at >= LINKS_EVERY_S:
                 self._links_at = now
