@@ -68,8 +68,10 @@ class Publisher:
                  sessions: Callable[[], tuple[int, int]] = lambda: (0, 0),
                  emit_alarm_event: Callable[..., Any] | None = None,
                  zone_settings: Callable[[], Mapping[str, Mapping[str, float]]] = lambda: {},
-                 plc_status: Callable[[], str] = lambda: ""):
+                 plc_status: Callable[[], str] = lambda: "",
+                 plc_info: Callable[[], tuple[str, int]] = lambda: ("", 0)):
         self.plc_status = plc_status
+        self.plc_info = plc_info
         self.plc_lost = ""
         self.server = server
         self.nodes = nodes
@@ -195,6 +197,11 @@ class Publisher:
             if key in d and stat in st:
                 v = st[stat]
                 await self._set(d[key], int(v) if vtype is ua.VariantType.UInt64 else float(v), vtype)
+        scheduling, dropped = self.plc_info()
+        if "Scan.Scheduling" in d:
+            await self._set(d["Scan.Scheduling"], scheduling, ua.VariantType.String)
+        if "Scan.SnapshotsDropped" in d:
+            await self._set(d["Scan.SnapshotsDropped"], int(dropped), ua.VariantType.UInt64)
         for link in self.links():
             p = f"Links.{link.name}."
             for key, value, vtype in (

@@ -103,7 +103,9 @@ class TemperingServer:
                                    interval_s=self.settings.publish_interval_ms / 1000.0,
                                    links=self.links, history=self.history, sessions=self._sessions,
                                    emit_alarm_event=self._emit_alarm_event,
-                                   zone_settings=self._zone_settings, plc_status=self.plc.status)
+                                   zone_settings=self._zone_settings, plc_status=self.plc.status,
+                                   plc_info=lambda: (self.plc.info.get("scheduling", ""),
+                                                     self.plc.plc_dropped))
         self._event_gen = None
 
     async def start(self) -> None:

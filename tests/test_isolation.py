@@ -116,6 +116,13 @@ def test_kill_9_of_the_window_the_plc_keeps_scanning_and_clients_come_back(tmp_p
             raise AssertionError(f"no Good read within {timeout_s:g} s:\n{run.output[-4000:]}")
 
         asyncio.run(good_again(30))
+
+        async def scheduling() -> str:
+            async with await opcua_pki.client("viewer") as client:
+                ns = await client.get_namespace_index("urn:open-tempering:machine:tempering-01")
+                return await client.get_node(ua.NodeId("Machine.Diagnostics.Scan.Scheduling", ns)).read_value()
+        got = run.wait_for(r"plc: pid \d+, scan 100 ms, scheduling (.+); plant").group(1)
+        assert asyncio.run(scheduling()) == got          # what the PLC got, in the diagnostics
         mark = len(run.lines)
         size_before = scan_log.stat().st_size
         os.kill(window_pid, signal.SIGKILL)

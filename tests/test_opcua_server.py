@@ -284,4 +284,4 @@ async def test_plc_lost_makes_every_process_value_bad_and_commands_fail_plainly(
             parent = client_node(op, await m.server.server.get_node(
                 m.nodes.methods["Hold"].nodeid).get_parent())
             assert await status_of_call(parent, client_node(op, m.nodes.methods["Hold"])) == "BadNoCommunication"
-        assert m.port.status().startswith("plant window disconnected")
+        await until(lambda: m.port.status().startswith("plant window disconnected"))
