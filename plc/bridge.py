@@ -19,7 +19,7 @@ user. Messages are tuples:
                     ("recipes", book)            the records' recipe book (on connect, on change)
                     ("beat",)                    the window is alive, every ``BEAT_S``
 
-Rules (DESIGN.md §2):
+Rules:
 - The scan only calls ``WindowPort.publish``: O(events), never waits, never pickles. A snapshot
   not yet sent is replaced by a newer one; the events of the one dropped travel with its
   successor (an alarm transition or a verdict is not lost), and the drop is counted. While no

@@ -3,7 +3,7 @@
 ``Snapshot`` is immutable: everything an observer (the terminal view, the OPC UA publisher,
 the historian) may read about one scan. ``SnapshotChannel.publish`` is O(subscribers) and never
 waits: each subscriber has a bounded deque; when it is full the oldest snapshot is dropped and
-counted (a slow observer loses intermediate snapshots, the scan never waits — DESIGN.md §2 rule 3).
+counted (a slow observer loses intermediate snapshots, the scan never waits).
 """
 
 from __future__ import annotations

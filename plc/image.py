@@ -5,7 +5,7 @@ Rules:
   new one each cycle (one writer), observers keep whatever snapshot they were handed.
 - Every point carries a :class:`Quality` (good / uncertain / bad, with a reason) and the source
   timestamp of its value in seconds (the clock of whoever produced it; the core never reads a
-  clock). A dead device is a bad point, never a silently stale value (DESIGN.md §2 rule 4).
+  clock). A dead device is a bad point, never a silently stale value.
 - Points are typed (bool / int / float): ``PointSpec.check`` refuses a value of the wrong type,
   so a register decoded as the wrong type fails at the edge, not inside the logic.
 """

@@ -3,9 +3,9 @@
 The scan never sees YAML or pydantic models: ``Program.from_config`` reads the validated
 configuration once and keeps only what the logic needs, in plain frozen dataclasses. The PLC's
 I/O contract (the names and types of the input and output points, the zones and motors, the safe
-output image) is ``plc.contract``; the names are re-exported here for older importers.
+output image) is ``plc.contract``.
 
-Interpretation of the seed's fields (DESIGN.md §4; documented again in the README):
+Interpretation of the legacy fields (documented again in the README, Configuration):
 - ``set_temp1..4``: per-zone set-point offsets (K) added to the phase goal of the recipe.
 - ``tank_max_heat`` / ``pump_max_heat``: ceilings of the tank zones' and pump zone's set-points.
 - ``abs_max_heat`` / ``abs_min_heat``: absolute over/under-temperature trips of every zone.
@@ -28,17 +28,7 @@ from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Mapping
 
-# Re-exported for importers outside this change that still read the contract from here
-# (plc.scan, plc.sequencer, plc.modbus.io, opcua_server.model, twin.plant and some tests);
-# new code imports plc.contract.
-from .contract import (  # noqa: F401
-    INPUT_SPECS,
-    MOTORS,
-    OUTPUT_SPECS,
-    SAFE_OUTPUTS,
-    TANK_ZONES,
-    ZONES,
-)
+from .contract import TANK_ZONES, ZONES
 from .pid import PidTuning
 
 if TYPE_CHECKING:  # the core only reads attributes of the validated config

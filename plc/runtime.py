@@ -4,7 +4,7 @@
     loop: sleep until deadline -> read latest inputs -> scan -> write outputs -> publish snapshot
           -> measure logic time and lateness -> deadline += period
 
-Rules (DESIGN.md §2): the scan never awaits the network (``io.read_inputs`` returns the latest
+Rules: the scan never awaits the network (``io.read_inputs`` returns the latest
 values, ``io.write_outputs`` stores the output image for the drivers); observers get snapshots
 through a non-blocking channel; persistence is handed to a writer thread.
 
@@ -279,7 +279,7 @@ class Runtime:
             while not stop.is_set() and (max_scans is None or n < max_scans):
                 await clock.sleep_until(deadline)
                 if hang and hang.fired != fired:  # outputs were forced safe behind our back:
-                    fired = hang.fired            # latch it in this very scan (DESIGN.md rule 6)
+                    fired = hang.fired            # latch it in this very scan
                     self.watchdog_reason = self.watchdog_reason or (
                         f"no scan completed for {hang.timeout_s * 1e3:.0f} ms")
                 self._one(deadline, period)

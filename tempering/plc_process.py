@@ -66,6 +66,17 @@ def die_with_parent(parent_pid: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def stop_event(duration_s: float | None = None) -> asyncio.Event:
+    """An event set by SIGINT, SIGTERM or after ``duration_s`` (on the running loop)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if duration_s:
+        loop.call_later(duration_s, stop.set)
+    return stop
+
+
 class ScanLog:
     """Per-scan (wall, lateness, logic time) records, appended to a file by a thread."""
 
@@ -152,12 +163,7 @@ async def run_plc(args, cfg, book) -> int:
     runtime = Runtime(controller, plant.io, MonotonicClock(), WatchdogSettings(
         cfg.scan.watchdog_max_consecutive_overruns, cfg.scan.watchdog_max_cycle_factor),
         after_scan=Heartbeat(args.heartbeat_fd), window=port.status)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    if args.duration_s:
-        loop.call_later(args.duration_s, stop.set)
+    stop = stop_event(args.duration_s)
     import gc
     gc.collect()
     gc.freeze()        # what exists now lives as long as the process: no full collection over it

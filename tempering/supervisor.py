@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .plc_process import stop_event
 from .window_process import QUIT
 
 RESTART_BACKOFF_S = 1.0
@@ -234,12 +235,7 @@ async def run(args, cfg) -> int:
                           own_session=False))
     order_start += ["plc", "window"]
     sup = Supervisor(children)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    if args.duration_s:
-        loop.call_later(args.duration_s, stop.set)
+    stop = stop_event(args.duration_s)
     codes: dict[str, int | None] = {}
     try:
         for name in order_start:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,33 +18,24 @@ import time
 from pathlib import Path
 
 import yaml
+from conftest import find_free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def machine_dir(base: Path, **opcua) -> Path:
     """A copy of the default machine in ``base/config`` with its own free ports (Modbus, OPC
     UA) and every file it writes under ``base``. Returns the machine file."""
-    cfg_dir = base / "config"
-    cfg_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("recipes.yaml", "register-map.yaml"):
-        (cfg_dir / name).write_text((ROOT / "config" / name).read_text())
-    data = yaml.safe_load((ROOT / "config" / "tempering-machine.yaml").read_text())
+    from bench.opcua import machine_files
+
+    path = machine_files(base / "config", find_free_port(), find_free_port())
+    data = yaml.safe_load(path.read_text())
     data["machine"]["state_file"] = str(base / "plc-state.json")
-    data["fieldbus"]["links"]["io"]["port"] = free_port()
-    data["opcua"]["endpoint"] = f"opc.tcp://127.0.0.1:{free_port()}"
     data["opcua"]["data_dir"] = str(base / "opcua")
     data["opcua"].update(opcua)
     data["historian"]["spool_dir"] = str(base / "spool")
     data["historian"]["sink"]["path"] = str(base / "history.sqlite")
-    path = cfg_dir / "tempering-machine.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 

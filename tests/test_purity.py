@@ -1,4 +1,4 @@
-"""The pure core stays pure (DESIGN.md §2 rule 1, STYLE.md habit 1).
+"""The pure core stays pure (the README, How it works: no clock, no I/O in the scan).
 
 1. No pure module imports an I/O, clock, threading or randomness library (checked on the
    source with ``ast``, so an import inside a function counts too). The I/O contract

@@ -20,7 +20,8 @@ import pytest
 from opcua_server.config import load
 from plc.image import Point, ProcessImage, Quality
 from plc.modbus.io import ModbusPlantIo
-from plc.program import MOTORS, OUTPUT_SPECS
+from plc.contract import MOTORS, OUTPUT_SPECS
+from test_fieldbus import fieldbus_on
 from twin import Twin
 from twin.inprocess import InProcessTwinIo
 from twin.modbus_slave import TwinSlave
@@ -32,19 +33,6 @@ ON = frozenset((*HEATERS, *MOTORS, "vib_heater", "mold_heater"))   # a write of 
 @pytest.fixture(scope="module")
 def app():
     return load()
-
-
-def fieldbus_on(cfg, port: int | None = None, device: str | None = None):
-    """The config's fieldbus with its one link moved to ``port`` (TCP) or ``device`` (RTU)."""
-    fb = cfg.fieldbus
-    name, link = next(iter(fb.links.items()))
-    if device is not None:
-        from plc.modbus.regmap import RtuLink
-        data = {k: v for k, v in link.model_dump().items() if k not in ("transport", "host", "port")}
-        link = RtuLink(transport="rtu", device=device, baud_rate=115200, **data)
-    else:
-        link = link.model_copy(update={"port": port})
-    return fb.model_copy(update={"links": {name: link}})
 
 
 def image(on) -> ProcessImage:

@@ -2,7 +2,7 @@
 
 One job: say what the plant is made of, with units in every field name, validated once.
 The defaults *are* the default machine (a plausible mid-size 50 kg, 4-zone tempering unit,
-DESIGN.md §5); a heavier or weaker machine is a config change, never a code change.
+see the README); a heavier or weaker machine is a config change, never a code change.
 
 Every model is ``frozen=True, extra="forbid"``: an unknown or misspelt field is an error.
 The YAML home of these values is the ``twin:`` section of ``config/tempering-machine.yaml``;

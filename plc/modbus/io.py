@@ -31,7 +31,7 @@ import time
 from typing import Callable, Mapping
 
 from plc.image import Point, ProcessImage, Quality
-from plc.program import INPUT_SPECS, SAFE_OUTPUTS
+from plc.contract import INPUT_SPECS, SAFE_OUTPUTS
 
 from .link import InputSlots, Link, LinkDiagnostics, OutputSlot
 

@@ -1,4 +1,4 @@
-"""Import of the legacy ``Mapping.csv`` (DESIGN.md §4) into a register map.
+"""Import of the legacy ``Mapping.csv`` into a register map.
 
 One job: CSV text in, validated ``PointMap`` points out, and the register-map YAML text that
 ``regmap.load_register_map`` reads back to the same points. Pure: no clock, no sockets; the

@@ -6,7 +6,7 @@ construction and an independent client (mbpoll) checks the pair in the tests. Ho
 coded into registers (types, word orders, scale / offset, packed bits) is the pure codec,
 ``plc.modbus.codec``; this module holds the pydantic models of the map and its checks.
 
-Semantics of the legacy ``Mapping.csv`` (DESIGN.md §4), one entry per point:
+Semantics of the legacy ``Mapping.csv``, one entry per point:
 - ``link``: name of a link in ``fieldbus.links`` (a TCP endpoint or a serial port).
 - ``unit``: Modbus unit id (slave address) 1..247.
 - ``function``: 1 coils, 2 discrete inputs, 3 holding registers, 4 input registers (inputs);
