@@ -57,10 +57,6 @@ class Refused(Exception):
         self.cmd = cmd          # the command sent, when the refusal is the scan's verdict
 
 
-class CommandRefused(Refused):
-    """The scan refused the command (its reason is the message)."""
-
-
 @dataclass(frozen=True)
 class WriteRule:
     """What a writable variable means: the role it needs, its type, and how a value becomes a
@@ -129,11 +125,11 @@ class Gate:
         try:
             cmd, verdict = await self.plc.command(cmd)
         except PlcUnavailable as e:
-            raise Refused(SC.BadNoCommunication, f"the PLC is not reachable: {e}") from None
+            raise Refused(SC.BadNoCommunication, f"the PLC is not reachable: {e}", cmd) from None
         except PlcTimeout as e:
-            raise Refused(SC.BadTimeout, str(e)) from None
+            raise Refused(SC.BadTimeout, str(e), cmd) from None
         if not verdict.accepted:
-            raise CommandRefused(SC.BadInvalidState, verdict.reason, cmd)
+            raise Refused(SC.BadInvalidState, verdict.reason, cmd)
         return cmd
 
     async def command(self, cmd: Command, target: str | None = None) -> tuple[bool, str]:
@@ -254,12 +250,8 @@ class Gate:
             for a in args:
                 if not isinstance(a, str):
                     raise Refused(SC.BadTypeMismatch, f"{target}: expected a String argument")
-            cmd = replace(make(*args), user=user, origin="opcua", id=self.plc.new_id())
-            try:
-                return await self.submit(cmd)
-            except Refused as r:
-                r.cmd = r.cmd or cmd
-                raise
+            return await self.submit(replace(make(*args), user=user, origin="opcua",
+                                             id=self.plc.new_id()))
         return self.method(target, role, handler)
 
     # -- wiring into asyncua -------------------------------------------------------------------

@@ -271,18 +271,7 @@ class Publisher:
             log.exception("alarm event %s", e.message)
 
     async def step(self) -> None:
-        reason = self.plc_status()
-        if reason and not self.plc_lost:
-            self.plc_lost = reason
-            log.warning("PLC lost (%s): process values Bad", reason)
-            await self._lost(reason)
         snaps = self.sub.drain()
-        if not snaps:
-            return
-        if self.plc_lost and not self.plc_status():
-            await self._plc_event(AlarmState.UNACK_ACTIVE, AlarmState.UNACK_RTN,
-                                  f"PLC back (was: {self.plc_lost})")
-            self.plc_lost = ""
         if self.emit_alarm_event is not None:
             for snap in snaps:
                 for e in snap.events:
@@ -292,6 +281,19 @@ class Publisher:
                             self.events += 1
                         except Exception:       # an event must not stop the values
                             log.exception("alarm event %s", e.message)
+        reason = self.plc_status()
+        if reason:          # what arrived before the PLC was lost must not turn values Good again
+            if not self.plc_lost:
+                self.plc_lost = reason
+                log.warning("PLC lost (%s): process values Bad", reason)
+                await self._lost(reason)
+            return
+        if not snaps:
+            return
+        if self.plc_lost:
+            await self._plc_event(AlarmState.UNACK_ACTIVE, AlarmState.UNACK_RTN,
+                                  f"PLC back (was: {self.plc_lost})")
+            self.plc_lost = ""
         await self.publish(snaps[-1])
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -178,6 +178,21 @@ class Supervisor:
         return codes
 
 
+def _terminal_state():
+    """A function that puts the terminal back as it is now (a live view killed with -9 leaves
+    it without echo)."""
+    if not sys.stdin.isatty():
+        return lambda: None
+    import termios
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd)
+
+    def restore() -> None:
+        with contextlib.suppress(termios.error, OSError):
+            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+    return restore
+
+
 def _wait_for_port(host: str, port: int, timeout_s: float, proc) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -237,6 +252,7 @@ async def run(args, cfg) -> int:
     sup = Supervisor(children)
     stop = stop_event(args.duration_s)
     codes: dict[str, int | None] = {}
+    terminal = _terminal_state()
     try:
         for name in order_start:
             child = sup.children[name]
@@ -253,5 +269,6 @@ async def run(args, cfg) -> int:
     finally:
         codes = await sup.stop_all(["plc", "window", "twin"])
         shutil.rmtree(workdir, ignore_errors=True)
+        terminal()
     plc_code = codes.get("plc")
     return 1 if plc_code is None else plc_code
