@@ -69,7 +69,9 @@ class Publisher:
                  emit_alarm_event: Callable[..., Any] | None = None,
                  zone_settings: Callable[[], Mapping[str, Mapping[str, float]]] = lambda: {},
                  plc_status: Callable[[], str] = lambda: "",
-                 plc_info: Callable[[], tuple[str, int]] = lambda: ("", 0)):
+                 plc_info: Callable[[], tuple[str, int]] = lambda: ("", 0),
+                 heating_outputs: Mapping[str, tuple[str, ...]] = {}):
+        self.heating_outputs = heating_outputs      # zone -> its heating outputs (Heater)
         self.plc_status = plc_status
         self.plc_info = plc_info
         self.plc_lost = ""
@@ -145,6 +147,14 @@ class Publisher:
             await self._set(nodes["Setpoint"], float(z.sp_c or 0.0), ua.VariantType.Double, sp_status, t)
             await self._set(nodes["Output"], float(z.output_pct), ua.VariantType.Double, None, t)
             await self._set(nodes["Mode"], "manual" if z.manual else "auto", ua.VariantType.String, None, t)
+            heaters = [snap.outputs[o] for o in self.heating_outputs.get(z.name, ()) if o in snap.outputs]
+            if heaters and "Heater" in nodes:
+                await self._set(nodes["Heater"], any(bool(p.value) for p in heaters),
+                                ua.VariantType.Boolean, None, t)
+        for motor, nodes in n.motors.items():
+            if motor in snap.outputs and "Running" in nodes:
+                await self._set(nodes["Running"], bool(snap.outputs[motor].value),
+                                ua.VariantType.Boolean, None, t)
         for zone, values in self.zone_settings().items():
             for browse, value in values.items():
                 if browse in n.zones.get(zone, {}):
@@ -243,9 +253,11 @@ class Publisher:
         n = self.nodes
         yield from n.points.values()
         for nodes in n.zones.values():
-            for key in ("Temperature", "Setpoint", "Output", "Mode"):
+            for key in ("Temperature", "Setpoint", "Output", "Mode", "Heater"):
                 if key in nodes:
                     yield nodes[key]
+        for nodes in n.motors.values():
+            yield from nodes.values()
         yield from n.sequencer.values()
 
     async def _lost(self, reason: str) -> None:
@@ -283,7 +295,7 @@ class Publisher:
                             log.exception("alarm event %s", e.message)
         reason = self.plc_status()
         if reason:          # what arrived before the PLC was lost must not turn values Good again
-            if not self.plc_lost:
+            if not self.plc_lost and self.publications:   # (before the first: values waiting)
                 self.plc_lost = reason
                 log.warning("PLC lost (%s): process values Bad", reason)
                 await self._lost(reason)

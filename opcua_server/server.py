@@ -105,7 +105,8 @@ class TemperingServer:
                                    emit_alarm_event=self._emit_alarm_event,
                                    zone_settings=self._zone_settings, plc_status=self.plc.status,
                                    plc_info=lambda: (self.plc.info.get("scheduling", ""),
-                                                     self.plc.plc_dropped))
+                                                     self.plc.plc_dropped),
+                                   heating_outputs={z.name: z.heating_outputs for z in self.program.zones})
         self._event_gen = None
 
     async def start(self) -> None:

@@ -69,6 +69,11 @@ async def test_values_units_status_and_subscription(opcua_pki):
             # every process-image point is published
             for name, node in m.nodes.points.items():
                 assert (await client_node(client, node).read_data_value()).Value is not None, name
+            # and what is derived from the outputs: a zone's Heater, a motor's Running
+            for node in [z["Heater"] for z in m.nodes.zones.values()] + \
+                        [mo["Running"] for mo in m.nodes.motors.values()]:
+                dv = await client_node(client, node).read_data_value()
+                assert dv.StatusCode.is_good() and isinstance(dv.Value.Value, bool)
 
             changes = []
 
