@@ -357,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="PLC heartbeat silent this long: the supervisor kills and restarts it")
     r.add_argument("--window-hang-s", type=float, default=5.0,
                    help="window heartbeat silent this long: the supervisor kills and restarts it")
+    r.add_argument("--window-nice", type=int, default=10,
+                   help="the plant window runs this much below normal priority (0: normal)")
     inner = argparse.ArgumentParser(add_help=False)
     inner.add_argument("--socket", required=True, help="the PLC's Unix socket for the plant window")
     inner.add_argument("--heartbeat-fd", type=int, help="pipe to the supervisor")
@@ -368,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     x.set_defaults(func=cmd_plc)
     x = sub.add_parser("window", parents=[common, window, inner],
                        help="(started by `tempering run`) the plant-window process")
+    x.add_argument("--nice", type=int, default=0, help="lower the process's priority by this much")
     x.add_argument("--start", metavar="RECIPE", help="start this recipe once the PLC is there")
     x.set_defaults(func=cmd_window)
     r.set_defaults(func=cmd_run)

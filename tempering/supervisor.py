@@ -32,7 +32,7 @@ import socket
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .plc_process import stop_event
@@ -53,7 +53,6 @@ class Child:
     started_s: float = 0.0
     last_beat_s: float | None = None
     restarts: int = 0
-    exits: list = field(default_factory=list)
     _beat_fd: int | None = None
 
 
@@ -127,7 +126,6 @@ class Supervisor:
                 if proc is None:
                     continue
                 if proc.returncode is not None:
-                    child.exits.append(proc.returncode)
                     if name == "window" and proc.returncode == QUIT:
                         self.say("quit asked from the live view")
                         stop.set()
@@ -240,7 +238,7 @@ async def run(args, cfg) -> int:
     if args.scan_log:
         plc += ["--scan-log", str(args.scan_log)]
     children.append(Child("plc", plc, hang_after_s=args.plc_hang_s, first_beat_s=30.0))
-    window = [*me, "window", "--socket", str(sock), *parent, *common]
+    window = [*me, "window", "--socket", str(sock), *parent, *common, "--nice", str(args.window_nice)]
     for flag in ("no_history", "no_opcua"):
         if getattr(args, flag):
             window.append("--" + flag.replace("_", "-"))

@@ -156,4 +156,10 @@ def main(args, cfg, book) -> int:
 
     if args.parent_pid:
         die_with_parent(args.parent_pid)
+    if args.nice:                     # always allowed: the PLC comes first even without privileges
+        try:
+            os.nice(args.nice)
+        except OSError as e:
+            print(f"window: could not lower its priority (nice {args.nice}): {e.strerror or e}",
+                  file=sys.stderr)
     return asyncio.run(_until_terminated(args, cfg, book))

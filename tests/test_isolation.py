@@ -86,6 +86,30 @@ def test_kill_9_of_the_plc_makes_the_outputs_safe_and_it_comes_back_interrupted(
     assert off_after_s < 5.0, off_after_s     # the figure itself: bench/isolation.py
 
 
+def test_a_hung_plc_is_killed_and_restarted_by_the_supervisor(tmp_path):
+    """SIGSTOP: the PLC neither scans nor answers, its threads included (the machine's own
+    watchdog is what remains); the supervisor sees its heartbeat stop, kills and restarts it."""
+    config = machine_dir(tmp_path)
+    with TemperingRun(config, "--initial-temp-c", "45", "--no-opcua", "--plc-hang-s", "2") as run:
+        plc_pid = run.pid("plc")
+        run.wait_for(r"auto-start: StartRecipe dark-70: accepted", 90)
+        _until(lambda: _heating(run), 30)
+        mark = len(run.lines)
+        os.kill(plc_pid, signal.SIGSTOP)
+        try:
+            _until(lambda: not any(twin_outputs(*run.modbus).values()), 10, 0.1)
+            run.wait_for(rf"supervisor: plc \(pid {plc_pid}\) hung: no heartbeat for [\d.]+ s; killing it",
+                         15, after=mark)
+        finally:
+            try:
+                os.kill(plc_pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        run.pid("plc", after=mark)
+        run.wait_for(r"plc: pid \d+.*phase heating \(interrupted: resume or abort\)", 30, after=mark)
+        assert run.stop() == 0, run.output
+
+
 def test_kill_9_of_the_window_the_plc_keeps_scanning_and_clients_come_back(tmp_path, opcua_pki):
     from asyncua import ua
 

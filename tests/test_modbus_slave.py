@@ -477,6 +477,24 @@ async def test_comm_watchdog_in_real_time_over_tcp(twin_slave, client):
     assert not any(twin_slave.outputs().values())
 
 
+async def test_only_the_master_feeds_the_watchdog_over_tcp(twin_slave, client, app):
+    """A connection that only reads (a SCADA, a test watching the outputs) does not keep the
+    outputs of a master that has gone silent alive."""
+    from pymodbus.client import AsyncModbusTcpClient
+
+    twin_slave.comm_watchdog_s = 0.3
+    assert not (await client.write_coil(8, True, device_id=3)).isError()   # client: the master
+    observer = AsyncModbusTcpClient("127.0.0.1", port=twin_slave.tcp_port)
+    await observer.connect()
+    try:
+        for _ in range(8):                                   # 0.4 s of reads, master silent
+            assert (await observer.read_coils(8, count=1, device_id=3)).bits[0] is twin_slave.outputs()["vib_heater"]
+            await asyncio.sleep(0.05)
+        assert not any(twin_slave.outputs().values())
+    finally:
+        observer.close()
+
+
 async def test_run_steps_the_twin_in_real_time_with_the_outputs(twin_slave, client):
     assert not (await client.write_coil(0, True, device_id=3)).isError()
     twin_slave.comm_watchdog_s = 5.0

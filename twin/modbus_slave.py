@@ -18,9 +18,12 @@ V1.0b):
   exception 11 (gateway target failed to respond) on TCP. RTU broadcasts (unit 0) are ignored.
 - Inputs (functions 1-4) come from ``twin.read_inputs()`` (``update_inputs``); outputs
   (5/6/15/16) are decoded from the coil and holding tables (``outputs``).
-- Communication watchdog of an I/O module: once no request has been served for
+- Communication watchdog of an I/O module: once no request of its master has been served for
   ``comm_watchdog_s`` the outputs drop (all False) and the output tables are cleared, so only a
-  new write turns an output on again. Before the first request the outputs are off.
+  new write turns an output on again. Before the first request the outputs are off. On TCP the
+  master is a connection that has written outputs: a SCADA or a test that only reads (an
+  observer) does not keep the outputs alive for a master that is gone; on RTU (one master per
+  line) every request counts.
 - TCP: MBAP framing, any number of clients, requests of one connection answered in order,
   TCP_NODELAY; a malformed MBAP header closes that connection.
 - RTU: the serial device (a pty in tests) in raw mode; a frame is found by its request length
@@ -333,12 +336,14 @@ class TwinSlave:
 
     # ------------------------------------------------------------------ requests
 
-    def handle(self, unit: int, request_pdu: bytes) -> bytes:
+    def handle(self, unit: int, request_pdu: bytes, *, master: bool = True) -> bytes:
         """The reply PDU (normal or exception) of a mapped, non-silent ``unit`` to a request;
-        carries out writes and feeds the watchdog. No transport, no faults but exceptions."""
+        carries out writes and, for a request of the ``master``, feeds the watchdog. No
+        transport, no faults but exceptions."""
         self._check_watchdog()
-        self._last_request_s = self._clock()
-        self._outputs_live = True
+        if master:
+            self._last_request_s = self._clock()
+            self._outputs_live = True
         self.served[unit] += 1
         try:
             req = pdu.decode_request(request_pdu)
@@ -355,7 +360,7 @@ class TwinSlave:
         except FrameError:  # an empty PDU: answer as to an unknown function
             return pdu.encode_exception(0, 1)
 
-    async def _reply_pdu(self, unit: int, request_pdu: bytes) -> bytes | None:
+    async def _reply_pdu(self, unit: int, request_pdu: bytes, master: bool = True) -> bytes | None:
         """Faults applied: None for no reply, else the reply PDU after any delay."""
         if self.faults.is_silent(unit):
             return None
@@ -364,7 +369,7 @@ class TwinSlave:
             await asyncio.sleep(delay)
         if self.faults.is_silent(unit):  # silenced while waiting
             return None
-        return self.handle(unit, request_pdu)
+        return self.handle(unit, request_pdu, master=master)
 
     def _garbage_pdu(self, request_pdu: bytes) -> bytes:
         rng = self.faults.rng
@@ -385,12 +390,14 @@ class TwinSlave:
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        master = False            # until this connection writes outputs
         try:
             while True:
                 header = await reader.readexactly(pdu.MBAP_LEN)
                 tid, unit, length = pdu.mbap_header(header)
                 request_pdu = await reader.readexactly(length)
-                reply = await self._tcp_reply(tid, unit, request_pdu)
+                master = master or (bool(request_pdu) and request_pdu[0] in pdu.WRITE_FUNCTIONS)
+                reply = await self._tcp_reply(tid, unit, request_pdu, master)
                 if reply is not None:
                     writer.write(reply)
                     await writer.drain()
@@ -404,11 +411,11 @@ class TwinSlave:
             self._conns.pop(writer, None)
             writer.close()
 
-    async def _tcp_reply(self, tid: int, unit: int, request_pdu: bytes) -> bytes | None:
+    async def _tcp_reply(self, tid: int, unit: int, request_pdu: bytes, master: bool = True) -> bytes | None:
         if unit not in self._tables:
             f = request_pdu[0] if request_pdu else 0
             return pdu.mbap_frame(tid, unit, pdu.encode_exception(f & 0x7F, 11))
-        reply = await self._reply_pdu(unit, request_pdu)
+        reply = await self._reply_pdu(unit, request_pdu, master)
         if reply is None:
             return None
         if self.faults.is_garbage(unit):
