@@ -17,13 +17,16 @@ user. Messages are tuples:
                     ("verdict", Verdict)         each command's verdict; never dropped
     window -> PLC   ("cmd", command)             queued for the next scan
                     ("recipes", book)            the records' recipe book (on connect, on change)
-                    ("beat",)                    the window is alive, every ``BEAT_S``
+                    ("beat", tick)               the window is alive, every ``BEAT_S``, and has
+                                                 taken every snapshot up to ``tick``
 
 Rules:
 - The scan only calls ``WindowPort.publish``: O(events), never waits, never pickles. A snapshot
   not yet sent is replaced by a newer one; the events of the one dropped travel with its
-  successor (an alarm transition or a verdict is not lost), and the drop is counted. While no
-  window reads, at most ``MAX_CARRIED_EVENTS`` wait (the oldest beyond are dropped, counted).
+  successor (an alarm transition or a verdict is not lost), and the drop is counted. Events
+  sent are kept until the window's beat acknowledges their snapshot: a window that hangs or dies
+  with them unread (in its socket buffer) does not lose them, its successor gets them again (at
+  least once). At most ``MAX_CARRIED_EVENTS`` wait (the oldest beyond are dropped, counted).
 - Pickling and sending run on the PLC's loop between scans; at most one frame is in the
   transport beyond its small high-water mark, so a slow or stopped window costs the PLC nothing
   but dropped snapshots.
@@ -47,6 +50,7 @@ import pickle
 import struct
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
@@ -147,6 +151,8 @@ class WindowPort:
         self.connects = 0
         self.commands = 0
         self._pending: Snapshot | None = None
+        self._unacked: deque[tuple[int, tuple]] = deque()     # (tick, events) sent, not yet taken
+        self._unacked_events = 0
         self._verdicts: list[Verdict] = []
         self._wake = asyncio.Event()
         self._writer: asyncio.StreamWriter | None = None
@@ -241,7 +247,9 @@ class WindowPort:
                     self.submit(msg[1])
                 elif kind == "recipes":
                     self.on_recipes(msg[1])
-                elif kind != "beat":
+                elif kind == "beat":
+                    self._acked(msg[1] if len(msg) > 1 else -1)
+                else:
                     log.warning("plant window sent an unknown message %r", kind)
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
             pass
@@ -256,9 +264,20 @@ class WindowPort:
                 self._lost_since_s = self.clock()
             writer.close()
 
+    def _acked(self, tick: int) -> None:
+        while self._unacked and self._unacked[0][0] <= tick:
+            self._unacked_events -= len(self._unacked.popleft()[1])
+
     def _send_pending(self, writer: asyncio.StreamWriter) -> None:
         snap, self._pending = self._pending, None
         if snap is not None:
+            if snap.events:
+                self._unacked.append((snap.tick, snap.events))
+                self._unacked_events += len(snap.events)
+                while self._unacked_events > MAX_CARRIED_EVENTS:
+                    lost = len(self._unacked.popleft()[1])
+                    self._unacked_events -= lost
+                    self.events_dropped += lost
             extra: dict[str, Any] = {"dropped": self.dropped, "events_dropped": self.events_dropped}
             now = self.clock()
             if now - self._links_at >= LINKS_EVERY_S:
@@ -271,8 +290,14 @@ class WindowPort:
 
     async def _send(self, writer: asyncio.StreamWriter) -> None:
         try:
-            if self.last is not None and self._pending is None:   # a new window gets the state at once
-                self._pending = self.last.with_events(())        # (its events went to the old one)
+            # a new window gets the state at once, with the events its predecessor did not take
+            replay = tuple(e for _, events in self._unacked for e in events)
+            self._unacked.clear()
+            self._unacked_events = 0
+            if self._pending is not None:
+                self._pending = self._pending.with_events(replay + self._pending.events)
+            elif self.last is not None:
+                self._pending = self.last.with_events(replay)
             while True:
                 await self._wake.wait()
                 self._wake.clear()
@@ -307,6 +332,7 @@ class PlcClient:
         self._book: Mapping[str, Any] | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._last_snap_s: float | None = None
+        self._taken_tick = -1
         self._futures: dict[str, asyncio.Future] = {}
         self._ids = itertools.count(1)
         self._prefix = uuid.uuid4().hex[:8]
@@ -374,6 +400,7 @@ class PlcClient:
     async def _session(self, reader, writer, stop: asyncio.Event) -> None:
         self._writer = writer
         self._last_snap_s = None
+        self._taken_tick = -1          # ticks of this PLC process, acknowledged in the beats
         self.connects += 1
         if self._book is not None:
             writer.write(encode(("recipes", self._book)))
@@ -395,7 +422,7 @@ class PlcClient:
     async def _beat(self, writer) -> None:
         try:
             while True:
-                writer.write(encode(("beat",)))
+                writer.write(encode(("beat", self._taken_tick)))
                 await asyncio.sleep(BEAT_S)
         except (ConnectionError, OSError):
             pass
@@ -408,6 +435,7 @@ class PlcClient:
                 if kind == "snap":
                     snap, extra = msg[1], msg[2]
                     self.latest = snap
+                    self._taken_tick = snap.tick
                     self._last_snap_s = self.clock()
                     self.plc_dropped = extra.get("dropped", self.plc_dropped)
                     if "links" in extra:

@@ -128,3 +128,35 @@ async def test_each_side_reports_the_other_lost(sock):
     now[0] = 70.0
     assert port.status().startswith("plant window disconnected")
     await port.close()
+
+
+async def test_events_a_hung_window_did_not_take_go_to_its_successor(sock):
+    """Sent, never acknowledged (the window hung with them in its socket): its successor gets
+    them; what a window acknowledged in its beat is not sent again."""
+    port = WindowPort(sock, lambda cmd: None)
+    await port.start()
+    first = PlcClient(sock)
+    stop1 = asyncio.Event()
+    task1 = asyncio.create_task(first.run(stop1))
+    port.publish(snap(1, [Event("alarm", 1.0, "taken")]))
+    await until(lambda: first.latest is not None and first.latest.tick == 1)
+    await until(lambda: not port._unacked)                   # its beat acknowledged tick 1
+    stop1.set()
+    await task1
+    hung_r, hung_w = await asyncio.open_unix_connection(str(sock))   # the next one never reads
+    await until(lambda: port.connects == 2 and port._writer is not None)
+    port.publish(snap(2, [Event("alarm", 2.0, "sent to the hung window")]))
+    await asyncio.sleep(0.1)                                 # written to its socket, unread
+    hung_w.close()
+    await until(lambda: port._writer is None)
+    port.publish(snap(3, [Event("alarm", 3.0, "while nobody was there")]))
+    second = PlcClient(sock)
+    sub = second.channel.subscribe()
+    stop2 = asyncio.Event()
+    task2 = asyncio.create_task(second.run(stop2))
+    await until(lambda: second.latest is not None)
+    got = [e.message for s in sub.drain() for e in s.events]
+    assert got == ["sent to the hung window", "while nobody was there"]
+    stop2.set()
+    await task2
+    await port.close()

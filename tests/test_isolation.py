@@ -159,3 +159,28 @@ def test_kill_9_of_the_window_the_plc_keeps_scanning_and_clients_come_back(tmp_p
         run.wait_for(r"alarm: plc\.window: normal -> unacknowledged_active", 30, after=mark)
         code = run.stop()
     assert code == 0, run.output
+
+
+def test_a_hung_window_is_replaced_and_the_plc_says_so(tmp_path):
+    """SIGSTOP of the window: the PLC hears nothing more from it and raises plc.window; the
+    supervisor kills it after --window-hang-s and starts another, which gets the alarm."""
+    config = machine_dir(tmp_path)
+    with TemperingRun(config, "--no-start", "--no-opcua", "--window-hang-s", "3",
+                      "--window-lost-s", "1") as run:
+        window_pid = run.pid("window")
+        run.wait_for(r"history: ", 60)
+        time.sleep(1.0)
+        mark = len(run.lines)
+        os.kill(window_pid, signal.SIGSTOP)
+        try:
+            run.wait_for(rf"supervisor: window \(pid {window_pid}\) hung: no heartbeat for [\d.]+ s; "
+                         r"killing it", 20, after=mark)
+        finally:
+            try:
+                os.kill(window_pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        run.pid("window", after=mark)
+        run.wait_for(r"alarm: plc\.window: normal -> unacknowledged_active: Plant window lost: "
+                     r"plant window silent for", 30, after=mark)
+        assert run.stop() == 0, run.output
