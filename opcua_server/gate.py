@@ -16,8 +16,9 @@ change nothing. The checks, in order, for each written value or method call:
 
 An accepted write updates the variable once the scan has accepted the command. Every request,
 accepted or not, is recorded in the audit trail: user, node or method, old value, new value,
-result (the scan's verdict), time, and the command's id and origin. ``Gate.command`` is the one
-path for every command of the window: OPC UA, the live view's keys, the auto-start.
+result (the scan's verdict), time, and the command's id and origin; the clients get the same
+as an OPC UA audit event (``announce``), the scan's reason in its Message. ``Gate.command`` is
+the one path for every command of the window: OPC UA, the live view's keys, the auto-start.
 
 asyncua 2.1 gives a method callback no session: the caller comes from
 ``opcua_server.security.current_user`` (set by the service ruleset before each request).
@@ -87,9 +88,13 @@ def within(lo: float, hi: float, what: str) -> Callable[[Any], float]:
 class Gate:
     """``plc``: the window's ``plc.bridge.PlcClient`` (``command``, ``latest``)."""
 
-    def __init__(self, server, plc, records, *, wall: Callable[[], float] = time.time):
+    def __init__(self, server, plc, records, *, wall: Callable[[], float] = time.time,
+                 announce: Callable[..., Any] | None = None):
+        """``announce(action, user, target, result, cmd)``: tells the clients (an OPC UA audit
+        event) what became of a command, with the scan's reason."""
         self.server = server
         self.plc = plc
+        self.announce = announce
         self.records = records
         self.wall = wall
         self.rules: dict[ua.NodeId, WriteRule] = {}
@@ -118,6 +123,11 @@ class Gate:
                                     origin=cmd.origin if cmd else "")
         except Exception:
             log.exception("audit record of %s %s by %s", action, target, user)
+        if self.announce is not None and (cmd is not None or action == "call"):
+            try:
+                await self.announce(action, user, target, result, cmd)
+            except Exception:
+                log.exception("audit event of %s %s by %s", action, target, user)
 
     async def submit(self, cmd: Command) -> Command:
         """Send ``cmd`` to the scan and wait for its verdict; Refused with the scan's reason

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
@@ -62,6 +63,7 @@ class TemperingServer:
         self.book: dict[str, Recipe] = {}
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        self._audit_events: dict[int, Any] = {}
 
     # -- set-up ----------------------------------------------------------------------------
 
@@ -80,7 +82,7 @@ class TemperingServer:
                                          condition_ids(self.program), self.link_names)
         if self.history_store is not None:
             await self._serve_history()
-        self.gate = Gate(self.server, self.plc, self.records)
+        self.gate = Gate(self.server, self.plc, self.records, announce=self._announce)
         for zone, rules in ((z, zone_rules(z, self.plc)) for z in self.nodes.zones):
             for browse, rule in rules.items():
                 if browse in self.nodes.zones[zone]:
@@ -148,6 +150,34 @@ class TemperingServer:
         sessions = len(getattr(iserver, "_external_sessions", ()) or ())   # asyncua 2.1
         subs = len(getattr(iserver.subscription_service, "subscriptions", {}) or {})
         return sessions, subs
+
+    async def _announce(self, action: str, user: str, target: str, result: str, cmd) -> None:
+        """What became of a command or call, for the clients: an AuditUpdateMethodEventType
+        (calls and commands) or AuditWriteUpdateEventType (writes) event (OPC UA Part 5 §6.4.27,
+        §6.4.25) on the machine object. Message: the target, the user and the result with the
+        scan's reason ("StartRecipe by op: BadInvalidState: a batch is heating; ..."); Status:
+        accepted or not; ClientAuditEntryId: the command's id, as in the audit trail."""
+        etype = (ua.ObjectIds.AuditWriteUpdateEventType if action == "write"
+                 else ua.ObjectIds.AuditUpdateMethodEventType)
+        gen = self._audit_events.get(etype)
+        if gen is None:
+            gen = self._audit_events[etype] = await self.server.get_event_generator(etype, self.nodes.machine)
+            # asyncua 2.1 keeps subtypes of built-in types (UtcTime, NumericRange) as NodeIds
+            # and cannot encode them: their built-in types
+            gen.event.data_types.update((name, vt) for name, vt in (
+                ("ActionTimeStamp", ua.VariantType.DateTime), ("IndexRange", ua.VariantType.String))
+                if name in gen.event.data_types)
+        ok = result == "Good"
+        ev = gen.event
+        ev.Message = ua.LocalizedText(f"{target} by {user}: {'accepted' if ok else result}")
+        ev.Severity = 100 if ok else 500
+        ev.SourceName = target
+        ev.Status = ok
+        ev.ClientUserId = user
+        ev.ClientAuditEntryId = cmd.id if cmd is not None else ""
+        ev.ServerId = self.app_uri
+        ev.ActionTimeStamp = datetime.now(timezone.utc)
+        await gen.trigger()
 
     async def _emit_alarm_event(self, e) -> None:
         if self._event_gen is None:

@@ -54,7 +54,7 @@ async def run_window(args, cfg, book) -> int:
     loop = asyncio.get_running_loop()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     async with contextlib.AsyncExitStack() as undo:      # one way out, also when cancelled
-        tasks = [asyncio.create_task(_heartbeat(args.heartbeat_fd, stop))]
+        tasks: list[asyncio.Task] = []
 
         async def end_tasks():
             stop.set()
@@ -98,6 +98,9 @@ async def run_window(args, cfg, book) -> int:
         console = Console(plc.channel, f"{cfg.machine.id} ({cfg.machine.name})", gate.command, recipe,
                           quit_asked, links=plc.links, history=diagnostics)
         tasks.append(asyncio.create_task(console.run()))
+        # the heartbeat once started up: building the address space may hold the loop for
+        # seconds (the supervisor gives a start its own, longer, time before the first beat)
+        tasks.append(asyncio.create_task(_heartbeat(args.heartbeat_fd, stop)))
         # connect once every observer (publisher, historian, live view) is subscribed: the first
         # snapshot carries the events of the time this window was away (alarms, verdicts)
         tasks.append(asyncio.create_task(plc.run(stop)))

@@ -256,16 +256,30 @@ async def test_a_refused_start_returns_the_scans_verdict_to_the_client_and_the_a
     async with Machine(opcua_pki) as m:
         refusals = m.plc.channel.subscribe(maxlen=4096)
         async with await opcua_pki.client("operator") as op:
+            events = []
+
+            class Handler:
+                def event_notification(self, event):
+                    events.append(event)
+            sub = await op.create_subscription(100, Handler())
+            await sub.subscribe_events(client_node(op, m.nodes.machine),
+                                       ua.ObjectIds.AuditUpdateMethodEventType)
             parent = client_node(op, await m.server.server.get_node(
                 m.nodes.methods["StartRecipe"].nodeid).get_parent())
             start = client_node(op, m.nodes.methods["StartRecipe"])
             dark = ua.Variant("dark-70", ua.VariantType.String)
             assert await status_of_call(parent, start, dark) == "Good"
             assert await status_of_call(parent, start, dark) == "BadInvalidState"
+            # the client learns why: the audit event carries the scan's reason
+            await until(lambda: any(e.Status is False for e in events))
+            told = next(e for e in events if e.Status is False)
+            assert told.Message.Text == ("StartRecipe by operator: BadInvalidState: a batch is "
+                                         "heating; stop or abort it first")
+            assert told.ClientUserId == "operator"
         rows = [a for a in m.records.audit_entries(50) if a["target"] == "StartRecipe"]
         refused = next(a for a in rows if a["result"].startswith("BadInvalidState"))
         assert refused["result"] == "BadInvalidState: a batch is heating; stop or abort it first"
-        assert refused["origin"] == "opcua" and refused["command_id"]
+        assert refused["origin"] == "opcua" and refused["command_id"] == told.ClientAuditEntryId
         accepted = next(a for a in rows if a["result"] == "Good")
         assert accepted["command_id"] and accepted["command_id"] != refused["command_id"]
         events = [e for s in refusals.drain() for e in s.events if e.kind == "command_refused"]
