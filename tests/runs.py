@@ -8,6 +8,7 @@ process group), by PID."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -111,6 +112,17 @@ class TemperingRun:
     def output(self) -> str:
         with self._cond:
             return "\n".join(self.lines)
+
+
+@contextlib.contextmanager
+def stopped(pid: int):
+    """The process ``pid`` stopped (SIGSTOP: hung, as far as anyone can tell) for the block."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
 
 
 def twin_outputs(host: str, port: int, register_map: Path | None = None) -> dict[str, bool]:

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 
-from runs import TemperingRun, machine_dir, twin_outputs
+from runs import TemperingRun, machine_dir, stopped, twin_outputs
 
 HEATERS = ("heater_tank_bottom", "heater_tank_wall", "heater_pump", "heater_fountain")
 
@@ -95,16 +95,10 @@ def test_a_hung_plc_is_killed_and_restarted_by_the_supervisor(tmp_path):
         run.wait_for(r"auto-start: StartRecipe dark-70: accepted", 90)
         _until(lambda: _heating(run), 30)
         mark = len(run.lines)
-        os.kill(plc_pid, signal.SIGSTOP)
-        try:
+        with stopped(plc_pid):
             _until(lambda: not any(twin_outputs(*run.modbus).values()), 10, 0.1)
             run.wait_for(rf"supervisor: plc \(pid {plc_pid}\) hung: no heartbeat for [\d.]+ s; killing it",
                          15, after=mark)
-        finally:
-            try:
-                os.kill(plc_pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
         run.pid("plc", after=mark)
         run.wait_for(r"plc: pid \d+.*phase heating \(interrupted: resume or abort\)", 30, after=mark)
         assert run.stop() == 0, run.output
@@ -171,15 +165,9 @@ def test_a_hung_window_is_replaced_and_the_plc_says_so(tmp_path):
         run.wait_for(r"history: ", 60)
         time.sleep(1.0)
         mark = len(run.lines)
-        os.kill(window_pid, signal.SIGSTOP)
-        try:
+        with stopped(window_pid):
             run.wait_for(rf"supervisor: window \(pid {window_pid}\) hung: no heartbeat for [\d.]+ s; "
                          r"killing it", 20, after=mark)
-        finally:
-            try:
-                os.kill(window_pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
         run.pid("window", after=mark)
         run.wait_for(r"alarm: plc\.window: normal -> unacknowledged_active: Plant window lost: "
                      r"plant window silent for", 30, after=mark)
