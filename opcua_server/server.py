@@ -75,7 +75,7 @@ class TemperingServer:
         await self.server.set_application_uri(self.app_uri)
         self.server.set_server_name(f"Tempering machine {self.cfg.machine.id} ({self.cfg.machine.name})")
         await configure_security(self.server, self.settings, self.records, self.pki, app_uri=self.app_uri)
-        self.book = {rid: Recipe.model_validate(fields) for rid, fields in self.records.load_recipes().items()}
+        self.book = recipe_book(self.records)
         self.plc.set_recipes(self.book)
         await load_types(self.server)
         self.nodes = await build_machine(self.server, self.cfg, self.book,
@@ -324,6 +324,11 @@ class TemperingServer:
         recipe = self._validated(new_id, self.book[source].model_dump() | {"name": new_name})
         await self._add(new_id, recipe)
         return []
+
+
+def recipe_book(records) -> dict[str, Recipe]:
+    """The recipe book: the records' recipes (id -> Recipe)."""
+    return {rid: Recipe.model_validate(fields) for rid, fields in records.load_recipes().items()}
 
 
 INITIAL_ADMIN_FILE = "initial-admin-password"

@@ -77,6 +77,38 @@ def stop_event(duration_s: float | None = None) -> asyncio.Event:
     return stop
 
 
+class RecipeBookFile:
+    """The recipe book the window last sent (its records are the book), kept next to the state
+    file: a PLC restarted while its window is away still knows the recipe of an interrupted
+    batch. Written by a thread (fsync stays off the scan's loop), only when it changed."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._last: dict | None = None
+
+    def load(self) -> dict:
+        from plc.config import Recipe
+        from plc.persist import read
+
+        data = read(self.path) or {}
+        try:
+            book = {rid: Recipe.model_validate(fields) for rid, fields in data.items()}
+        except ValueError as e:
+            log.error("%s: recipes not valid (%s); using the machine's recipe file", self.path, e)
+            return {}
+        self._last = data
+        return book
+
+    def save(self, recipes) -> None:
+        from plc.persist import write_atomic
+
+        data = {rid: r.model_dump() for rid, r in recipes.items()}
+        if data != self._last:
+            self._last = data
+            threading.Thread(target=write_atomic, args=(self.path, data), name="recipes-writer",
+                             daemon=True).start()
+
+
 class ScanLog:
     """Per-scan (wall, lateness, logic time) records, appended to a file by a thread."""
 
@@ -138,16 +170,25 @@ async def run_plc(args, cfg, book) -> int:
     from .plant import PlantError, start_plant
 
     period_s = args.period_ms / 1000.0 if args.period_ms else cfg.period_s
+    state_path = Path(args.state_file or cfg.machine.state_file)
+    book_file = RecipeBookFile(state_path.with_suffix(".recipes.json"))
     program = Program.from_config(cfg, book, period_s=period_s)
+    saved = book_file.load()
+    if saved:                           # the window's book, as it was when the PLC stopped
+        program = program.with_recipes(saved)
     try:
         plant = await start_plant(args.plant, cfg, seed=args.seed, initial_temp_c=args.initial_temp_c)
     except PlantError as e:
         print(f"plc: {e}", file=sys.stderr)
         return 2
-    store = StateStore(Path(args.state_file or cfg.machine.state_file))
+    store = StateStore(state_path)
     controller = Controller(program, store)
     scheduling = args.scheduling
-    port = WindowPort(args.socket, controller.submit, on_recipes=controller.set_recipes,
+
+    def on_recipes(recipes) -> None:
+        controller.set_recipes(recipes)
+        book_file.save(recipes)
+    port = WindowPort(args.socket, controller.submit, on_recipes=on_recipes,
                       links=plant.diagnostics, lost_after_s=args.window_lost_s,
                       info={"pid": os.getpid(), "scheduling": scheduling, "period_s": period_s,
                             "machine": cfg.machine.id, "plant": plant.description})

@@ -41,7 +41,7 @@ async def _heartbeat(fd: int | None, stop: asyncio.Event) -> None:
 
 async def run_window(args, cfg, book) -> int:
     from opcua_server.gate import Gate
-    from opcua_server.server import open_records
+    from opcua_server.server import open_records, recipe_book
     from plc.bridge import PlcClient
     from plc.commands import StartRecipe
     from plc.program import Program
@@ -92,6 +92,8 @@ async def run_window(args, cfg, book) -> int:
             print(f"opc ua: serving {cfg.opcua.endpoint} (policies "
                   f"{', '.join(cfg.opcua.security_policies)}; Sign and SignAndEncrypt; user and "
                   f"password)", flush=True)
+        if opc is None:               # the records are the recipe book (the server sends it too)
+            plc.set_recipes(await asyncio.to_thread(recipe_book, records))
         gate = opc.gate if opc is not None else Gate(None, plc, records)
         recipe = args.recipe or cfg.machine.default_recipe
         quit_asked = asyncio.Event()

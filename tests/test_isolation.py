@@ -46,6 +46,37 @@ def test_the_plc_process_imports_no_opcua_sql_or_influx(tmp_path):
     assert "BANNED []" in p.stdout, p.stdout
 
 
+def test_a_restarted_plc_knows_the_recipe_book_the_window_last_sent(tmp_path):
+    """A batch of a recipe added over OPC UA (in the records, not in recipes.yaml) comes back
+    interrupted after a PLC restart, not lost: the PLC keeps the window's last book."""
+    import json
+
+    import yaml
+
+    config = machine_dir(tmp_path)
+    book = yaml.safe_load((config.parent / "recipes.yaml").read_text())["recipes"]
+    ruby = dict(book["dark-70"], name="Ruby 47", heating_goal=45.0, cooling_goal=27.0,
+                pouring_goal=30.0, working_max=32.0)
+    state = tmp_path / "plc-state.json"
+    (tmp_path / "plc-state.recipes.json").write_text(json.dumps(book | {"ruby-47": ruby}))
+    state.write_text(json.dumps({"version": 1, "phase": "heating", "recipe_id": "ruby-47",
+                                 "batch_id": "tempering-01-000007", "batch_seq": 7}))
+    p = subprocess.run([sys.executable, "-m", "tempering.cli", "plc", "--config", str(config),
+                        "--plant", "inprocess", "--socket", str(tmp_path / "plc.sock"),
+                        "--duration-s", "1", "--priority", "none"],
+                       capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "phase heating (interrupted: resume or abort)" in p.stdout, p.stdout
+    (tmp_path / "plc-state.recipes.json").unlink()            # without it: the batch is lost
+    state.write_text(json.dumps({"version": 1, "phase": "heating", "recipe_id": "ruby-47",
+                                 "batch_id": "tempering-01-000007", "batch_seq": 7}))
+    p = subprocess.run([sys.executable, "-m", "tempering.cli", "plc", "--config", str(config),
+                        "--plant", "inprocess", "--socket", str(tmp_path / "plc.sock"),
+                        "--duration-s", "1", "--priority", "none"],
+                       capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert "state " in p.stdout and ": phase stopped" in p.stdout, p.stdout
+
+
 def _until(predicate, timeout_s: float, step_s: float = 0.05):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -67,6 +98,8 @@ def test_kill_9_of_the_plc_makes_the_outputs_safe_and_it_comes_back_interrupted(
         plc_pid = run.pid("plc")
         run.wait_for(r"auto-start: StartRecipe dark-70: accepted", 90)
         _until(lambda: _heating(run), 30)                     # the machine heats
+        kept = tmp_path / "plc-state.recipes.json"           # the window's book, kept by the PLC
+        _until(lambda: kept.exists() and "dark-70" in kept.read_text(), 10)
         mark = len(run.lines)
         os.kill(plc_pid, signal.SIGKILL)
         killed = time.monotonic()
