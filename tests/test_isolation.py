@@ -57,24 +57,25 @@ def test_a_restarted_plc_knows_the_recipe_book_the_window_last_sent(tmp_path):
     book = yaml.safe_load((config.parent / "recipes.yaml").read_text())["recipes"]
     ruby = dict(book["dark-70"], name="Ruby 47", heating_goal=45.0, cooling_goal=27.0,
                 pouring_goal=30.0, working_max=32.0)
-    state = tmp_path / "plc-state.json"
-    (tmp_path / "plc-state.recipes.json").write_text(json.dumps(book | {"ruby-47": ruby}))
-    state.write_text(json.dumps({"version": 1, "phase": "heating", "recipe_id": "ruby-47",
-                                 "batch_id": "tempering-01-000007", "batch_seq": 7}))
-    p = subprocess.run([sys.executable, "-m", "tempering.cli", "plc", "--config", str(config),
-                        "--plant", "inprocess", "--socket", str(tmp_path / "plc.sock"),
-                        "--duration-s", "1", "--priority", "none"],
-                       capture_output=True, text=True, timeout=60, cwd=tmp_path)
-    assert p.returncode == 0, p.stdout + p.stderr
-    assert "phase heating (interrupted: resume or abort)" in p.stdout, p.stdout
-    (tmp_path / "plc-state.recipes.json").unlink()            # without it: the batch is lost
-    state.write_text(json.dumps({"version": 1, "phase": "heating", "recipe_id": "ruby-47",
-                                 "batch_id": "tempering-01-000007", "batch_seq": 7}))
-    p = subprocess.run([sys.executable, "-m", "tempering.cli", "plc", "--config", str(config),
-                        "--plant", "inprocess", "--socket", str(tmp_path / "plc.sock"),
-                        "--duration-s", "1", "--priority", "none"],
-                       capture_output=True, text=True, timeout=60, cwd=tmp_path)
-    assert "state " in p.stdout and ": phase stopped" in p.stdout, p.stdout
+    kept = tmp_path / "plc-state.recipes.json"
+    kept.write_text(json.dumps(book | {"ruby-47": ruby}))
+
+    def restart_with_a_ruby_batch() -> str:
+        (tmp_path / "plc-state.json").write_text(json.dumps(
+            {"version": 1, "phase": "heating", "recipe_id": "ruby-47",
+             "batch_id": "tempering-01-000007", "batch_seq": 7}))
+        p = subprocess.run([sys.executable, "-m", "tempering.cli", "plc", "--config", str(config),
+                            "--plant", "inprocess", "--socket", str(tmp_path / "plc.sock"),
+                            "--duration-s", "1", "--priority", "none"],
+                           capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        assert p.returncode == 0, p.stdout + p.stderr
+        return p.stdout
+
+    out = restart_with_a_ruby_batch()
+    assert "phase heating (interrupted: resume or abort)" in out, out
+    kept.unlink()                                           # without it: the batch is lost
+    out = restart_with_a_ruby_batch()
+    assert ": phase stopped" in out, out
 
 
 def _until(predicate, timeout_s: float, step_s: float = 0.05):

@@ -21,7 +21,7 @@ from opcua_server.config import load
 from plc.image import Point, ProcessImage, Quality
 from plc.modbus.io import ModbusPlantIo
 from plc.contract import MOTORS, OUTPUT_SPECS
-from test_fieldbus import fieldbus_on
+from test_fieldbus import fieldbus_on, until
 from twin import Twin
 from twin.inprocess import InProcessTwinIo
 from twin.modbus_slave import TwinSlave
@@ -37,15 +37,6 @@ def app():
 
 def image(on) -> ProcessImage:
     return ProcessImage.build(OUTPUT_SPECS, {n: Point(n in on) for n in OUTPUT_SPECS})
-
-
-async def until(predicate, timeout_s: float, step_s: float = 0.005) -> float:
-    t0 = time.monotonic()
-    while not predicate():
-        if time.monotonic() - t0 > timeout_s:
-            raise AssertionError(f"not within {timeout_s} s")
-        await asyncio.sleep(step_s)
-    return time.monotonic() - t0
 
 
 class PlcLoop:
