@@ -1,4 +1,5 @@
-"""The server's records in SQL: users, recipes and the audit trail (SQLAlchemy 2.x Core, sync).
+"""The server's records in SQL: users, recipes, the audit trail and the alarm journal
+(SQLAlchemy 2.x Core, sync).
 
 One job: keep what must survive a restart and be shared by the OPC UA server and the
 ``tempering users`` commands. SQLite by default (``<data_dir>/tempering.db``), PostgreSQL in a
@@ -21,6 +22,16 @@ against both. Tables (created on first use):
   came from (origin), the client's address (peer, ``host:port``) and certificate thumbprint
   (certificate); all as text, NULL where not given. Databases made before these four columns
   get them added on open (schema 2).
+- ``alarm_journal``: one row per alarm transition the PLC reported (``plc.commands.Event`` of
+  kind "alarm") and per PLC start ("alarm_system", kind "restart"): time (ISO 8601, UTC, to the
+  microsecond, so the text sorts as the time), machine, alarm_id, kind (the transition: "active",
+  "cleared", "acknowledged", "confirmed", "comment", "shelved", "unshelved", "disabled",
+  "enabled", "suppressed", "unsuppressed", "message"; or "restart"), state (the
+  ``plc.alarms.AlarmState`` value after it), active, acked, confirmed, enabled, shelving,
+  severity (the priority, 1..1000), message, comment, user, value, batch_id, recipe_id, event_id
+  (the alarm's OPC UA EventId as hex; "" on restart rows). An event is stored once however often
+  it is handed in (a new plant window gets the events its predecessor did not acknowledge
+  again): (machine, alarm_id, kind, time, event_id) is unique and a repeat is skipped (schema 3).
 - ``meta``: key/value (schema version; whether the recipes were seeded from recipes.yaml).
 
 Errors (RecordsError and its subclasses; each carries the data at fault):
@@ -35,7 +46,8 @@ Database failures are SQLAlchemy's (``sqlalchemy.exc.OperationalError``...), unc
 
 Calls block on the database (an fsync on SQLite; a round trip on PostgreSQL; about 0.5 s and
 128 MiB of scrypt in ``check_password``, add_user and set_password): from asyncio code, call
-them with ``asyncio.to_thread`` (hashlib.scrypt releases the GIL).
+them with ``asyncio.to_thread`` (hashlib.scrypt releases the GIL). ``journal_alarms`` writes
+any number of events in one transaction (a flood of hundreds a second is one insert a batch).
 """
 
 from __future__ import annotations
@@ -48,13 +60,15 @@ import os
 import re
 import threading
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Iterable, Mapping, NamedTuple
 
 from pydantic import ValidationError
-from sqlalchemy import (Boolean, Column, Float, Integer, MetaData, String, Table, Text, create_engine,
-                        delete, func, insert, inspect, select, update)
+from sqlalchemy import (Boolean, Column, Float, Index, Integer, MetaData, String, Table, Text,
+                        UniqueConstraint, create_engine, delete, func, insert, inspect, select, update)
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine, make_url
 
 from plc.config import Recipe, RecipeBook
@@ -63,7 +77,7 @@ from plc.configbase import _messages
 #: The roles, each with the rights of the ones before it (security.role_allows).
 ROLES: tuple[str, ...] = ("viewer", "operator", "technician", "admin")
 
-SCHEMA_VERSION = "2"     # 2: audit.command_id, origin, peer, certificate
+SCHEMA_VERSION = "3"     # 2: audit.command_id, origin, peer, certificate; 3: alarm_journal
 USER_NAME = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
 MIN_PASSWORD_LENGTH = 8
 MAX_PASSWORD_LENGTH = 1024
@@ -189,6 +203,36 @@ audit_log = Table(
 )
 _AUDIT_SINCE_2 = ("command_id", "origin", "peer", "certificate")
 
+alarm_journal = Table(      # schema 3
+    "alarm_journal", _metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("time", String(32), nullable=False),        # ISO 8601 UTC, microseconds: sorts as time
+    Column("machine", String(64), nullable=False),
+    Column("alarm_id", String(128), nullable=False),   # "" on restart rows
+    Column("kind", String(32), nullable=False),
+    Column("state", String(48), nullable=False),       # AlarmState value after; "" on restart rows
+    Column("active", Boolean),                         # NULL on restart rows
+    Column("acked", Boolean),
+    Column("confirmed", Boolean),
+    Column("enabled", Boolean),
+    Column("shelving", String(16)),
+    Column("severity", Integer, nullable=False),
+    Column("message", Text, nullable=False),
+    Column("comment", Text, nullable=False),
+    Column("user_name", Text, nullable=False),
+    Column("value", Float),
+    Column("batch_id", Text),
+    Column("recipe_id", Text),
+    Column("event_id", String(512), nullable=False),   # hex of Alarm.event_id; "" on restart rows
+    UniqueConstraint("machine", "alarm_id", "kind", "time", "event_id", name="alarm_journal_event"),
+    Index("alarm_journal_time", "time", "id"),
+    Index("alarm_journal_alarm", "alarm_id", "time"),
+    Index("alarm_journal_batch", "batch_id", "time"),
+)
+
+#: The event kinds that go to the alarm journal.
+JOURNAL_KINDS: frozenset[str] = frozenset({"alarm", "alarm_system"})
+
 meta = Table(
     "meta", _metadata,
     Column("key", String(64), primary_key=True),
@@ -302,11 +346,133 @@ def _text(value: object) -> str | None:
     return None if value is None else str(value)
 
 
+# --------------------------------------------------------------------------- alarm journal
+
+
+def _utc_text_us(time_s: float) -> str:
+    """ISO 8601 UTC to the microsecond, fixed width (``2026-03-01T09:30:00.250000Z``): the
+    journal's time column, whose text order is the time order."""
+    return datetime.fromtimestamp(time_s, timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _epoch_s(when: datetime | float | int) -> float:
+    """Seconds since the epoch of a datetime (naive: taken as UTC) or of a number of seconds."""
+    if isinstance(when, datetime):
+        return (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()
+    if isinstance(when, (int, float)) and not isinstance(when, bool):
+        return float(when)
+    raise TypeError(f"a time must be a datetime or seconds since the epoch, got {when!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class JournalRow:
+    """One row of the alarm journal (see the module docstring for the meaning of each field).
+
+    ``time`` is timezone-aware UTC (the alarm's ``changed``: when the PLC reported the change);
+    ``active``, ``acked``, ``confirmed``, ``enabled`` and ``shelving`` are None on "restart"
+    rows (no alarm); ``severity`` is the priority (``plc.alarms.Priority``, 1..1000);
+    ``event_id`` the hex of the alarm's OPC UA EventId (``bytes.fromhex`` gives it back)."""
+
+    id: int
+    time: datetime
+    machine: str
+    alarm_id: str
+    kind: str
+    state: str
+    active: bool | None
+    acked: bool | None
+    confirmed: bool | None
+    enabled: bool | None
+    shelving: str | None
+    severity: int
+    message: str
+    comment: str
+    user: str
+    value: float | None
+    batch_id: str | None
+    recipe_id: str | None
+    event_id: str
+
+    @property
+    def time_s(self) -> float:
+        """``time`` in seconds since the epoch."""
+        return self.time.timestamp()
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every field, JSON-ready (``time`` as ISO 8601 UTC text)."""
+        return {name: (_utc_text_us(self.time_s) if name == "time" else getattr(self, name))
+                for name in self.__dataclass_fields__}
+
+
+def _plain(value: object) -> object:
+    """An enum's value (AlarmState, Shelving, Priority), anything else as it is."""
+    return getattr(value, "value", value)
+
+
+def _optional_float(value: object) -> float | None:
+    try:
+        return None if value is None else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def journal_values(event, machine: str = "") -> dict[str, Any] | None:
+    """The ``alarm_journal`` row of one ``plc.commands.Event`` (None if its kind is not in
+    JOURNAL_KINDS). Event data keys used: alarm_id, transition, to, priority, user, comment,
+    value, batch_id, recipe_id, alarm (the ``plc.alarms.Alarm`` after the change: its active,
+    acked, confirmed, enabled, shelving, message, changed and event_id). Missing keys give
+    NULL / "" / 0; the time is the alarm's ``changed`` (wall clock), else the event's."""
+    if event.kind not in JOURNAL_KINDS:
+        return None
+    data = dict(event.data)
+    alarm = data.get("alarm")
+    system = event.kind == "alarm_system"
+
+    def of_alarm(name: str, default: object = None) -> object:
+        return _plain(getattr(alarm, name, default)) if alarm is not None else default
+
+    flag = (lambda name: None if alarm is None or system else bool(of_alarm(name)))
+    time_s = of_alarm("changed") or event.time_s
+    event_id = of_alarm("event_id") or data.get("event_id") or b""
+    if system:
+        kind = str(data.get("transition") or "restart")
+    else:
+        kind = str(data.get("transition") or "")
+    return {
+        "time": _utc_text_us(float(time_s)),
+        "machine": str(machine),
+        "alarm_id": str(data.get("alarm_id") or of_alarm("id", "") or ""),
+        "kind": kind,
+        "state": str(_plain(data.get("to")) or _plain(of_alarm("state", "")) or ""),
+        "active": flag("active"), "acked": flag("acked"), "confirmed": flag("confirmed"),
+        "enabled": flag("enabled"),
+        "shelving": None if alarm is None or system else str(of_alarm("shelving", "")),
+        "severity": int(_plain(data.get("priority")) or of_alarm("priority", 0) or 0),
+        "message": str(of_alarm("message", "") or event.message or ""),
+        "comment": str(data.get("comment") or ""),
+        "user_name": str(data.get("user") or ""),
+        "value": _optional_float(data.get("value", of_alarm("value"))),
+        "batch_id": _text(data.get("batch_id") or None),
+        "recipe_id": _text(data.get("recipe_id") or None),
+        "event_id": event_id.hex() if isinstance(event_id, (bytes, bytearray)) else str(event_id),
+    }
+
+
+def _journal_row(r: Mapping[str, Any]) -> JournalRow:
+    return JournalRow(
+        id=r["id"], time=datetime.fromisoformat(r["time"]), machine=r["machine"],
+        alarm_id=r["alarm_id"], kind=r["kind"], state=r["state"], active=r["active"],
+        acked=r["acked"], confirmed=r["confirmed"], enabled=r["enabled"], shelving=r["shelving"],
+        severity=r["severity"], message=r["message"], comment=r["comment"], user=r["user_name"],
+        value=r["value"], batch_id=r["batch_id"], recipe_id=r["recipe_id"], event_id=r["event_id"])
+
+
 # --------------------------------------------------------------------------- records
 
 
 class Records:
-    """Users, recipes and the audit trail in the database at ``url`` (an SQLAlchemy URL).
+    """Users, recipes, the audit trail and the alarm journal in the database at ``url`` (an
+    SQLAlchemy URL).
 
     Safe to share between threads (one engine, a connection per call)."""
 
@@ -328,7 +494,8 @@ class Records:
     @staticmethod
     def _migrate(db) -> None:
         """Schema 1 -> 2: the audit table's four nullable columns (ALTER TABLE ... ADD COLUMN,
-        the same on SQLite and PostgreSQL; old rows get NULL)."""
+        the same on SQLite and PostgreSQL; old rows get NULL). Schema 2 -> 3: the alarm_journal
+        table and its indexes (made by ``create_all``, which adds missing tables only)."""
         have = {c["name"] for c in inspect(db).get_columns("audit")}
         for name in _AUDIT_SINCE_2:
             if name not in have:
@@ -491,3 +658,66 @@ class Records:
             return [{"time": r["time"], "user": r["user_name"], "action": r["action"],
                      "target": r["target"], "old": r["old_value"], "new": r["new_value"],
                      "result": r["result"], **{k: r[k] for k in _AUDIT_SINCE_2}} for r in rows]
+
+    # ----------------------------------------------------------------------- alarm journal
+
+    def journal_alarms(self, events: Iterable, machine: str = "") -> int:
+        """Store the "alarm" and "alarm_system" events among ``events`` (``plc.commands.Event``;
+        other kinds are skipped) as journal rows of ``machine``, in one transaction. An event
+        stored before (the same machine, alarm, kind, time and EventId) is skipped, also within
+        ``events``: handing the same events in again changes nothing. Returns the number of
+        rows added."""
+        rows, seen = [], set()
+        for e in events:
+            values = journal_values(e, machine)
+            if values is None:
+                continue
+            key = (values["alarm_id"], values["kind"], values["time"], values["event_id"])
+            if key not in seen:
+                seen.add(key)
+                rows.append(values)
+        if not rows:
+            return 0
+        dialect = self.engine.dialect.name
+        with self.engine.begin() as db:
+            if dialect in ("sqlite", "postgresql"):       # insert-if-absent, one statement
+                stmt = (sqlite if dialect == "sqlite" else postgresql).insert(alarm_journal)
+                stmt = stmt.on_conflict_do_nothing().returning(alarm_journal.c.id)
+                return len(db.execute(stmt, rows).all())    # the ids of the rows added
+            added = 0
+            for values in rows:                           # any other database: look first
+                c = alarm_journal.c
+                if db.scalar(select(c.id).where(c.machine == values["machine"],
+                                                c.alarm_id == values["alarm_id"],
+                                                c.kind == values["kind"], c.time == values["time"],
+                                                c.event_id == values["event_id"])) is None:
+                    db.execute(insert(alarm_journal).values(**values))
+                    added += 1
+            return added
+
+    def alarm_journal(self, since: datetime | float | None = None, until: datetime | float | None = None,
+                      alarm_id: str | None = None, batch_id: str | None = None,
+                      limit: int | None = None, *, newest: bool = False) -> list[JournalRow]:
+        """Journal rows with ``since <= time < until`` (datetimes, naive ones taken as UTC, or
+        seconds since the epoch; None: no bound), of one alarm and/or one batch if given,
+        ordered by time, then by id (the order they were stored in). ``limit``: at most that
+        many, the first ones in that order, or with ``newest=True`` the last ones (still
+        returned oldest first). ValueError for a negative limit."""
+        c = alarm_journal.c
+        query = select(alarm_journal)
+        if since is not None:
+            query = query.where(c.time >= _utc_text_us(_epoch_s(since)))
+        if until is not None:
+            query = query.where(c.time < _utc_text_us(_epoch_s(until)))
+        if alarm_id is not None:
+            query = query.where(c.alarm_id == alarm_id)
+        if batch_id is not None:
+            query = query.where(c.batch_id == batch_id)
+        if limit is not None:
+            if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+                raise ValueError(f"limit must be an integer >= 0, got {limit!r}")
+            query = query.limit(limit)
+        query = query.order_by(c.time.desc(), c.id.desc()) if newest else query.order_by(c.time, c.id)
+        with self.engine.connect() as db:
+            rows = [_journal_row(r) for r in db.execute(query).mappings()]
+        return rows[::-1] if newest else rows

@@ -178,7 +178,7 @@ def test_a_schema_1_database_gets_the_new_audit_columns(tmp_path):
     assert (old["target"], old["command_id"], old["origin"], old["peer"]) == ("Hold", None, None, None)
     assert (new["target"], new["command_id"], new["origin"]) == ("Resume", "c-1", "opcua")
     with r.engine.connect() as db:
-        assert db.execute(text("SELECT value FROM meta WHERE key = 'schema'")).scalar_one() == "2"
+        assert db.execute(text("SELECT value FROM meta WHERE key = 'schema'")).scalar_one() == records_module.SCHEMA_VERSION
     r.close()
 
 
