@@ -103,6 +103,8 @@ async def run_window(args, cfg, book) -> int:
         # the heartbeat once started up: building the address space may hold the loop for
         # seconds (the supervisor gives a start its own, longer, time before the first beat)
         tasks.append(asyncio.create_task(_heartbeat(args.heartbeat_fd, stop)))
+        tasks.append(asyncio.create_task(_journal(plc.channel, plc.channel.subscribe(maxlen=4096),
+                                                  records, cfg.machine.id, stop)))
         # connect once every observer (publisher, historian, live view) is subscribed: the first
         # snapshot carries the events of the time this window was away (alarms, verdicts)
         tasks.append(asyncio.create_task(plc.run(stop)))
@@ -123,6 +125,42 @@ async def run_window(args, cfg, book) -> int:
 def _log_failure(task: asyncio.Task) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("%s failed", task.get_coro().__qualname__, exc_info=task.exception())
+
+
+JOURNAL_EVERY_S = 0.25
+JOURNAL_MAX_WAITING = 100_000
+
+
+async def _journal(channel, sub, records, machine: str, stop: asyncio.Event) -> None:
+    """Every "alarm" and "alarm_system" event of every snapshot into the records' alarm journal,
+    a batch every ``JOURNAL_EVERY_S``, written on a thread (the database may be a PostgreSQL
+    across the plant). Events the PLC hands in again (a new window gets those its predecessor did
+    not acknowledge) are stored once: the journal skips an event it has. While the database
+    fails, the events wait (at most JOURNAL_MAX_WAITING, the oldest dropped), logged once per
+    outage. On stop: one last batch."""
+    from opcua_server.records import JOURNAL_KINDS
+
+    waiting: list = []
+    failing = False
+    try:
+        while True:
+            stopping = stop.is_set()
+            waiting += [e for snap in sub.drain() for e in snap.events if e.kind in JOURNAL_KINDS]
+            if waiting:
+                try:
+                    await asyncio.to_thread(records.journal_alarms, waiting, machine)
+                    waiting, failing = [], False
+                except Exception:
+                    if not failing:
+                        log.exception("alarm journal: cannot write %d events (they wait)", len(waiting))
+                    failing = True
+                    del waiting[:-JOURNAL_MAX_WAITING]
+            if stopping:
+                return
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), JOURNAL_EVERY_S)
+    finally:
+        channel.unsubscribe(sub)
 
 
 async def _auto_start(plc, gate, cmd) -> None:

@@ -231,3 +231,63 @@ def test_a_schema_2_database_gets_the_journal(tmp_path):
         assert len(again.alarm_journal()) == 3
     finally:
         again.close()
+
+
+# --------------------------------------------------------------------------- the plant window
+
+
+@dataclass(frozen=True)
+class Snap:                      # what the journal reads of a plc.channel.Snapshot
+    events: tuple
+
+
+async def test_the_window_journals_every_alarm_event_of_every_snapshot_once(sqlite_records):
+    import asyncio
+
+    from plc.channel import SnapshotChannel
+    from tempering.window_process import _journal
+
+    channel, stop = SnapshotChannel(), asyncio.Event()
+    sub = channel.subscribe(maxlen=4096)
+    task = asyncio.create_task(_journal(channel, sub, sqlite_records, "tm-1", stop))
+    flood = a_flood(300)
+    for i in range(0, 300, 30):          # ten snapshots of thirty transitions, with other events
+        channel.publish(Snap((Event("phase", T0, "heating"), *flood[i:i + 30])))
+    await asyncio.sleep(0)
+    # a new window: the events not acknowledged by the one before come again with the next one
+    channel.publish(Snap((*flood[250:], restart_event(T0 + 10))))
+    stop.set()                           # the last snapshot still goes in on the way out
+    await asyncio.wait_for(task, 10)
+    rows = sqlite_records.alarm_journal()
+    assert len(rows) == 301 and rows[-1].kind == "restart"
+    assert [r.event_id for r in rows[:-1]] == [e.get("alarm").event_id.hex() for e in flood]
+    assert sub not in channel._subs
+
+
+async def test_the_window_keeps_the_events_while_the_database_fails(sqlite_records, caplog):
+    import asyncio
+
+    from plc.channel import SnapshotChannel
+    from tempering import window_process
+
+    class Failing:
+        calls = 0
+
+        def journal_alarms(self, events, machine):
+            self.calls += 1
+            if self.calls <= 3:
+                raise OSError("database unreachable")
+            return sqlite_records.journal_alarms(events, machine)
+
+    channel, stop = SnapshotChannel(), asyncio.Event()
+    sub = channel.subscribe()
+    records = Failing()
+    task = asyncio.create_task(window_process._journal(channel, sub, records, "tm-1", stop))
+    channel.publish(Snap(tuple(a_flood(10))))
+    while records.calls < 4:
+        await asyncio.sleep(0.05)
+    channel.publish(Snap(tuple(a_flood(12)[10:])))
+    stop.set()
+    await asyncio.wait_for(task, 10)
+    assert len(sqlite_records.alarm_journal()) == 12
+    assert sum("cannot write" in r.message for r in caplog.records) == 1     # once per outage
