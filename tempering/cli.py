@@ -11,6 +11,8 @@
                     | role NAME ROLE | delete NAME                 [--config FILE] [--data-dir DIR]
     tempering pki list | trust THUMBPRINT|FILE | reject THUMBPRINT|FILE [--config FILE] [--data-dir DIR]
     tempering export-nodeset FILE [--config FILE]
+    tempering alarms journal [--since T] [--until T] [--alarm ID] [--batch ID] [--limit N] [--json]
+                             [--config FILE] [--data-dir DIR]
 
 ``run`` starts and supervises the PLC process and the plant-window process (``supervisor``)
 and, by default, the twin as a Modbus TCP slave on loopback in a process of its own; ``plc``
@@ -26,16 +28,23 @@ passwords are read from standard input (``--password-stdin``, one line) or asked
 terminal, never taken from the command line. ``export-nodeset`` builds the machine's OPC UA
 address space (in a server that is set up but never started: no PLC, no sockets) and writes its
 instances as a NodeSet2 file that requires the types model ``nodesets/Tempering.Types.NodeSet2.xml``.
+``alarms journal`` prints the alarm journal of the records database (every alarm transition and
+PLC start, oldest first) as a table, or with ``--json`` one JSON object per line with every
+field; ``T`` is an ISO 8601 time (UTC unless it has an offset) or a time ago (``90s``, ``10m``,
+``2h``, ``1d``); ``--limit N`` keeps the newest N. Bad arguments: a message and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
+import re
 import signal
 import sys
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from opcua_server.config import DEFAULT_CONFIG, load
@@ -288,6 +297,75 @@ def cmd_pki(args) -> int:
         return 1
 
 
+_AGO = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _journal_time(text: str) -> datetime:
+    """``--since``/``--until``: ISO 8601 (UTC unless it has an offset) or a time ago (10m)."""
+    ago = _AGO.match(text.strip())
+    if ago:
+        return datetime.now(timezone.utc) - timedelta(seconds=float(ago[1]) * _UNIT_S[ago[2]])
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an ISO 8601 time such as 2026-03-01T09:30 (UTC unless it has an offset) or "
+            f"a time ago such as 90s, 10m, 2h, 1d; got {text!r}") from None
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return n
+
+
+JOURNAL_COLUMNS = ("time", "alarm", "kind", "state", "user", "comment", "message")
+
+
+def _journal_table(rows) -> list[str]:
+    """The journal as text lines: one header, one line a row, columns as wide as their widest
+    cell (the message last, as long as it is)."""
+    cells = [(r.time.strftime("%Y-%m-%d %H:%M:%S.") + f"{r.time.microsecond // 1000:03d}Z",
+              r.alarm_id or "-", r.kind, r.state or "-", r.user or "-", r.comment or "-", r.message)
+             for r in rows]
+    widths = [max(len(c[i]) for c in [JOURNAL_COLUMNS, *cells]) for i in range(len(JOURNAL_COLUMNS))]
+    return ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip()
+            for line in [JOURNAL_COLUMNS, *cells]]
+
+
+def cmd_alarms(args) -> int:
+    from opcua_server.records import Records
+
+    if args.since and args.until and args.since >= args.until:
+        print(f"tempering alarms journal: --since ({args.since.isoformat()}) must be before --until "
+              f"({args.until.isoformat()})", file=sys.stderr)
+        return 2
+    settings = _opcua_settings(args)
+    if settings is None:
+        return 1
+    records = Records(settings.records_url)
+    try:
+        rows = records.alarm_journal(since=args.since, until=args.until, alarm_id=args.alarm,
+                                     batch_id=args.batch, limit=args.limit, newest=True)
+    finally:
+        records.close()
+    if args.json:
+        for r in rows:
+            print(json.dumps(r.as_dict()))
+    elif rows:
+        print("\n".join(_journal_table(rows)))
+    else:
+        print("no alarm journal entries" + (" match" if any(
+            v is not None for v in (args.since, args.until, args.alarm, args.batch)) else " yet"))
+    return 0
+
+
 async def _export_nodeset(path: Path, cfg, book) -> int:
     from asyncua import Server
 
@@ -432,6 +510,17 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("file", metavar="FILE", help="NodeSet2 file to write")
     e.add_argument("--config", help="machine file (default: the embedded default machine)")
     e.set_defaults(func=cmd_export_nodeset)
+    a = sub.add_parser("alarms", help="the alarm journal")
+    a.set_defaults(func=cmd_alarms)
+    aa = a.add_subparsers(dest="action", required=True)
+    x = aa.add_parser("journal", parents=[where], help="print the alarm journal, oldest first")
+    x.add_argument("--since", type=_journal_time, metavar="T",
+                   help="from this time on: ISO 8601 (UTC unless it has an offset) or a time ago (10m, 2h, 1d)")
+    x.add_argument("--until", type=_journal_time, metavar="T", help="before this time (same forms)")
+    x.add_argument("--alarm", metavar="ID", help="only this alarm (e.g. zone.tank.over_temp)")
+    x.add_argument("--batch", metavar="ID", help="only the entries of this batch")
+    x.add_argument("--limit", type=_positive_int, metavar="N", help="only the newest N entries")
+    x.add_argument("--json", action="store_true", help="one JSON object per line, every field")
     args = ap.parse_args(argv)
     return args.func(args)
 

@@ -4,9 +4,13 @@ batch; the same contract on SQLite and on a real PostgreSQL; a schema 2 database
 from __future__ import annotations
 
 import enum
+import json
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -14,7 +18,10 @@ from sqlalchemy import create_engine, text
 import opcua_server.records as records_module
 from opcua_server.records import JournalRow, Records, journal_values
 from plc.commands import Event
+from tempering.cli import main
 
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
 T0 = datetime(2026, 3, 1, 9, 30, tzinfo=timezone.utc).timestamp()
 
 
@@ -291,3 +298,92 @@ async def test_the_window_keeps_the_events_while_the_database_fails(sqlite_recor
     await asyncio.wait_for(task, 10)
     assert len(sqlite_records.alarm_journal()) == 12
     assert sum("cannot write" in r.message for r in caplog.records) == 1     # once per outage
+
+
+# --------------------------------------------------------------------------- tempering alarms journal
+
+
+def journal_cli(tmp_path, *argv) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "tempering"), "alarms", "journal", "--data-dir",
+                           str(tmp_path / "opcua"), *argv], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.fixture
+def journal_dir(tmp_path):
+    """A records database in ``tmp_path/opcua`` with a batch's alarm history, the last hour."""
+    now = time.time()
+    r = Records(f"sqlite:///{tmp_path / 'opcua' / 'tempering.db'}")
+    r.journal_alarms([
+        restart_event(now - 3600),
+        alarm_event("zone.tank.over_temp", "active", State.UNACK_ACTIVE, now - 1800, 1),
+        alarm_event("zone.tank.over_temp", "acknowledged", State.ACK_ACTIVE, now - 1700, 2,
+                    user="olga", comment="heater checked", acked=True),
+        alarm_event("zone.pump.under_temp", "active", State.UNACK_ACTIVE, now - 300, 1, batch_id="B-2"),
+    ], machine="tm-1")
+    r.close()
+    return tmp_path
+
+
+def test_alarms_journal_prints_a_table_and_json(journal_dir):
+    p = journal_cli(journal_dir)
+    assert p.returncode == 0, p.stderr
+    header, *lines = p.stdout.splitlines()
+    assert header.split() == ["time", "alarm", "kind", "state", "user", "comment", "message"]
+    assert [ln.split()[2:4] for ln in lines] == [["-", "restart"], ["zone.tank.over_temp", "active"],
+                                                 ["zone.tank.over_temp", "acknowledged"],
+                                                 ["zone.pump.under_temp", "active"]]
+    assert "olga  heater checked  zone.tank.over_temp above its limit" in lines[2]
+    assert lines[0].split()[1].endswith("Z")
+    p = journal_cli(journal_dir, "--since", "45m", "--batch", "B-1", "--json")
+    assert p.returncode == 0, p.stderr
+    rows = [json.loads(ln) for ln in p.stdout.splitlines()]
+    assert [(r["alarm_id"], r["kind"], r["user"]) for r in rows] == [
+        ("zone.tank.over_temp", "active", ""), ("zone.tank.over_temp", "acknowledged", "olga")]
+    assert set(rows[0]) == set(JournalRow.__dataclass_fields__) and rows[1]["acked"] is True
+
+
+@pytest.mark.parametrize("argv, rows", [
+    ((), 4),
+    (("--limit", "2"), 2),                                   # the newest two
+    (("--alarm", "zone.tank.over_temp"), 2),
+    (("--since", "10m"), 1),
+    (("--until", "10m"), 3),
+    (("--since", "1d", "--until", "2h"), 0),
+    (("--since", "2000-01-01T00:00:00+01:00", "--until", "2100-01-01"), 4),
+    (("--since", "0.75h"), 3),
+])
+def test_alarms_journal_selects(journal_dir, capsys, argv, rows):
+    assert main(["alarms", "journal", "--json", "--data-dir", str(journal_dir / "opcua"), *argv]) == 0
+    got = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
+    assert len(got) == rows
+    if argv[:1] == ("--limit",):
+        assert [r["alarm_id"] for r in got] == ["zone.tank.over_temp", "zone.pump.under_temp"]
+
+
+def test_alarms_journal_says_when_nothing_matches(journal_dir, capsys):
+    assert main(["alarms", "journal", "--alarm", "nope", "--data-dir", str(journal_dir / "opcua")]) == 0
+    assert capsys.readouterr().out.strip() == "no alarm journal entries match"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("--since", "yesterday"), "argument --since: expected an ISO 8601 time"),
+    (("--until", "10x"), "argument --until: expected an ISO 8601 time"),
+    (("--since", "2026-13-01"), "got '2026-13-01'"),
+    (("--limit", "0"), "argument --limit: expected a whole number >= 1, got '0'"),
+    (("--limit", "ten"), "argument --limit: expected a whole number >= 1, got 'ten'"),
+    (("--batch",), "argument --batch: expected one argument"),
+])
+def test_alarms_journal_refuses_bad_arguments(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        main(["alarms", "journal", "--data-dir", str(tmp_path / "opcua"), *argv])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "opcua").exists()                  # nothing opened, nothing made
+
+
+def test_alarms_journal_refuses_an_empty_interval(tmp_path):
+    p = journal_cli(tmp_path, "--since", "1h", "--until", "2h")
+    assert p.returncode == 2
+    assert "--since" in p.stderr and "must be before --until" in p.stderr
+    assert not (tmp_path / "opcua").exists()
