@@ -139,7 +139,9 @@ class Gate:
         except PlcTimeout as e:
             raise Refused(SC.BadTimeout, str(e), cmd) from None
         if not verdict.accepted:
-            raise Refused(SC.BadInvalidState, verdict.reason, cmd)
+            # the scan names a Part 4/9 status code for some refusals (BadEventIdUnknown, ...)
+            code = getattr(SC, getattr(verdict, "code", "") or "BadInvalidState", SC.BadInvalidState)
+            raise Refused(code, verdict.reason, cmd)
         return cmd
 
     async def command(self, cmd: Command, target: str | None = None) -> tuple[bool, str]:
@@ -219,37 +221,40 @@ class Gate:
 
     # -- methods -----------------------------------------------------------------------------
 
-    def method(self, target: str, role: str, handler: Callable[..., Any]) -> Callable:
+    def method(self, target: str | Callable[[ua.NodeId], str], role: str, handler: Callable[..., Any],
+               *, with_object: bool = False) -> Callable:
         """An asyncua method callback that checks the caller's role, runs ``handler(user,
-        *args)`` (which returns output arguments, or a Command that was sent and accepted, or
-        raises Refused) and records the call."""
+        *args)`` (``handler(user, object_id, *args)`` ``with_object``; it returns output
+        arguments, or a Command that was sent and accepted, or raises Refused) and records the
+        call. ``target`` names the call in the audit, or makes the name from the object id."""
         async def callback(parent, *args):
             user = session_user()
             name, user_role = self.role_of(user)
             values = [a.Value if isinstance(a, ua.Variant) else a for a in args]
+            what = target(parent) if callable(target) else target
             cmd = None
             try:
                 if not role_allows(user_role, role):
                     raise Refused(SC.BadUserAccessDenied, f"{name} ({user_role}) may not call "
-                                                         f"{target}; needs {role}")
-                out = handler(name, *values)
+                                                         f"{what}; needs {role}")
+                out = handler(name, parent, *values) if with_object else handler(name, *values)
                 if hasattr(out, "__await__"):
                     out = await out
                 if isinstance(out, Command):
                     cmd, out = out, []
             except Refused as r:
-                await self._audit(name, "call", target, None, values,
+                await self._audit(name, "call", what, None, values,
                                   ua.StatusCode(r.code).name + ": " + r.message, r.cmd)
-                log.info("call of %s by %s refused: %s", target, name, r.message)
+                log.info("call of %s by %s refused: %s", what, name, r.message)
                 return ua.CallMethodResult(StatusCode=ua.StatusCode(r.code), OutputArguments=[])
             except TypeError as e:       # wrong number of arguments
-                await self._audit(name, "call", target, None, values, f"BadArgumentsMissing: {e}")
+                await self._audit(name, "call", what, None, values, f"BadArgumentsMissing: {e}")
                 return ua.CallMethodResult(StatusCode=ua.StatusCode(SC.BadArgumentsMissing))
             except Exception as e:
-                await self._audit(name, "call", target, None, values, f"BadInternalError: {e}")
-                log.exception("call of %s by %s", target, name)
+                await self._audit(name, "call", what, None, values, f"BadInternalError: {e}")
+                log.exception("call of %s by %s", what, name)
                 return ua.CallMethodResult(StatusCode=ua.StatusCode(SC.BadInternalError))
-            await self._audit(name, "call", target, None, values, "Good", cmd)
+            await self._audit(name, "call", what, None, values, "Good", cmd)
             return list(out or [])
         return callback
 

@@ -46,7 +46,6 @@ from asyncua.common import xmlexporter
 from asyncua.common.instantiate_util import instantiate
 from asyncua.server.address_space import AttributeValue, NodeData
 
-from plc.alarms import AlarmState
 from plc.contract import MOTORS, OUTPUT_SPECS, ZONES
 from plc.program import MOTOR_LIMIT_ZONE, Program
 from plc.state import Phase
@@ -57,15 +56,17 @@ TYPES_NODESET = Path(__file__).resolve().parent.parent / "nodesets" / "Tempering
 ROOT = "Machine"                       # string NodeId of the machine object
 
 # numeric NodeIds in the types namespace (nodesets/README.md)
-TYPE_IDS: Mapping[str, int] = MappingProxyType({name: 1001 + i for i, name in enumerate((
-    "TemperatureZoneType", "MotorType", "PowerMeterType", "SequencerType", "RecipeType",
-    "RecipeBookType", "AlarmType", "ScanDiagnosticsType", "LinkDiagnosticsType",
-    "HistorianDiagnosticsType", "TemperingMachineType", "AlarmStateChangeEventType"))})
-DATA_TYPE_IDS: Mapping[str, int] = MappingProxyType({"PhaseEnum": 3001, "AlarmStateEnum": 3003})
+TYPE_IDS: Mapping[str, int] = MappingProxyType({
+    "TemperatureZoneType": 1001, "MotorType": 1002, "PowerMeterType": 1003, "SequencerType": 1004,
+    "RecipeType": 1005, "RecipeBookType": 1006, "ScanDiagnosticsType": 1008,
+    "LinkDiagnosticsType": 1009, "HistorianDiagnosticsType": 1010, "TemperingMachineType": 1011,
+    # the alarm condition types (subtypes of the OPC UA Part 9 alarm types); 1007 and 1012 retired
+    "TemperatureLevelAlarmType": 1013, "TemperatureDeviationAlarmType": 1014,
+    "MachineOffNormalAlarmType": 1015, "MachineDiscreteAlarmType": 1016})
+DATA_TYPE_IDS: Mapping[str, int] = MappingProxyType({"PhaseEnum": 3001})   # 3003 retired
 
-# the Int32 values of PhaseEnum and AlarmStateEnum: the members' order, which the types keep
+# the Int32 values of PhaseEnum: the members' order, which the type keeps
 PHASE_VALUES: Mapping[Phase, int] = MappingProxyType({p: i for i, p in enumerate(Phase)})
-ALARM_STATE_VALUES: Mapping[AlarmState, int] = MappingProxyType({s: i for i, s in enumerate(AlarmState)})
 
 
 def _camel(name: str) -> str:
@@ -142,11 +143,11 @@ class MachineNodes:
     recipes_folder: Node
     recipes: dict[str, dict[str, Node]]    # recipe id -> RecipeType browse name -> variable
     alarms_folder: Node
-    alarms: dict[str, dict[str, Node]]     # condition id -> State, Priority, Message, ...
-    alarms_summary: dict[str, Node]        # ActiveAlarms, ActiveCount
+    conditions: dict[str, Node]            # condition id -> its Part 9 condition object (Alarms.<id>)
+    alarms_summary: dict[str, Node]        # ActiveAlarms, ActiveCount, UnacknowledgedCount, ...
+    alarm_performance: dict[str, Node]     # Alarms.Performance: AlarmsLast10Min, InFlood, ...
     diagnostics: dict[str, Node]           # "Scan.LateP99", "Links.io.State", "Historian.Backlog", "Sessions"
     methods: dict[str, Node]               # StartRecipe, ..., AcknowledgeAll, AddRecipe, ...
-    alarm_event_type: Node                 # AlarmStateChangeEventType (types namespace)
     objects: dict[str, Node]               # every object by path: "Zones.Pump", "Alarms.estop", "Recipes.dark-70"
     writable: dict[ua.NodeId, Writable]    # every writable variable
     variant_types: dict[ua.NodeId, ua.VariantType]   # how to encode a value of each variable
@@ -163,12 +164,7 @@ async def load_types(server: Server) -> int:
         if ua.NodeId(TYPE_IDS["TemperingMachineType"], idx) in server.iserver.aspace:
             return idx
     await server.import_xml(TYPES_NODESET)
-    idx = await server.get_namespace_index(TYPES_URI)
-    # asyncua reads an empty <String/> as a Null value; an event built from the event type takes
-    # the variant types of its properties from their values, so give the String one a String
-    alarm_id = server.get_node(ua.NodeId(22000, idx))
-    await alarm_id.write_value(ua.Variant("", ua.VariantType.String))
-    return idx
+    return await server.get_namespace_index(TYPES_URI)
 
 
 # --------------------------------------------------------------------------- the plan
@@ -182,6 +178,7 @@ class _Instance:
     browse_name: str             # in the machine's namespace
     display_name: str
     type_name: str
+    optionals: frozenset[str] = frozenset()   # Optional declarations to instantiate too (conditions)
 
 
 @dataclass
@@ -208,8 +205,10 @@ def _machine_plan(cfg: Any, program: Program, book: Any, conditions: Sequence[st
     plan.instances.append(_Instance(ROOT, ua.NodeId(ua.ObjectIds.ObjectsFolder), _ORGANIZES,
                                     m.id, m.name, "TemperingMachineType"))
     plan.descriptions[ROOT] = (f"{m.name} (machine id {m.id}): a chocolate tempering machine "
-                               "controlled by the tempering soft-PLC. Alarm state changes are "
-                               "reported as AlarmStateChangeEventType events on this object.")
+                               "controlled by the tempering soft-PLC. An event notifier: its alarms "
+                               "(Part 9 conditions), audit events and the PLC's comings and goings "
+                               "are reported here and on the Server object; HistoryRead of its events "
+                               "gives the alarm journal.")
     plan.values[f"{ROOT}.MachineId"] = ua.Variant(m.id, ua.VariantType.String)
     plan.values[f"{ROOT}.Name"] = ua.Variant(m.name, ua.VariantType.String)
     drivers: dict[str, list[str]] = {o: [] for o in OUTPUT_SPECS}
@@ -276,9 +275,12 @@ def _machine_plan(cfg: Any, program: Program, book: Any, conditions: Sequence[st
         _recipe_plan(plan, rid, recipe, ns)
     for cid in conditions:
         ident = f"{ROOT}.Alarms.{cid}"
-        plan.instances.append(_Instance(ident, ua.NodeId(f"{ROOT}.Alarms", ns), _ORGANIZES, cid, cid, "AlarmType"))
+        plan.instances.append(_Instance(ident, ua.NodeId(f"{ROOT}.Alarms", ns), _ORGANIZES, cid, cid,
+                                        condition_type(cid), condition_optionals(cid)))
         plan.descriptions[ident] = _alarm_description(cid, program)
         plan.prefixes[ident] = f"Alarm {cid}"
+        for limit, value in _condition_limits(cid, program).items():
+            plan.values[f"{ident}.{limit}"] = ua.Variant(float(value), ua.VariantType.Double)
     fieldbus = getattr(cfg, "fieldbus", None)
     for name in links:
         ident = f"{ROOT}.Diagnostics.Links.{name}"
@@ -303,6 +305,67 @@ def _recipe_plan(plan: _Plan, rid: str, recipe: Any, ns: int) -> None:
                    ua.Variant(v, ua.VariantType.String) if isinstance(v, str) else
                    ua.Variant(float(v), ua.VariantType.Double))
         plan.values[f"{ident}.{browse}"] = variant
+
+
+# ---------------------------------------------------------------- alarms as Part 9 conditions
+
+# the Optional InstanceDeclarations of the Part 9 alarm types that every condition carries
+# (OPC UA Part 9 §5.7.3, §5.8.2, §5.8.10): confirmation, shelving, suppression, out of service
+CONDITION_OPTIONALS = frozenset({"ConfirmedState", "Confirm", "TransitionTime", "ShelvingState",
+                                 "LastTransition", "SuppressedState", "OutOfServiceState",
+                                 "MaxTimeShelved"})
+
+
+def condition_type(cid: str) -> str:
+    """The condition type of an interlock condition id: level alarms for a zone's over- and
+    under-temperature, deviation alarms for its deviation, discrete alarms for the working
+    maximum and missing heating progress, off-normal alarms for the rest."""
+    parts = cid.split(".")
+    if parts[0] == "zone" and len(parts) == 3:
+        if parts[2] in ("over_temp", "under_temp"):
+            return "TemperatureLevelAlarmType"
+        if parts[2].startswith("deviation"):
+            return "TemperatureDeviationAlarmType"
+        if parts[2] in ("above_working_max", "no_progress"):
+            return "MachineDiscreteAlarmType"
+    return "MachineOffNormalAlarmType"
+
+
+def condition_optionals(cid: str) -> frozenset[str]:
+    """CONDITION_OPTIONALS and the limits the condition has (LimitAlarmType's HighLimit/LowLimit)."""
+    extra = {"TemperatureLevelAlarmType": {"HighLimit"} if cid.endswith("over_temp") else {"LowLimit"},
+             "TemperatureDeviationAlarmType": {"HighLimit", "LowLimit"}}.get(condition_type(cid), set())
+    return CONDITION_OPTIONALS | extra
+
+
+def _condition_limits(cid: str, p: Program) -> dict[str, float]:
+    """HighLimit / LowLimit of a limit alarm, from the configuration (°C, or K for a deviation)."""
+    parts, lim = cid.split("."), p.limits
+    if parts[0] != "zone" or len(parts) != 3 or parts[1] not in ZONES:
+        return {}
+    z = p.zone(parts[1])
+    if parts[2] == "over_temp":
+        return {"HighLimit": min(z.max_temp_c, lim.abs_max_c)}
+    if parts[2] == "under_temp":
+        return {"LowLimit": max(z.min_temp_c, lim.abs_min_c)}
+    k = {"deviation_warning": lim.warning_k, "deviation_error": lim.error_k}.get(parts[2])
+    return {} if k is None else {"HighLimit": k, "LowLimit": -k}
+
+
+def condition_source(cid: str) -> str:
+    """Browse path below the machine of the object a condition is about (its SourceNode)."""
+    parts = cid.split(".")
+    if parts[0] == "zone" and len(parts) > 1 and parts[1] in ZONE_NODES:
+        return f"Zones.{ZONE_NODES[parts[1]]}"
+    if parts[0] == "motor" and len(parts) > 1 and parts[1] in MOTOR_NODES:
+        return f"Motors.{MOTOR_NODES[parts[1]]}"
+    if parts[0] == "grid":
+        return "PowerMeter"
+    if cid == "estop":
+        return "Safety"
+    if cid == "plc.watchdog":
+        return "Diagnostics.Scan"
+    return "Diagnostics"
 
 
 def _alarm_description(cid: str, p: Program) -> str:
@@ -330,6 +393,9 @@ def _alarm_description(cid: str, p: Program) -> str:
                                "reached it; pouring is withheld while active",
             "above_working_max": "above the recipe's working maximum once tempered; the zone's heater is "
                                  "forced off",
+            "no_progress": f"heating at full output for {getattr(lim, 'no_progress_s', 0):g} s without the "
+                           f"temperature rising by {getattr(lim, 'no_progress_k', 0):g} K (heater or element "
+                           "failure)",
         }.get(parts[2])
         if text:
             return f"Alarm {cid}: {label}: {text}."
@@ -381,21 +447,22 @@ class _Builder:
     def __init__(self, server: Server, types_ns: int):
         self.aspace = server.iserver.aspace
         self.types_ns = types_ns
-        self._templates: dict[str, _Template] = {}
+        self._templates: dict[tuple[str, frozenset[str]], _Template] = {}
 
-    def template(self, type_name: str) -> _Template:
-        tpl = self._templates.get(type_name)
+    def template(self, type_name: str, optionals: frozenset[str] = frozenset()) -> _Template:
+        tpl = self._templates.get((type_name, optionals))
         if tpl is None:
             type_id = ua.NodeId(TYPE_IDS[type_name], self.types_ns)
-            tpl = self._read(type_id, ua.NodeClass.Object, None)
-            self._templates[type_name] = tpl
+            tpl = self._read(type_id, ua.NodeClass.Object, None, optionals)
+            self._templates[(type_name, optionals)] = tpl
         return tpl
 
     def _attr(self, nd: NodeData, attr: ua.AttributeIds) -> Any:
         av = nd.attributes.get(attr)
         return None if av is None or av.value is None or av.value.Value is None else av.value.Value.Value
 
-    def _read(self, nodeid: ua.NodeId, nclass: ua.NodeClass, ref_type: ua.NodeId | None) -> _Template:
+    def _read(self, nodeid: ua.NodeId, nclass: ua.NodeClass, ref_type: ua.NodeId | None,
+              optionals: frozenset[str] = frozenset()) -> _Template:
         nd = self.aspace[nodeid]
         t = _Template()
         t.browse_name = self._attr(nd, _A.BrowseName)
@@ -431,10 +498,11 @@ class _Builder:
                 if not r.IsForward or r.ReferenceTypeId not in _CHILD_REFS:
                     continue
                 child = self.aspace.get(r.NodeId)
-                if child is None or r.BrowseName.Name in seen or not self._instantiated(child):
+                if child is None or r.BrowseName.Name in seen or not self._instantiated(
+                        child, r.BrowseName.Name in optionals):
                     continue
                 seen.add(r.BrowseName.Name)
-                t.children.append(self._read(r.NodeId, r.NodeClass, r.ReferenceTypeId))
+                t.children.append(self._read(r.NodeId, r.NodeClass, r.ReferenceTypeId, optionals))
         return t
 
     def _with_supertypes(self, nodeid: ua.NodeId, nclass: ua.NodeClass, ref_type) -> list[ua.NodeId]:
@@ -449,9 +517,10 @@ class _Builder:
             chain.append(parent)
 
     @staticmethod
-    def _instantiated(nd: NodeData) -> bool:
+    def _instantiated(nd: NodeData, optional_wanted: bool = False) -> bool:
         rules = [r.NodeId for r in nd.references if r.IsForward and r.ReferenceTypeId == _HAS_MODELLING_RULE]
-        return bool(rules) and rules[0] not in _NOT_INSTANTIATED
+        return bool(rules) and (rules[0] not in _NOT_INSTANTIATED or (
+            optional_wanted and rules[0] == _NOT_INSTANTIATED[0]))
 
     def build(self, plan: _Plan, ns: int) -> None:
         now = datetime.now(timezone.utc)
@@ -461,7 +530,7 @@ class _Builder:
             nid = ua.NodeId(inst.ident, ns)
             if nid in self.aspace:
                 raise ValueError(f"{inst.ident}: already in the address space (namespace {ns})")
-            tpl = self.template(inst.type_name)
+            tpl = self.template(inst.type_name, inst.optionals)
             parent = self.aspace[inst.parent]
             self._node(tpl, inst.ident, ns, parent, inst.ref_type, ua.QualifiedName(inst.browse_name, ns),
                        ua.LocalizedText(inst.display_name), plan, None, now, waiting, shared)
@@ -539,11 +608,18 @@ class _Builder:
 async def _build_naive(server: Server, plan: _Plan, ns: int, types_ns: int) -> None:
     """The same address space through asyncua's session API, node by node (the reference)."""
     now = datetime.now(timezone.utc)
-    for inst in plan.instances:
+    for inst in (i for i in plan.instances if not i.optionals):
         await instantiate(server.get_node(inst.parent), server.get_node(ua.NodeId(TYPE_IDS[inst.type_name], types_ns)),
                           nodeid=ua.NodeId(inst.ident, ns), bname=ua.QualifiedName(inst.browse_name, ns),
                           dname=ua.LocalizedText(inst.display_name), instantiate_optional=False)
+    # asyncua's instantiation takes every Optional declaration or none: the conditions, which
+    # carry a chosen few (CONDITION_OPTIONALS), are copied from the templates in both builders
+    conditions = [i for i in plan.instances if i.optionals]
+    _Builder(server, types_ns).build(_Plan(conditions, plan.descriptions, plan.prefixes, plan.values), ns)
+    copied = {i.ident for i in conditions}
     for ident, prefix in plan.prefixes.items():
+        if ident in copied:
+            continue
         for child in await server.get_node(ua.NodeId(ident, ns)).get_children():
             if (child.nodeid.Identifier not in plan.descriptions
                     and await child.read_type_definition() != _PROPERTY_TYPE):
@@ -591,10 +667,8 @@ async def build_machine(server: Server, cfg: Any, book: Any, condition_ids: Sequ
             machine=node(ua.NodeId(ROOT, ns)), namespace_index=ns, types_namespace_index=types_ns,
             points={}, zones={}, motors={}, sequencer={},
             recipes_folder=node(ua.NodeId(f"{ROOT}.Recipes", ns)), recipes={},
-            alarms_folder=node(ua.NodeId(f"{ROOT}.Alarms", ns)), alarms={}, alarms_summary={},
-            diagnostics={}, methods={},
-            alarm_event_type=node(ua.NodeId(TYPE_IDS["AlarmStateChangeEventType"], types_ns)),
-            objects={}, writable={}, variant_types={}, _builder=builder)
+            alarms_folder=node(ua.NodeId(f"{ROOT}.Alarms", ns)), conditions={}, alarms_summary={},
+            alarm_performance={}, diagnostics={}, methods={}, objects={}, writable={}, variant_types={}, _builder=builder)
         _index(server, nodes, ua.NodeId(ROOT, ns), ())
     return nodes
 
@@ -649,7 +723,7 @@ _BUILTIN_VARIANT_TYPES = {vt.value: vt for vt in ua.VariantType if 0 < vt.value 
 
 def _variant_type(dtype: ua.NodeId) -> ua.VariantType | None:
     """How a value of this DataType is encoded: the built-in type, Int32 for our enumerations
-    (PhaseEnum, AlarmStateEnum), ExtensionObject for a structure; None for BaseDataType."""
+    (PhaseEnum), ExtensionObject for a structure; None for BaseDataType."""
     if dtype.NamespaceIndex != 0:
         return ua.VariantType.Int32
     if dtype.Identifier == ua.ObjectIds.BaseDataType:
@@ -690,8 +764,10 @@ def _index(server: Server, nodes: MachineNodes, start: ua.NodeId, start_path: tu
     nodes.motors.update({m: below("Motors", n) for m, n in MOTOR_NODES.items()})
     nodes.sequencer.update(below("Sequencer"))
     nodes.recipes.update({rid: below("Recipes", rid) for rid in below("Recipes", nclass=ua.NodeClass.Object)})
-    nodes.alarms.update({cid: below("Alarms", cid) for cid in below("Alarms", nclass=ua.NodeClass.Object)})
+    nodes.conditions.update({cid: n for cid, n in below("Alarms", nclass=ua.NodeClass.Object).items()
+                             if cid != "Performance"})
     nodes.alarms_summary.update(below("Alarms", nclass=ua.NodeClass.Variable))
+    nodes.alarm_performance.update(below("Alarms", "Performance"))
     for group in ("Scan", "Historian"):
         nodes.diagnostics.update({f"{group}.{k}": v for k, v in below("Diagnostics", group).items()})
     for link in below("Diagnostics", "Links"):

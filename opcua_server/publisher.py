@@ -4,8 +4,9 @@ One job: make the address space say what the last scan saw, without ever touchin
 The publisher drains its own bounded subscription of the snapshot channel every
 ``interval_s``; it writes a variable only when its value or status changed (so a subscribed
 client gets a data change exactly when something changed), with the scan's time as
-SourceTimestamp. Every alarm transition of every drained snapshot becomes an OPC UA event
-(``AlarmStateChangeEventType``), so none is lost between two publications.
+SourceTimestamp. Every alarm event of every drained snapshot goes to the conditions
+(``opcua_server.conditions``: a Part 9 condition event each), so none is lost between two
+publications; the PLC's loss and return are SystemEventType events.
 
 Quality -> StatusCode (OPC UA Part 4 §7.34, Part 8 §6.3):
 
@@ -16,7 +17,27 @@ Quality -> StatusCode (OPC UA Part 4 §7.34, Part 8 §6.3):
     BAD, any other reason                   BadSensorFailure (for a zone temperature:
                                             open / shorted / stuck sensor found by the scan)
     PLC lost (``plc_status()`` not '')      BadNoCommunication on every process value
-                                            (last value kept), and a ``plc.lost`` alarm event
+                                            (last value kept), and a "PLC lost" system event
+
+No holes: from the first publication on, every variable of the machine outside ``Alarms`` has
+a value or a status that says why it has none (a generic client never finds one still
+BadWaitingForInitialData). Where the scan has no number to give, the status says so:
+
+    Zones.*.Setpoint        no recipe in a running phase: null, BadOutOfService (the loop is
+                            not running, so it has no set-point)
+    Zones.*.ManualOutput    in auto: the controller's Output, Good (what manual mode would
+                            start from: the transfer is bumpless); in manual: the set value
+    Zones.*.Heater          a zone without heating outputs: False
+    Diagnostics.Scan.*P50/P99   before the first measured scans: null, BadNoData (a percentile
+                            of an empty window)
+    Diagnostics.Historian.* no historian (``--no-history``): State "disabled", Sink "none", the
+                            counters 0, LastError ""
+
+One writer per node: each variable is written at most once per publication, from one fact of
+the snapshot. A zone's Temperature is the scan's verdict on the zone (``snap.zones``: the
+reading it controls with, Bad when the scan refused the reading: open, shorted, stuck or a bad
+input) with the input point's timestamp; the writable settings (Trim, gains, ManualOutput) come
+from the same snapshot (``snap.settings``).
 """
 
 from __future__ import annotations
@@ -24,19 +45,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import datetime, timezone
+from types import SimpleNamespace
 from typing import Any, Callable, Mapping
 
 from asyncua import ua
 
-import time
-
-from plc.alarms import AlarmState, Priority
+from plc.alarms import Priority
 from plc.channel import SnapshotChannel
-from plc.commands import Event
 from plc.image import Point, Quality
 from plc.state import Phase
 
-from .model import ALARM_STATE_VALUES, PHASE_VALUES
+from .model import PHASE_VALUES
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +77,14 @@ def status_of(quality: Quality, reason: str = "") -> ua.StatusCode:
     return ua.StatusCode(ua.StatusCodes.BadSensorFailure)
 
 
+# what the Historian diagnostics say when the machine runs without one (--no-history)
+_NO_HISTORIAN = SimpleNamespace(sink="none", state="disabled", last_error="", backlog_lines=0,
+                                delivered_total=0, dropped_total=0, spool_fill=0.0,
+                                spool_alarm=False, rate_lines_per_s=0.0)
+_OUT_OF_SERVICE = ua.StatusCode(ua.StatusCodes.BadOutOfService)
+_NO_DATA = ua.StatusCode(ua.StatusCodes.BadNoData)
+
+
 def _time(t_s: float | None) -> datetime | None:
     return None if t_s is None else datetime.fromtimestamp(t_s, timezone.utc)
 
@@ -66,8 +93,7 @@ class Publisher:
     def __init__(self, server, nodes, channel: SnapshotChannel, *, interval_s: float = 0.1,
                  links: Callable[[], tuple] = lambda: (), history: Callable[[], Any] = lambda: None,
                  sessions: Callable[[], tuple[int, int]] = lambda: (0, 0),
-                 emit_alarm_event: Callable[..., Any] | None = None,
-                 zone_settings: Callable[[], Mapping[str, Mapping[str, float]]] = lambda: {},
+                 conditions: Any = None,
                  plc_status: Callable[[], str] = lambda: "",
                  plc_info: Callable[[], tuple[str, int]] = lambda: ("", 0),
                  heating_outputs: Mapping[str, tuple[str, ...]] = {}):
@@ -83,8 +109,7 @@ class Publisher:
         self.links = links
         self.history = history
         self.sessions = sessions
-        self.emit_alarm_event = emit_alarm_event
-        self.zone_settings = zone_settings
+        self.conditions = conditions    # opcua_server.conditions.ConditionServer
         self._last: dict[Any, tuple] = {}     # nodeid -> (value, status code value)
         self.writes = 0
         self.publications = 0
@@ -99,7 +124,10 @@ class Publisher:
         if self._last.get(key) == (value, status.value):
             return
         self._last[key] = (value, status.value)
-        vtype, value = self._declared(node, vtype, value)
+        if value is None:       # no value: the status says why (Part 4 §7.7.1)
+            vtype = ua.VariantType.Null
+        else:
+            vtype, value = self._declared(node, vtype, value)
         dv = ua.DataValue(ua.Variant(value, vtype), StatusCode=status,
                           SourceTimestamp=_time(source_s), ServerTimestamp=datetime.now(timezone.utc))
         await self.server.write_attribute_value(key, dv)
@@ -127,38 +155,22 @@ class Publisher:
     async def publish(self, snap) -> None:
         n = self.nodes
         t = snap.time_s
+        temperatures = {f"temp_{z}" for z in n.zones}      # written from the scan's verdict below
         for name, node in n.points.items():
             image = snap.inputs if name in snap.inputs else snap.outputs
-            if name not in image:
+            if name not in image or name in temperatures:
                 continue
             p = image[name]
             await self._point(node, p if image is snap.inputs else Point(p.value, p.quality, t),
                               isinstance(p.value, bool))
+        settings = snap.settings or {}
         for z in snap.zones:
-            nodes = n.zones[z.name]
-            raw = snap.inputs.get_point(f"temp_{z.name}") if snap.inputs is not None else None
-            if z.pv_c is None:
-                reason = raw.reason if raw is not None and raw.quality is not Quality.GOOD else "sensor"
-                status = status_of(Quality.BAD, reason)
-                value = float(raw.value) if raw is not None and isinstance(raw.value, float) else 0.0
-                await self._set(nodes["Temperature"], value, ua.VariantType.Double, status, t)
-            sp_status = ua.StatusCode(ua.StatusCodes.Good if z.sp_c is not None else
-                                      ua.StatusCodes.BadWaitingForInitialData)
-            await self._set(nodes["Setpoint"], float(z.sp_c or 0.0), ua.VariantType.Double, sp_status, t)
-            await self._set(nodes["Output"], float(z.output_pct), ua.VariantType.Double, None, t)
-            await self._set(nodes["Mode"], "manual" if z.manual else "auto", ua.VariantType.String, None, t)
-            heaters = [snap.outputs[o] for o in self.heating_outputs.get(z.name, ()) if o in snap.outputs]
-            if heaters and "Heater" in nodes:
-                await self._set(nodes["Heater"], any(bool(p.value) for p in heaters),
-                                ua.VariantType.Boolean, None, t)
+            if z.name in n.zones:
+                await self._zone(n.zones[z.name], z, snap, settings.get(z.name, {}))
         for motor, nodes in n.motors.items():
             if motor in snap.outputs and "Running" in nodes:
                 await self._set(nodes["Running"], bool(snap.outputs[motor].value),
                                 ua.VariantType.Boolean, None, t)
-        for zone, values in self.zone_settings().items():
-            for browse, value in values.items():
-                if browse in n.zones.get(zone, {}):
-                    await self._set(n.zones[zone][browse], float(value), ua.VariantType.Double, None, t)
         seq = n.sequencer
         for key, value, vtype in (
                 ("Phase", PHASE_VALUES[Phase(snap.phase)], ua.VariantType.Int32),
@@ -175,24 +187,41 @@ class Publisher:
         await self._diagnostics(snap)
         self.publications += 1
 
+    async def _zone(self, nodes, z, snap, settings: Mapping[str, float]) -> None:
+        """One zone, each variable once: the scan's verdict (ZoneView) and its settings."""
+        t = snap.time_s
+        raw = snap.inputs.get_point(f"temp_{z.name}") if f"temp_{z.name}" in snap.inputs else None
+        stamp = (raw.timestamp_s if raw is not None else None) or t
+        if z.pv_c is not None and z.quality is not Quality.BAD:
+            await self._set(nodes["Temperature"], float(z.pv_c), ua.VariantType.Double,
+                            status_of(z.quality), stamp)
+        else:       # refused by the scan: the input's own reason if it is bad, else the sensor
+            reason = raw.reason if raw is not None and raw.quality is Quality.BAD else "sensor"
+            value = z.pv_c if z.pv_c is not None else (
+                float(raw.value) if raw is not None and isinstance(raw.value, float) else None)
+            await self._set(nodes["Temperature"], value, ua.VariantType.Double,
+                            status_of(Quality.BAD, reason), stamp)
+        if z.sp_c is not None:
+            await self._set(nodes["Setpoint"], float(z.sp_c), ua.VariantType.Double, None, t)
+        else:
+            await self._set(nodes["Setpoint"], None, ua.VariantType.Double, _OUT_OF_SERVICE, t)
+        await self._set(nodes["Output"], float(z.output_pct), ua.VariantType.Double, None, t)
+        await self._set(nodes["Mode"], "manual" if z.manual else "auto", ua.VariantType.String, None, t)
+        if "Heater" in nodes:
+            heaters = [snap.outputs[o] for o in self.heating_outputs.get(z.name, ()) if o in snap.outputs]
+            await self._set(nodes["Heater"], any(bool(p.value) for p in heaters),
+                            ua.VariantType.Boolean, None, t)
+        if "ManualOutput" in nodes:
+            manual = settings.get("ManualOutput") if z.manual else None
+            await self._set(nodes["ManualOutput"], float(z.output_pct if manual is None else manual),
+                            ua.VariantType.Double, None, t)
+        for browse in ("Trim", "Kp", "Ki", "Kd"):
+            if browse in settings and browse in nodes:
+                await self._set(nodes[browse], float(settings[browse]), ua.VariantType.Double, None, t)
+
     async def _alarms(self, snap) -> None:
-        n = self.nodes
-        active = {a.id: a for a in snap.alarms}
-        for cid, nodes in n.alarms.items():
-            a = active.get(cid)
-            state = a.state if a else AlarmState.NORMAL
-            await self._set(nodes["State"], ALARM_STATE_VALUES[state], ua.VariantType.Int32)
-            if a is not None:
-                await self._set(nodes["Priority"], int(a.priority), ua.VariantType.UInt16)
-                await self._set(nodes["Message"], a.message, ua.VariantType.String)
-                await self._set(nodes["Trip"], bool(a.trip), ua.VariantType.Boolean)
-                await self._set(nodes["AckedBy"], a.acked_by, ua.VariantType.String)
-                if a.active_since_s is not None:
-                    await self._set(nodes["ActiveSince"], _time(a.active_since_s), ua.VariantType.DateTime)
-                await self._set(nodes["Changed"], _time(a.changed_s), ua.VariantType.DateTime)
-        summary = sorted(f"{a.priority.name} {a.id}: {a.message}" for a in snap.alarms if a.active)
-        await self._set(n.alarms_summary["ActiveAlarms"], summary, ua.VariantType.String)
-        await self._set(n.alarms_summary["ActiveCount"], len(summary), ua.VariantType.UInt32)
+        if self.conditions is not None:
+            await self.conditions.sync(snap.alarms)
 
     async def _diagnostics(self, snap) -> None:
         d = self.nodes.diagnostics
@@ -204,9 +233,13 @@ class Publisher:
                                  ("Scan.LateP50", "late_ms_p50", ua.VariantType.Double),
                                  ("Scan.LateP99", "late_ms_p99", ua.VariantType.Double),
                                  ("Scan.LateMax", "late_ms_max", ua.VariantType.Double)):
-            if key in d and stat in st:
+            if key not in d:
+                continue
+            if stat in st:
                 v = st[stat]
                 await self._set(d[key], int(v) if vtype is ua.VariantType.UInt64 else float(v), vtype)
+            else:       # a percentile before the first measured scans: of an empty window
+                await self._set(d[key], None, vtype, _NO_DATA)
         scheduling, dropped = self.plc_info()
         if "Scan.Scheduling" in d:
             await self._set(d["Scan.Scheduling"], scheduling, ua.VariantType.String)
@@ -227,20 +260,19 @@ class Publisher:
                     ("RequestsPerPoll", float(link.requests_per_poll), ua.VariantType.Double)):
                 if p + key in d:
                     await self._set(d[p + key], value, vtype)
-        h = self.history()
-        if h is not None:
-            for key, value, vtype in (
-                    ("Historian.Sink", h.sink, ua.VariantType.String),
-                    ("Historian.State", h.state, ua.VariantType.String),
-                    ("Historian.LastError", h.last_error, ua.VariantType.String),
-                    ("Historian.Backlog", h.backlog_lines, ua.VariantType.UInt64),
-                    ("Historian.Delivered", h.delivered_total, ua.VariantType.UInt64),
-                    ("Historian.Dropped", h.dropped_total, ua.VariantType.UInt64),
-                    ("Historian.SpoolFill", float(h.spool_fill * 100.0), ua.VariantType.Double),
-                    ("Historian.SpoolAlarm", bool(h.spool_alarm), ua.VariantType.Boolean),
-                    ("Historian.Rate", float(h.rate_lines_per_s), ua.VariantType.Double)):
-                if key in d:
-                    await self._set(d[key], value, vtype)
+        h = self.history() or _NO_HISTORIAN
+        for key, value, vtype in (
+                ("Historian.Sink", h.sink, ua.VariantType.String),
+                ("Historian.State", h.state, ua.VariantType.String),
+                ("Historian.LastError", h.last_error, ua.VariantType.String),
+                ("Historian.Backlog", h.backlog_lines, ua.VariantType.UInt64),
+                ("Historian.Delivered", h.delivered_total, ua.VariantType.UInt64),
+                ("Historian.Dropped", h.dropped_total, ua.VariantType.UInt64),
+                ("Historian.SpoolFill", float(h.spool_fill * 100.0), ua.VariantType.Double),
+                ("Historian.SpoolAlarm", bool(h.spool_alarm), ua.VariantType.Boolean),
+                ("Historian.Rate", float(h.rate_lines_per_s), ua.VariantType.Double)):
+            if key in d:
+                await self._set(d[key], value, vtype)
         sessions, subscriptions = self.sessions()
         if "Sessions" in d:
             await self._set(d["Sessions"], int(sessions), ua.VariantType.UInt32)
@@ -253,7 +285,7 @@ class Publisher:
         n = self.nodes
         yield from n.points.values()
         for nodes in n.zones.values():
-            for key in ("Temperature", "Setpoint", "Output", "Mode", "Heater"):
+            for key in ("Temperature", "Setpoint", "Output", "Mode", "Heater", "ManualOutput"):
                 if key in nodes:
                     yield nodes[key]
         for nodes in n.motors.values():
@@ -268,28 +300,25 @@ class Publisher:
             vtype = self.nodes.variant_types.get(node.nodeid)
             if last is not None and vtype is not None:
                 await self._set(node, last[0], vtype, bad)
-        await self._plc_event(AlarmState.NORMAL, AlarmState.UNACK_ACTIVE, f"PLC lost: {reason}")
+        await self._plc_event(f"PLC lost: {reason}", int(Priority.CRITICAL))
 
-    async def _plc_event(self, old: AlarmState, new: AlarmState, message: str) -> None:
-        if self.emit_alarm_event is None:
+    async def _plc_event(self, message: str, severity: int) -> None:
+        if self.conditions is None:
             return
-        e = Event("alarm", time.time(), f"plc.lost: {old.value} -> {new.value}: {message}",
-                  (("alarm_id", "plc.lost"), ("from", old.value), ("to", new.value),
-                   ("priority", int(Priority.CRITICAL)), ("user", "")))
         try:
-            await self.emit_alarm_event(e)
+            await self.conditions.system_event(message, severity)
             self.events += 1
         except Exception:
-            log.exception("alarm event %s", e.message)
+            log.exception("PLC event %s", message)
 
     async def step(self) -> None:
         snaps = self.sub.drain()
-        if self.emit_alarm_event is not None:
+        if self.conditions is not None:
             for snap in snaps:
                 for e in snap.events:
-                    if e.kind == "alarm":
+                    if e.kind in ("alarm", "alarm_system"):
                         try:
-                            await self.emit_alarm_event(e)
+                            await self.conditions.event(e)
                             self.events += 1
                         except Exception:       # an event must not stop the values
                             log.exception("alarm event %s", e.message)
@@ -303,8 +332,7 @@ class Publisher:
         if not snaps:
             return
         if self.plc_lost:
-            await self._plc_event(AlarmState.UNACK_ACTIVE, AlarmState.UNACK_RTN,
-                                  f"PLC back (was: {self.plc_lost})")
+            await self._plc_event(f"PLC back (was: {self.plc_lost})", int(Priority.LOW))
             self.plc_lost = ""
         await self.publish(snaps[-1])
 

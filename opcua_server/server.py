@@ -25,12 +25,12 @@ from asyncua import Server, ua
 from pydantic import ValidationError
 
 from plc.config import Recipe, recipe_misfits
-from plc.alarms import AlarmState
 from plc.interlocks import condition_ids
 from plc.state import RUNNING, Phase
 
+from .conditions import ConditionServer
 from .gate import COMMANDS, Gate, Refused, WriteRule, zone_rules
-from .model import (ALARM_STATE_VALUES, RECIPE_FIELDS, add_recipe_nodes, build_machine, load_types,
+from .model import (RECIPE_FIELDS, add_recipe_nodes, build_machine, load_types,
                     remove_recipe_nodes)
 from .publisher import Publisher
 
@@ -60,10 +60,10 @@ class TemperingServer:
         self.nodes = None
         self.gate: Gate | None = None
         self.publisher: Publisher | None = None
+        self.conditions: ConditionServer | None = None
         self.book: dict[str, Recipe] = {}
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
-        self._audit_events: dict[int, Any] = {}
 
     # -- set-up ----------------------------------------------------------------------------
 
@@ -97,6 +97,9 @@ class TemperingServer:
             if name in self.nodes.methods:
                 self.server.link_method(self.nodes.methods[name], self.gate.method(name, "admin", handler))
         self.gate.install()
+        self.conditions = ConditionServer(self.server, self.nodes, self.gate, self.program,
+                                          max_shelve_s=self.program.limits.max_shelve_s)
+        await self.conditions.install()
         import gc
         gc.collect()
         gc.freeze()     # the address space lives as long as the server: keep it out of every
@@ -104,12 +107,11 @@ class TemperingServer:
         self.publisher = Publisher(self.server, self.nodes, self.channel,
                                    interval_s=self.settings.publish_interval_ms / 1000.0,
                                    links=self.links, history=self.history, sessions=self._sessions,
-                                   emit_alarm_event=self._emit_alarm_event,
-                                   zone_settings=self._zone_settings, plc_status=self.plc.status,
+                                   conditions=self.conditions,
+                                   plc_status=self.plc.status,
                                    plc_info=lambda: (self.plc.info.get("scheduling", ""),
                                                      self.plc.plc_dropped),
                                    heating_outputs={z.name: z.heating_outputs for z in self.program.zones})
-        self._event_gen = None
 
     async def start(self) -> None:
         if self.nodes is None:
@@ -140,11 +142,6 @@ class TemperingServer:
 
     # -- diagnostics and events --------------------------------------------------------------
 
-    def _zone_settings(self):
-        """The writable settings as the scan has them now (trim, gains, manual output)."""
-        snap = self.plc.latest
-        return snap.settings if snap is not None else {}
-
     def _sessions(self) -> tuple[int, int]:
         iserver = self.server.iserver
         sessions = len(getattr(iserver, "_external_sessions", ()) or ())   # asyncua 2.1
@@ -154,45 +151,33 @@ class TemperingServer:
     async def _announce(self, action: str, user: str, target: str, result: str, cmd) -> None:
         """What became of a command or call, for the clients: an AuditUpdateMethodEventType
         (calls and commands) or AuditWriteUpdateEventType (writes) event (OPC UA Part 5 §6.4.27,
-        §6.4.25) on the machine object. Message: the target, the user and the result with the
-        scan's reason ("StartRecipe by op: BadInvalidState: a batch is heating; ..."); Status:
-        accepted or not; ClientAuditEntryId: the command's id, as in the audit trail."""
-        etype = (ua.ObjectIds.AuditWriteUpdateEventType if action == "write"
-                 else ua.ObjectIds.AuditUpdateMethodEventType)
-        gen = self._audit_events.get(etype)
-        if gen is None:
-            gen = self._audit_events[etype] = await self.server.get_event_generator(etype, self.nodes.machine)
-            # asyncua 2.1 keeps subtypes of built-in types (UtcTime, NumericRange) as NodeIds
-            # and cannot encode them: their built-in types
-            gen.event.data_types.update((name, vt) for name, vt in (
-                ("ActionTimeStamp", ua.VariantType.DateTime), ("IndexRange", ua.VariantType.String))
-                if name in gen.event.data_types)
+        §6.4.25) about the machine object, on the Server object and on the machine object
+        (``notifiers.notify``: one EventId), to admins and to the sessions of the user who acted
+        (``security.sees_audit``). Message: the target, the user and the result with the scan's
+        reason ("StartRecipe by op: BadInvalidState: a batch is heating; ..."); Status: accepted
+        or not; StatusCodeId (calls): the result's code; ClientAuditEntryId: the command's id,
+        as in the audit trail."""
+        from .notifiers import SERVER, new_event, notify
+        from .security import sees_audit
+
         ok = result == "Good"
-        ev = gen.event
+        machine = self.nodes.machine.nodeid
+        if action == "write":
+            ev = new_event(ua.ObjectIds.AuditWriteUpdateEventType, machine, target)
+            ev.AttributeId = int(ua.AttributeIds.Value)
+        else:
+            ev = new_event(ua.ObjectIds.AuditUpdateMethodEventType, machine, target)
+            method = self.nodes.methods.get(target)
+            ev.MethodId = method.nodeid if method is not None else None
+            ev.StatusCodeId = ua.StatusCode(getattr(SC, result.split(":")[0], SC.BadUnexpectedError))
         ev.Message = ua.LocalizedText(f"{target} by {user}: {'accepted' if ok else result}")
         ev.Severity = 100 if ok else 500
-        ev.SourceName = target
         ev.Status = ok
         ev.ClientUserId = user
         ev.ClientAuditEntryId = cmd.id if cmd is not None else ""
         ev.ServerId = self.app_uri
         ev.ActionTimeStamp = datetime.now(timezone.utc)
-        await gen.trigger()
-
-    async def _emit_alarm_event(self, e) -> None:
-        if self._event_gen is None:
-            etype = self.nodes.alarm_event_type
-            self._event_gen = await self.server.get_event_generator(etype, self.nodes.machine)
-        ev = self._event_gen.event
-        ev.Message = ua.LocalizedText(e.message)
-        ev.Severity = int(e.get("priority", 500))
-        for attr, value in (("AlarmId", str(e.get("alarm_id", ""))),
-                            ("State", ALARM_STATE_VALUES[AlarmState(e.get("to"))]),
-                            ("PreviousState", ALARM_STATE_VALUES[AlarmState(e.get("from"))]),
-                            ("Priority", int(e.get("priority", 500)))):
-            if hasattr(ev, attr):
-                setattr(ev, attr, value)
-        await self._event_gen.trigger()
+        await notify(self.server, ev, (SERVER, machine), audience=lambda u: sees_audit(u, user))
 
     # -- recipes -------------------------------------------------------------------------------
 

@@ -600,6 +600,15 @@ class Twin:
         self._sensor_fault[i] = kind
         self._apply_sensor_fault(i)
 
+    def set_temperature(self, zone: str, temp_c: float) -> None:
+        """Bring a zone's chocolate (and its sensor) to ``temp_c`` at once, as a hot or cold
+        charge poured in would: the way to drive a zone past its limits in a test."""
+        if not math.isfinite(temp_c):
+            raise ValueError(f"temp_c: must be finite, got {temp_c!r}")
+        i = self._zone_index(zone)
+        self._t[i] = self._sensor[i] = float(temp_c)
+        self._sample_sensors()
+
     def set_heater_failed(self, output: str, failed: bool) -> None:
         """A failed heater gives no heat and draws no current."""
         if output not in _HEATERS:
