@@ -4,10 +4,15 @@ Schema (nanosecond timestamps; the README's "Historian" section is the reference
 
     zone,machine=<id>,zone=<zone>,phase=<phase>,batch=<batch|none>,recipe=<recipe|none>
          temp_c=<float>,setpoint_c=<float>,output_pct=<float>,quality="good|uncertain|bad" <ns>
-    event,machine=<id>,kind=<phase|batch_start|batch_end|trip|alarm|pouring_released|
-         command_accepted|command_refused>,batch=..,recipe=..  message="...",phase="..." <ns>
+    event,machine=<id>,kind=<phase|batch_start|batch_end|trip|alarm|alarm_system|
+         pouring_released|command_accepted|command_refused>,batch=..,recipe=..
+         message="...",phase="..." <ns>
     alarm,machine=<id>,alarm=<condition id>,priority=<250|500|700|900>,batch=..,recipe=..
-         state="<new state>",from="<old state>",message="...",user="..." <ns>
+         state="<new state>",from="<old state>",transition="<active|cleared|acknowledged|
+         ...>",message="...",user="...",comment="...",value=<float, when it has one> <ns>
+
+Alarm lines take the scalar keys of the scan's ``alarm`` events (``plc.sequencer.alarm_event``);
+the event's ``alarm`` record itself is never written.
 
 ``temp_c`` is left out while the sensor is faulty (quality bad) and ``setpoint_c`` while the zone
 has none (idle). Timestamps are fixed here, at sampling time, from the scan's own time, so a
@@ -57,6 +62,10 @@ def line(measurement: str, tags: Mapping[str, object], fields: Mapping[str, obje
     return f"{measurement.translate(_MEASUREMENT_ESCAPES)}{tag_text} {field_text} {ts_ns}"
 
 
+def _number(value: object) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 def ns(time_s: float) -> int:
     return int(round(time_s * 1e9))
 
@@ -99,7 +108,10 @@ class Sampler:
                 series = ("alarm", alarm_id, prio, tags["batch"], tags["recipe"])
                 out.append(line("alarm", {**tags, "alarm": alarm_id, "priority": prio},
                                 {"state": str(e.get("to", "")), "from": str(e.get("from", "")),
-                                 "message": e.message, "user": str(e.get("user") or "")},
+                                 "transition": str(e.get("transition") or "") or None,
+                                 "message": e.message, "user": str(e.get("user") or ""),
+                                 "comment": str(e.get("comment") or "") or None,
+                                 "value": _number(e.get("value"))},
                                 self._ts(series, e.time_s)))
         if self._next_due is None or snap.time_s >= self._next_due - 1e-9:
             base = math.floor(snap.time_s / self.interval_s + 1e-9) * self.interval_s

@@ -90,6 +90,7 @@ class Verdict:
     command: str
     accepted: bool
     reason: str = ""
+    code: str = ""       # a refusal's OPC UA status code name (e.g. BadConditionAlreadyShelved)
 
 
 def encode(msg: tuple) -> bytes:
@@ -115,7 +116,8 @@ def verdicts_of(events) -> list[Verdict]:
             cid = data.get("command_id")
             if cid:
                 out.append(Verdict(str(cid), str(data.get("command", "")),
-                                   e.kind == "command_accepted", str(data.get("reason", ""))))
+                                   e.kind == "command_accepted", str(data.get("reason", "")),
+                                   str(data.get("code", ""))))
     return out
 
 

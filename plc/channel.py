@@ -34,7 +34,7 @@ class Snapshot:
     zones: tuple[ZoneView, ...]
     inputs: ProcessImage
     outputs: ProcessImage
-    alarms: tuple[Alarm, ...]          # every alarm not in the normal state
+    alarms: tuple[Alarm, ...]          # every alarm (each condition id), sorted by id
     trips: tuple[str, ...]
     first_out: str | None
     events: tuple[Event, ...]

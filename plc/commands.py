@@ -2,8 +2,9 @@
 
 Every operator action (an OPC UA write or method call, the CLI) becomes one of these commands
 with the user behind it; the runtime queues them and the next scan drains the queue. The scan
-answers each command with a ``command_accepted`` or ``command_refused`` event carrying the
-reason, so a caller can map a refusal onto the right status code.
+answers each command with a ``command_accepted`` or ``command_refused`` event; a refusal carries
+the reason and ``code``, the name of the OPC UA status code it maps to (``BadInvalidState`` for
+a command the state does not allow; the alarm commands' codes are listed in ``plc.alarms``).
 """
 
 from __future__ import annotations
@@ -58,7 +59,52 @@ class Reset(Command):
 
 @dataclass(frozen=True, slots=True)
 class Acknowledge(Command):
-    alarm_id: str | None = None  # None acknowledges every alarm
+    """Acknowledge one alarm (None: every unacknowledged one). ``event_id``: the EventId the
+    operator saw (OPC UA Part 9 §5.7.3); refused when it is not the alarm's last event."""
+    alarm_id: str | None = None
+    comment: str = ""
+    event_id: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Confirm(Command):
+    """Confirm an acknowledged alarm (Part 9 §5.7.4)."""
+    alarm_id: str
+    comment: str = ""
+    event_id: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AddComment(Command):
+    """Attach an operator comment to an alarm (Part 9 §5.5.6)."""
+    alarm_id: str
+    comment: str
+    event_id: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Shelve(Command):
+    """Shelve an alarm for ``duration_s`` (0 < s <= the configured maximum), or one-shot
+    (None: until the active alarm clears). Part 9 §5.8.10; ISA-18.2 §11.3. What is shelved is
+    the annunciation: interlocks and trips are untouched."""
+    alarm_id: str
+    duration_s: float | None = None
+    comment: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Unshelve(Command):
+    alarm_id: str
+    comment: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SetAlarmEnabled(Command):
+    """Take an alarm out of service (False) or back (True); Part 9 §5.5.4 Disable / Enable.
+    A disabled alarm annunciates nothing; its interlock still acts."""
+    alarm_id: str
+    enabled: bool
+    comment: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +140,8 @@ MAX_GAIN = 1000.0
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    kind: str            # phase | batch_start | batch_end | alarm | trip | command_accepted | command_refused
+    kind: str            # phase | batch_start | batch_end | alarm | alarm_system | trip |
+                         # pouring_released | command_accepted | command_refused
     time_s: float
     message: str
     data: tuple[tuple[str, object], ...] = ()

@@ -88,6 +88,9 @@ class Limits:
     phase_count: int
     current_total_a: float
     motor_current_a: Mapping[str, float]
+    no_progress_s: float = 1800.0   # a zone heated at full output this long ...
+    no_progress_k: float = 1.0      # ... without rising this much: heater or element failure
+    max_shelve_s: float = 8 * 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +156,9 @@ class Program:
             frequency_hz=es.grid_frequency, frequency_tol_hz=es.frequency_tolerance,
             phase_count=es.phase_count, current_total_a=es.current_high_limit,
             motor_current_a=MappingProxyType(
-                {m: cfg.zones[z].i_motor1 for m, z in MOTOR_LIMIT_ZONE.items()}))
+                {m: cfg.zones[z].i_motor1 for m, z in MOTOR_LIMIT_ZONE.items()}),
+            no_progress_s=es.no_progress_s, no_progress_k=es.no_progress_k,
+            max_shelve_s=es.max_shelve_s)
         seq = Sequence(
             pump_min_c=mc.pump_min_heat, pump_start_c=mc.pump_min_heat + mc.pre_heating_temp,
             pump_delay_s=mc.pump_delay, mixer_delay_s=mc.mixer_delay,

@@ -25,7 +25,7 @@ import asyncio
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Protocol
 
 import numpy as np
@@ -137,9 +137,9 @@ class Controller:
         self.program = program
         self.store = store
         self.channel = channel
-        if state is None:
-            state = restored(store.load() if store else None, program.recipes,
-                             tuple(z.name for z in program.zones))
+        if state is None:   # a start: the first scan reports the alarm system it came up with
+            state = replace(restored(store.load() if store else None, program.recipes,
+                                     tuple(z.name for z in program.zones)), restarted=True)
         self.state = state
         self.tick = 0
         self._commands: deque[Command] = deque()
@@ -163,8 +163,9 @@ class Controller:
         return out
 
     def cycle(self, inputs: ProcessImage, now_s: float, watchdog: str = "",
-              window: str = "") -> ScanResult:
-        ctx = ScanContext(self.tick, self.program.period_s, now_s, watchdog, window)
+              window: str = "", wall_s: float | None = None) -> ScanResult:
+        """One scan at ``now_s``; ``wall_s`` (epoch s, default ``now_s``) stamps the alarms."""
+        ctx = ScanContext(self.tick, self.program.period_s, now_s, watchdog, window, wall_s)
         result = scan(self.program, self.state, inputs, self._drain(), ctx)
         self.state = result.state
         self.last = result
@@ -177,8 +178,7 @@ class Controller:
 
     def snapshot(self, r: ScanResult, inputs: ProcessImage, now_s: float) -> Snapshot:
         s = r.state
-        alarms = tuple(sorted((a for a in s.alarms.values() if a.state.value != "normal"),
-                              key=lambda a: (-int(a.priority), a.id)))
+        alarms = tuple(a for _, a in sorted(s.alarms.items()))
         return Snapshot(self.tick, now_s, s.phase.value, s.held, s.interrupted, s.recipe_id,
                         s.batch_id, s.phase_time_s, s.tempered, s.pouring_released, r.zones,
                         inputs, r.outputs, alarms, tuple(sorted(s.trips)), s.first_out, r.events,
@@ -307,7 +307,8 @@ class Runtime:
         start = clock.now()
         late = max(0.0, start - deadline)
         reason, self.watchdog_reason = self.watchdog_reason, ""
-        result = self.c.cycle(self.io.read_inputs(), clock.wall(), reason, self.window())
+        wall = clock.wall()
+        result = self.c.cycle(self.io.read_inputs(), wall, reason, self.window(), wall)
         self.io.write_outputs(result.outputs)
         if self.after_scan:
             self.after_scan(result)

@@ -1,9 +1,15 @@
 """The scan: one pure function from (program, state, inputs, commands, context) to results.
 
-    result = scan(program, state, inputs, commands, ScanContext(tick, dt_s, now_s))
+    result = scan(program, state, inputs, commands, ScanContext(tick, dt_s, now_s, wall_s=...))
+
+Time: ``now_s`` is the scan's time (deadlines, timers, event times); ``wall_s`` is the wall
+clock in epoch seconds (the runtime passes its wall clock, tests pass it explicitly; None:
+``now_s``), which stamps the alarms so their times survive a restart.
 
 Order within a scan (IEC 61131-3 style read -> logic -> write; the runtime does the I/O):
-1. drain the commands (each accepted or refused with a reason, see ``sequencer``);
+0. the first scan of a restored state reports the alarm system (event ``alarm_system``);
+1. drain the commands (each accepted or refused with a reason and a status code name, see
+   ``sequencer``);
 2. read the zone sensors and evaluate the interlocks (``interlocks``); update the alarms
    (ISA-18.2, ``alarms``); latch trips and record the first-out;
 3. a latched trip puts the sequence into Fault; the outputs of this very scan are safe;
@@ -36,6 +42,11 @@ class ScanContext:
     now_s: float
     watchdog: str = ""   # non-empty: the runtime's watchdog fired, with the reason
     window: str = ""     # non-empty: the plant window (OPC UA, records, historian) is lost, why
+    wall_s: float | None = None   # wall clock, epoch s (alarm times); None: now_s
+
+    @property
+    def wall(self) -> float:
+        return self.now_s if self.wall_s is None else self.wall_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,10 +70,12 @@ class ScanResult:
 
 def scan(p: Program, s: PlcState, inputs: ProcessImage, commands: Iterable[Command],
          ctx: ScanContext) -> ScanResult:
-    dt, now = ctx.dt_s, ctx.now_s
+    dt, now, wall = ctx.dt_s, ctx.now_s, ctx.wall
     events: list[Event] = []
+    if s.restarted:
+        events.append(sequencer.alarm_system_event(s, wall))
     for cmd in commands:
-        s, ev = sequencer.apply_command(p, s, cmd, now)
+        s, ev = sequencer.apply_command(p, s, cmd, now, wall)
         events += ev
 
     # --- sensors and interlocks ----------------------------------------------------------------
@@ -83,8 +96,8 @@ def scan(p: Program, s: PlcState, inputs: ProcessImage, commands: Iterable[Comma
     conditions, timers = interlocks.evaluate(
         p, inputs, readings, stuck, sps, {n: zones[n].reached for n in zones}, working_max,
         ctx.watchdog, s.timers, dt, ctx.window)
-    new_alarms, changes = alarm_mod.update(s.alarms, conditions, now)
-    events += [sequencer.alarm_event(c) for c in changes]
+    new_alarms, changes = alarm_mod.update(s.alarms, conditions, wall)
+    events += [sequencer.alarm_event(c, s) for c in changes]
     trips = set(s.trips)
     first_out = s.first_out
     for c in conditions:
@@ -95,7 +108,8 @@ def scan(p: Program, s: PlcState, inputs: ProcessImage, commands: Iterable[Comma
             events.append(Event("trip", now, f"trip {c.id}: {c.message}",
                                 (("alarm_id", c.id), ("first_out", first_out == c.id),
                                  ("batch_id", s.batch_id))))
-    s = replace(s, alarms=new_alarms, timers=timers, trips=frozenset(trips), first_out=first_out)
+    s = replace(s, alarms=new_alarms, timers=timers, trips=frozenset(trips), first_out=first_out,
+                restarted=False)
     if s.trips and s.phase is not Phase.FAULT:
         s, ev = sequencer.end_batch(s, Phase.FAULT, now, f"fault: {first_out}")
         events += ev

@@ -23,8 +23,9 @@ from dataclasses import dataclass, replace
 from typing import Mapping
 
 from . import alarms as alarm_mod
-from .commands import (MAX_GAIN, MAX_TRIM_K, Abort, Acknowledge, Command, Event, Hold, Reset,
-                       Resume, SetManual, SetTrim, SetTuning, Shutdown, StartRecipe, Stop)
+from .commands import (MAX_GAIN, MAX_TRIM_K, Abort, Acknowledge, AddComment, Command, Confirm,
+                       Event, Hold, Reset, Resume, SetAlarmEnabled, SetManual, SetTrim, SetTuning,
+                       Shelve, Shutdown, StartRecipe, Stop, Unshelve)
 from .interlocks import TIME_EPS_S
 from .pid import reset as pid_reset
 from .contract import TANK_ZONES
@@ -47,8 +48,44 @@ class Demands:
 IDLE_DEMANDS = Demands()
 
 
+ALARM_COMMANDS = (Acknowledge, Confirm, AddComment, Shelve, Unshelve, SetAlarmEnabled)
+
+
+def alarm_change(p: Program, s: PlcState, cmd: Command,
+                 wall_s: float) -> alarm_mod.Change | alarm_mod.Refusal:
+    """An alarm command (one of ``ALARM_COMMANDS``) applied to the alarms at wall time
+    ``wall_s``: the new alarms and their transitions, or the refusal with its status code."""
+    a, u = s.alarms, cmd.user
+    if isinstance(cmd, Acknowledge):
+        return alarm_mod.acknowledge(a, cmd.alarm_id, u, wall_s, cmd.comment, cmd.event_id)
+    if isinstance(cmd, Confirm):
+        return alarm_mod.confirm(a, cmd.alarm_id, u, wall_s, cmd.comment, cmd.event_id)
+    if isinstance(cmd, AddComment):
+        return alarm_mod.add_comment(a, cmd.alarm_id, u, wall_s, cmd.comment, cmd.event_id)
+    if isinstance(cmd, Shelve):
+        return alarm_mod.shelve(a, cmd.alarm_id, cmd.duration_s, u, wall_s,
+                                p.limits.max_shelve_s, cmd.comment)
+    if isinstance(cmd, Unshelve):
+        return alarm_mod.unshelve(a, cmd.alarm_id, u, wall_s, cmd.comment)
+    if isinstance(cmd, SetAlarmEnabled):
+        return alarm_mod.set_enabled(a, cmd.alarm_id, bool(cmd.enabled), u, wall_s, cmd.comment)
+    raise TypeError(f"not an alarm command: {cmd.name}")
+
+
+def refusal(p: Program, s: PlcState, cmd: Command) -> alarm_mod.Refusal | None:
+    """None if ``cmd`` is allowed in state ``s``, else why not, with its status code name."""
+    if isinstance(cmd, ALARM_COMMANDS):
+        r = alarm_change(p, s, cmd, 0.0)       # the checks do not depend on the time
+        return r if isinstance(r, alarm_mod.Refusal) else None
+    why = check_command(p, s, cmd)
+    return alarm_mod.Refusal("BadInvalidState", why) if why else None
+
+
 def check_command(p: Program, s: PlcState, cmd: Command) -> str:
     """'' if ``cmd`` is allowed in state ``s``, else the reason it is refused."""
+    if isinstance(cmd, ALARM_COMMANDS):
+        r = refusal(p, s, cmd)
+        return r.reason if r else ""
     running = s.phase in RUNNING
     if isinstance(cmd, StartRecipe):
         if cmd.recipe_id not in p.recipes:
@@ -78,13 +115,11 @@ def check_command(p: Program, s: PlcState, cmd: Command) -> str:
     if isinstance(cmd, Reset):
         if not s.trips:
             return "no trip is latched"
-        # a trip restored after a restart has no alarm yet: not known to be clear, so active
-        active = sorted(t for t in s.trips if t not in s.alarms or s.alarms[t].active)
+        # the raw conditions (shelving and disable do not matter); a trip restored after a
+        # restart is not evaluated before the first scan's commands: not known clear, so active
+        active = sorted(t for t in s.trips
+                        if s.restarted or t not in s.alarms or s.alarms[t].active)
         return f"conditions still active: {', '.join(active)}" if active else ""
-    if isinstance(cmd, Acknowledge):
-        if cmd.alarm_id is not None and cmd.alarm_id not in s.alarms:
-            return f"unknown alarm {cmd.alarm_id!r}"
-        return ""
     if isinstance(cmd, (SetManual, SetTrim, SetTuning)):
         if cmd.zone not in {z.name for z in p.zones}:
             return f"unknown zone {cmd.zone!r}"
@@ -120,13 +155,23 @@ def end_batch(s: PlcState, phase: Phase, now_s: float, outcome: str) -> tuple[Pl
     return replace(s2, held=False, interrupted=False, pump_ready=False, pump_warm_s=0.0), ev
 
 
-def apply_command(p: Program, s: PlcState, cmd: Command, now_s: float) -> tuple[PlcState, list[Event]]:
-    why = check_command(p, s, cmd)
+def apply_command(p: Program, s: PlcState, cmd: Command, now_s: float,
+                  wall_s: float | None = None) -> tuple[PlcState, list[Event]]:
+    """Check and apply one command; ``wall_s`` (epoch s, default ``now_s``) stamps alarms."""
+    wall = now_s if wall_s is None else wall_s
     data = (("command", cmd.name), ("user", cmd.user), ("command_id", cmd.id), ("origin", cmd.origin))
-    if why:
-        return s, [Event("command_refused", now_s, f"{cmd.name} refused: {why}", data + (("reason", why),))]
+    change = alarm_change(p, s, cmd, wall) if isinstance(cmd, ALARM_COMMANDS) else None
+    refused = change if isinstance(change, alarm_mod.Refusal) else (
+        None if change is not None else refusal(p, s, cmd))
+    if refused is not None:
+        return s, [Event("command_refused", now_s, f"{cmd.name} refused: {refused.reason}",
+                         data + (("reason", refused.reason), ("code", refused.code)))]
     ev: list[Event] = [Event("command_accepted", now_s, f"{cmd.name} by {cmd.user or '?'}", data)]
-    if isinstance(cmd, StartRecipe):
+    if change is not None:
+        new_alarms, changes = change
+        s = replace(s, alarms=new_alarms)
+        ev += [alarm_event(c, s) for c in changes]
+    elif isinstance(cmd, StartRecipe):
         seq = s.batch_seq + 1
         batch = f"{p.machine_id}-{seq:06d}"
         s = replace(s, recipe_id=cmd.recipe_id, batch_id=batch, batch_seq=seq, tempered=False,
@@ -155,10 +200,6 @@ def apply_command(p: Program, s: PlcState, cmd: Command, now_s: float) -> tuple[
         if s.phase is Phase.FAULT:
             s, e = _phase(s, Phase.IDLE, now_s, f"reset by {cmd.user or '?'}")
             ev += e
-    elif isinstance(cmd, Acknowledge):
-        new_alarms, changes = alarm_mod.acknowledge(s.alarms, cmd.alarm_id, cmd.user, now_s)
-        s = replace(s, alarms=new_alarms)
-        ev += [alarm_event(c) for c in changes]
     elif isinstance(cmd, SetManual):
         manual = dict(s.manual)
         if cmd.output_pct is None:
@@ -175,10 +216,30 @@ def apply_command(p: Program, s: PlcState, cmd: Command, now_s: float) -> tuple[
     return s, ev
 
 
-def alarm_event(c: alarm_mod.AlarmTransition) -> Event:
-    return Event("alarm", c.time_s, f"{c.id}: {c.old.value} -> {c.new.value}: {c.message}",
-                 (("alarm_id", c.id), ("from", c.old.value), ("to", c.new.value),
-                  ("priority", int(c.priority)), ("user", c.user)))
+def alarm_event(c: alarm_mod.AlarmTransition, s: PlcState) -> Event:
+    """The scan event of one alarm transition (kind ``alarm``), at its wall time. Data keys:
+    alarm_id, transition (its kind), from, to (AlarmState values), priority (int), user,
+    comment, value, batch_id, recipe_id (of the state ``s``), alarm (the Alarm record)."""
+    a = c.alarm
+    who = f" by {c.user}" if c.user else ""
+    note = f" ({c.kind}{who}{': ' + c.comment if c.comment else ''})" if (
+        c.kind not in ("active", "cleared", "message")) else ""
+    return Event("alarm", c.time, f"{c.id}: {c.old.value} -> {c.new.value}: {a.message}{note}",
+                 (("alarm_id", c.id), ("transition", c.kind), ("from", c.old.value),
+                  ("to", c.new.value), ("priority", int(a.priority)), ("user", c.user),
+                  ("comment", c.comment), ("value", a.value), ("batch_id", s.batch_id),
+                  ("recipe_id", s.recipe_id), ("alarm", a)))
+
+
+def alarm_system_event(s: PlcState, wall_s: float) -> Event:
+    """The first scan after a start: what the alarm system came up with (kind
+    ``alarm_system``, transition ``restart``)."""
+    restored = len(s.alarms)
+    unacked = sum(1 for a in s.alarms.values() if a.enabled and not a.acked)
+    return Event("alarm_system", wall_s,
+                 f"PLC started: {restored} alarms restored, {unacked} unacknowledged",
+                 (("transition", "restart"), ("restored", restored), ("unacknowledged", unacked),
+                  ("batch_id", s.batch_id), ("recipe_id", s.recipe_id)))
 
 
 def goal_c(recipe: RecipeProgram, phase: Phase) -> float | None:

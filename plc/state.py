@@ -3,9 +3,16 @@
 ``PlcState`` is a frozen value; the scan returns a new one each cycle (its dict fields are never
 mutated after construction). ``persistent()`` extracts what must survive a restart or a power
 loss — active recipe and phase, batch, latched trips and first-out, operator trims and manual
-outputs, PID gains changed at run time — and ``restored()`` builds the state the PLC comes up in: outputs safe, the last state
+outputs, PID gains changed at run time, and every alarm's lifecycle (active, acknowledged,
+confirmed, enabled, shelving and its end, suppression, last message, user, comment, seq and
+times: an unacknowledged alarm stays unacknowledged and a shelve stays shelved across a kill -9)
+— and ``restored()`` builds the state the PLC comes up in: outputs safe, the last state
 visible, and a running batch *interrupted* until an operator resumes or aborts it (never
-resuming heating by itself).
+resuming heating by itself). The runtime marks the state it starts from ``restarted``: its
+first scan reports the alarm system (event ``alarm_system``) and Reset waits for that scan's
+evaluation of the conditions.
+
+File versions: 2 (alarms added); version 1 files (no alarms) are read as before.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from .alarms import Alarm
+from .alarms import Alarm, Priority, Shelving
 from .pid import PidState, PwmState
 
 
@@ -63,11 +70,12 @@ class PlcState:
     trips: frozenset[str] = frozenset()
     first_out: str | None = None
     timers: Mapping[str, float] = field(default_factory=dict)   # on-delay timers of conditions
+    restarted: bool = False          # the runtime started from it; cleared by the first scan
 
     def persistent(self) -> dict:
         """The JSON-able subset that survives a restart."""
         return {
-            "version": 1,
+            "version": VERSION,
             "phase": self.phase.value,
             "recipe_id": self.recipe_id,
             "batch_id": self.batch_id,
@@ -80,7 +88,33 @@ class PlcState:
             "trims": dict(sorted(self.trims.items())),
             "manual": dict(sorted(self.manual.items())),
             "tuning": {z: dict(sorted(g.items())) for z, g in sorted(self.tuning.items())},
+            "alarms": {k: _alarm_data(a) for k, a in sorted(self.alarms.items())},
         }
+
+
+VERSION = 2
+_ALARM_FIELDS = ("active", "acked", "confirmed", "enabled", "suppressed", "unshelve_at",
+                 "message", "trip", "active_since", "changed", "user", "comment", "seq")
+
+
+def _alarm_data(a: Alarm) -> dict:
+    d = {f: getattr(a, f) for f in _ALARM_FIELDS}
+    d["shelving"] = a.shelving.value
+    d["priority"] = int(a.priority)
+    return d
+
+
+def _alarm(aid: str, d: Mapping) -> Alarm:
+    opt = lambda v: None if v is None else float(v)  # noqa: E731
+    return Alarm(aid, active=bool(d.get("active")), acked=bool(d.get("acked", True)),
+                 confirmed=bool(d.get("confirmed", True)), enabled=bool(d.get("enabled", True)),
+                 suppressed=bool(d.get("suppressed")),
+                 shelving=Shelving(d.get("shelving", "unshelved")),
+                 unshelve_at=opt(d.get("unshelve_at")), message=str(d.get("message", "")),
+                 priority=Priority(int(d.get("priority", Priority.LOW))), trip=bool(d.get("trip")),
+                 active_since=opt(d.get("active_since")), changed=float(d.get("changed", 0.0)),
+                 user=str(d.get("user", "")), comment=str(d.get("comment", "")),
+                 seq=int(d.get("seq", 0)))
 
 
 def restored(data: Mapping | None, recipes: Mapping[str, object], zones: tuple[str, ...]) -> PlcState:
@@ -109,4 +143,6 @@ def _restored(data: Mapping, recipes: Mapping[str, object], zones: tuple[str, ..
         trims={k: float(v) for k, v in dict(data.get("trims", {})).items() if k in zones},
         manual={k: float(v) for k, v in dict(data.get("manual", {})).items() if k in zones},
         tuning={z: {k: float(v) for k, v in dict(g).items() if k in ("kp", "ki", "kd")}
-                for z, g in dict(data.get("tuning", {})).items() if z in zones})
+                for z, g in dict(data.get("tuning", {})).items() if z in zones},
+        alarms={k: _alarm(k, d) for k, d in dict(data.get("alarms", {})).items()
+                if not k.startswith("zone.") or k.split(".")[1] in zones})

@@ -50,8 +50,12 @@ def render(s: Snapshot, machine: str = "", now_wall: float | None = None) -> str
            ("current_mixer", "current_pump", "current_vibration", "current_total") if n in s.inputs]
     if cur:
         lines.append("currents " + "  ".join(cur))
-    lines += ["", f"alarms ({len(s.alarms)})" + (f"   TRIPPED, first-out: {s.first_out}" if s.trips else "")]
-    for a in s.alarms[:8]:
+    # the interesting ones, worst first: active, unacknowledged, shelved or out of service
+    shown = sorted((a for a in s.alarms if a.active or a.state.value in (
+        "unacknowledged_returned_to_normal", "shelved", "out_of_service")),
+        key=lambda a: (-int(a.priority), a.id))
+    lines += ["", f"alarms ({len(shown)})" + (f"   TRIPPED, first-out: {s.first_out}" if s.trips else "")]
+    for a in shown[:8]:
         lines.append(f"  {a.priority.name:<8} {a.state.value:<34} {a.message}")
     st = s.stats
     if st:

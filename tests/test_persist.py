@@ -53,11 +53,15 @@ def test_persistent_is_json_and_complete(pouring_state):
     s, _ = pouring_state
     data = s.persistent()
     assert json.loads(json.dumps(data)) == data
+    alarms = data.pop("alarms")
     assert data == {
-        "version": 1, "phase": "pouring", "recipe_id": "dark-70",
+        "version": 2, "phase": "pouring", "recipe_id": "dark-70",
         "batch_id": "tempering-01-000001", "batch_seq": 1, "held": False, "interrupted": False,
         "tempered": True, "trips": [], "first_out": None, "trims": {"pump": 0.5},
         "manual": {"fountain": 10.0}, "tuning": {}}
+    assert list(alarms) == sorted(s.alarms) and set(alarms["estop"]) == {
+        "active", "acked", "confirmed", "enabled", "suppressed", "shelving", "unshelve_at",
+        "message", "priority", "trip", "active_since", "changed", "user", "comment", "seq"}
 
 
 def test_running_batch_comes_back_interrupted(pouring_state, program):

@@ -192,7 +192,7 @@ def digest(records) -> str:
         row = {
             "out": sorted((n, p.value, int(p.quality), p.timestamp_s) for n, p in outputs.items()),
             "persist": state.persistent(),
-            "alarms": sorted((k, a.state.value, a.changed_s) for k, a in state.alarms.items()),
+            "alarms": sorted((k, a.state.value, a.changed) for k, a in state.alarms.items()),
             "zones": sorted((n, z.pid.output, z.pid.integral, z.reached)
                             for n, z in state.zones.items()),
             "timers": sorted(state.timers.items()),

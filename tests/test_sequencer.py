@@ -15,7 +15,7 @@ import pytest
 
 from plc.commands import (Abort, Acknowledge, Command, Hold, Reset, Resume, SetManual, SetTrim,
                           StartRecipe, Stop)
-from plc.alarms import Alarm, AlarmState
+from plc.alarms import Alarm
 from plc.image import bad
 from plc.contract import OUTPUT_SPECS, TANK_ZONES, ZONES
 from plc.program import Program
@@ -662,10 +662,16 @@ def test_no_working_max_before_tempered(rig, program):
     (PlcState(phase=Phase.COOLING, recipe_id="dark-70"), StartRecipe("dark-70"),
      "a batch is cooling; stop or abort it first"),
     (PlcState(phase=Phase.FAULT, trips=frozenset({"estop"}), first_out="estop",
-              alarms={"estop": Alarm("estop", AlarmState.UNACK_RTN)}), Reset(), ""),
+              alarms={"estop": Alarm("estop", acked=False)}), Reset(), ""),
+    # shelved or out of service: Reset sees the raw condition
+    (PlcState(phase=Phase.FAULT, trips=frozenset({"estop"}), first_out="estop",
+              alarms={"estop": Alarm("estop", active=True, enabled=False)}), Reset(),
+     "conditions still active: estop"),
     # restored after a restart: the condition has not been evaluated yet, so not known clear
     (PlcState(phase=Phase.FAULT, trips=frozenset({"estop"}), first_out="estop"), Reset(),
      "conditions still active: estop"),
+    (PlcState(phase=Phase.FAULT, trips=frozenset({"estop"}), first_out="estop", restarted=True,
+              alarms={"estop": Alarm("estop")}), Reset(), "conditions still active: estop"),
     (PlcState(phase=Phase.STOPPED), StartRecipe("white-28"), ""),
     (PlcState(phase=Phase.STOPPED), Abort(), "no running batch to abort (phase stopped)"),
 ])
