@@ -310,11 +310,11 @@ class ConditionServer:
         f = self.performance.figures(now)
         perf = self.nodes.alarm_performance
         for name, value, vt in (
-                ("AlarmsLast10Min", int(f.alarms_last_10min), _V.UInt32),
+                ("AlarmsLast10Min", int(f.last_10min), _V.UInt32),
                 ("AveragePer10Min", float(f.average_per_10min), _V.Double),
                 ("InFlood", bool(f.in_flood), _V.Boolean), ("Floods", int(f.floods), _V.UInt32),
-                ("ChatteringAlarms", [f"{i} ({n})" for i, n in f.chattering], _V.String),
-                ("StaleAlarms", [f"{i} (since {_utc(t):%Y-%m-%d %H:%M}Z)" for i, t in f.stale], _V.String),
+                ("ChatteringAlarms", list(f.chattering), _V.String),
+                ("StaleAlarms", list(f.stale), _V.String),
                 ("TopAlarms", [f"{i} ({n})" for i, n in f.top], _V.String)):
             if name in perf:
                 await self._set(perf[name].nodeid, value, vt)

@@ -316,6 +316,67 @@ CONDITION_OPTIONALS = frozenset({"ConfirmedState", "Confirm", "TransitionTime", 
                                  "MaxTimeShelved"})
 
 
+# descriptions of the components of a condition (OPC UA Part 9 §5.5 - §5.8, in short), by
+# path below the condition; the standard model gives its declarations none
+CONDITION_DESCRIPTIONS: Mapping[str, str] = MappingProxyType({
+    "EventId": "Identifier of the condition's last event (Acknowledge, Confirm and AddComment take it).",
+    "EventType": "Type of the condition's events (its own type).",
+    "SourceNode": "The object the alarm is about (zone, motor, power meter, safety inputs, diagnostics).",
+    "SourceName": "Browse name of the SourceNode.",
+    "Time": "When the last change happened (the scan's time).",
+    "ReceiveTime": "When the plant window received the last change from the PLC.",
+    "Message": "What happened, in words: the value and the limit, in both directions.",
+    "Severity": "ISA-18.2 priority as an OPC UA severity: 250 low, 500 medium, 700 high, 900 critical.",
+    "ConditionClassId": "SafetyConditionClassType for a trip, ProcessConditionClassType for a process "
+                        "alarm, SystemConditionClassType for the controller's own alarms.",
+    "ConditionClassName": "Name of the ConditionClassId.",
+    "ConditionName": "The interlock condition id (e.g. zone.pump.over_temp).",
+    "BranchId": "Null: the machine keeps no branches of a condition.",
+    "Retain": "True while the condition is interesting to a client: active or unacknowledged (and "
+              "enabled). ConditionRefresh sends the retained conditions.",
+    "EnabledState.Id": "False while the alarm is out of service (Disable); its interlock still acts.",
+    "Quality.SourceTimestamp": "When the quality was last evaluated.",
+    "LastSeverity.SourceTimestamp": "When the severity last changed.",
+    "Comment.SourceTimestamp": "When the last comment was made.",
+    "ClientUserId": "User of the last operator action on the alarm (acknowledge, comment, shelve, ...).",
+    "AckedState.Id": "False while the alarm waits for an operator's acknowledgement.",
+    "AckedState.TransitionTime": "When AckedState last changed.",
+    "ConfirmedState.Id": "False after an acknowledgement until the operator confirms the alarm was dealt with.",
+    "ConfirmedState.TransitionTime": "When ConfirmedState last changed.",
+    "ActiveState.Id": "True while the process condition is present (whatever is annunciated).",
+    "ActiveState.TransitionTime": "When ActiveState last changed.",
+    "InputNode": "The variable the alarm watches (a zone's Temperature), null when there is none.",
+    "SuppressedState.Id": "True while suppressed by design (e.g. a zone's limits while its sensor is faulty).",
+    "SuppressedState.TransitionTime": "When SuppressedState last changed.",
+    "OutOfServiceState.Id": "True while the alarm is disabled (out of service).",
+    "OutOfServiceState.TransitionTime": "When OutOfServiceState last changed.",
+    "SuppressedOrShelved": "True while suppressed or shelved: not annunciated, the interlock still acts.",
+    "MaxTimeShelved": "Longest TimedShelve in ms (alarms.max_shelve_s of the configuration).",
+    "ShelvingState.CurrentState": "Unshelved, TimedShelved or OneShotShelved.",
+    "ShelvingState.CurrentState.Id": "NodeId of the current state of the ShelvedStateMachineType.",
+    "ShelvingState.LastTransition": "The last shelving transition.",
+    "ShelvingState.LastTransition.Id": "NodeId of the last shelving transition.",
+    "ShelvingState.LastTransition.TransitionTime": "When the shelving state last changed.",
+    "ShelvingState.UnshelveTime": "Time left (ms) until a timed shelve ends; 0 otherwise.",
+    "ShelvingState.TimedShelve": "Shelve the alarm for ShelvingTime ms (technician).",
+    "ShelvingState.TimedShelve.InputArguments": "ShelvingTime: Duration in ms, at most MaxTimeShelved.",
+    "ShelvingState.OneShotShelve": "Shelve the alarm until it next returns to normal (technician).",
+    "ShelvingState.Unshelve": "End the shelving (technician).",
+    "Acknowledge.InputArguments": "EventId of the event acknowledged, and a comment.",
+    "Confirm.InputArguments": "EventId of the event confirmed, and a comment.",
+    "AddComment.InputArguments": "EventId of the event commented, and the comment.",
+    "HighLimit": "The high limit the value is compared with (degC, or K for a deviation).",
+    "LowLimit": "The low limit the value is compared with (degC, or K for a deviation).",
+    "LimitState.CurrentState": "High or Low while active beyond that limit; null while inactive.",
+    "LimitState.CurrentState.Id": "NodeId of the limit state.",
+    "LimitState.LastTransition": "The last limit-state transition.",
+    "LimitState.LastTransition.Id": "NodeId of the last limit-state transition.",
+    "LimitState.LastTransition.TransitionTime": "When the limit state last changed.",
+    "SetpointNode": "The zone's Setpoint, from which the deviation is measured.",
+    "NormalState": "Null: the normal state of this off-normal alarm is implied by its input.",
+})
+
+
 def condition_type(cid: str) -> str:
     """The condition type of an interlock condition id: level alarms for a zone's over- and
     under-temperature, deviation alarms for its deviation, discrete alarms for the working
@@ -602,6 +663,14 @@ class _Builder:
         return ua.ExpandedNodeId()
 
 
+def _paths(t: _Template, prefix: str = "") -> Iterable[str]:
+    """Browse paths ("ActiveState.Id") of every node below a template."""
+    for c in t.children:
+        path = f"{prefix}{c.browse_name.Name}"
+        yield path
+        yield from _paths(c, path + ".")
+
+
 # --------------------------------------------------------------------------- the naive builder
 
 
@@ -655,6 +724,11 @@ async def build_machine(server: Server, cfg: Any, book: Any, condition_ids: Sequ
         raise ValueError(f"machine {cfg.machine.id} is already in the address space")
     plan = _machine_plan(cfg, Program.from_config(cfg, book), book, condition_ids, link_names, ns)
     builder = _Builder(server, types_ns)
+    for inst in (i for i in plan.instances if i.optionals):     # the conditions' components
+        for rest in _paths(builder.template(inst.type_name, inst.optionals)):
+            text = CONDITION_DESCRIPTIONS.get(rest)
+            if text is not None:
+                plan.descriptions.setdefault(f"{inst.ident}.{rest}", f"Alarm {inst.browse_name}: {text}")
     if naive:
         await _build_naive(server, plan, ns, types_ns)
     with _collector_paused():

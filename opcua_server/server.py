@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -28,6 +29,7 @@ from plc.config import Recipe, recipe_misfits
 from plc.interlocks import condition_ids
 from plc.state import RUNNING, Phase
 
+from .alarm_performance import AlarmPerformance
 from .conditions import ConditionServer
 from .gate import COMMANDS, Gate, Refused, WriteRule, zone_rules
 from .model import (RECIPE_FIELDS, add_recipe_nodes, build_machine, load_types,
@@ -98,7 +100,8 @@ class TemperingServer:
                 self.server.link_method(self.nodes.methods[name], self.gate.method(name, "admin", handler))
         self.gate.install()
         self.conditions = ConditionServer(self.server, self.nodes, self.gate, self.program,
-                                          max_shelve_s=self.program.limits.max_shelve_s)
+                                          max_shelve_s=self.program.limits.max_shelve_s,
+                                          performance=AlarmPerformance(time.time()))
         await self.conditions.install()
         import gc
         gc.collect()

@@ -381,7 +381,7 @@ async def _export_nodeset(path: Path, cfg, book) -> int:
     await export_nodeset(server, path)
     count = sum(1 for nid in server.iserver.aspace.keys() if nid.NamespaceIndex == nodes.namespace_index)
     print(f"{path}: {count} nodes of machine {cfg.machine.id} ({MACHINE_URI_PREFIX}{cfg.machine.id}; "
-          f"{len(book)} recipes, {len(nodes.alarms)} alarms, {len(links)} link(s))")
+          f"{len(book)} recipes, {len(nodes.conditions)} alarms, {len(links)} link(s))")
     return 0
 
 

@@ -20,11 +20,10 @@ from asyncua import Server, ua
 
 from tempering.cli import main
 from opcua_server.config import load
-from opcua_server.model import (ALARM_STATE_VALUES, MACHINE_URI_PREFIX, PHASE_VALUES, POINT_PATHS,
+from opcua_server.model import (CONDITION_OPTIONALS, MACHINE_URI_PREFIX, PHASE_VALUES, POINT_PATHS,
                                 RECIPE_FIELDS, TYPE_IDS, TYPES_NODESET, TYPES_URI, Writable,
                                 add_recipe_nodes, build_machine, export_nodeset, load_types,
                                 remove_recipe_nodes)
-from plc.alarms import AlarmState
 from plc.config import RecipeBook
 from plc.image import PointType
 from plc.interlocks import condition_ids
@@ -215,9 +214,6 @@ def test_enumerations_follow_the_plc_enums(machine):
     phase_strings = value(server, child(server, ua.NodeId(3001, ns), "EnumStrings"))
     assert [t.Text for t in phase_strings] == [p.value for p in Phase]
     assert PHASE_VALUES == {p: i for i, p in enumerate(Phase)}
-    alarm_strings = value(server, child(server, ua.NodeId(3003, ns), "EnumStrings"))
-    assert [t.Text for t in alarm_strings] == ["normal", "unack_active", "ack_active", "unack_rtn"]
-    assert list(ALARM_STATE_VALUES) == list(AlarmState) and list(ALARM_STATE_VALUES.values()) == [0, 1, 2, 3]
     definition = attr(server, ua.NodeId(3001, ns), A.DataTypeDefinition).Value.Value
     assert [(f.Name, f.Value) for f in definition.Fields] == [(p.value, i) for i, p in enumerate(Phase)]
     assert all(f.Description.Text for f in definition.Fields)
@@ -239,19 +235,20 @@ def test_every_component_of_a_type_is_a_mandatory_instance_declaration(machine):
         else:
             assert rules[0] == ua.NodeId(ua.ObjectIds.ModellingRule_Mandatory), nid.to_string()
             other.add(name)
-    assert placeholders == {"<RecipeId>", "<AlarmId>", "<LinkName>"}
+    assert placeholders == {"<RecipeId>", "<LinkName>"}
 
 
-def test_event_type_and_methods_of_the_types(machine):
+def test_alarm_types_and_methods_of_the_types(machine):
     server, nodes, *_ = machine
     ns = nodes.types_namespace_index
-    event = ua.NodeId(TYPE_IDS["AlarmStateChangeEventType"], ns)
-    supertype = [r.NodeId for r in server.iserver.aspace[event].references
-                 if not r.IsForward and r.ReferenceTypeId == ua.NodeId(ua.ObjectIds.HasSubtype)]
-    assert supertype == [ua.NodeId(ua.ObjectIds.BaseEventType)]
-    props = {attr(server, child(server, event, n), A.DataType).Value.Value for n in ("State", "PreviousState")}
-    assert props == {ua.NodeId(3003, ns)}
-    assert attr(server, child(server, event, "Priority"), A.DataType).Value.Value == ua.NodeId(ua.ObjectIds.UInt16)
+    O = ua.ObjectIds
+    for name, base in (("TemperatureLevelAlarmType", O.ExclusiveLevelAlarmType),
+                       ("TemperatureDeviationAlarmType", O.ExclusiveDeviationAlarmType),
+                       ("MachineOffNormalAlarmType", O.OffNormalAlarmType),
+                       ("MachineDiscreteAlarmType", O.DiscreteAlarmType)):
+        supertype = [r.NodeId for r in server.iserver.aspace[ua.NodeId(TYPE_IDS[name], ns)].references
+                     if not r.IsForward and r.ReferenceTypeId == ua.NodeId(O.HasSubtype)]
+        assert supertype == [ua.NodeId(base)], name
     for type_name, names in (("SequencerType", ["StartRecipe", "Stop", "Hold", "Resume", "Abort", "ResetTrips",
                                                  "AcknowledgeAll"]),
                              ("RecipeBookType", ["AddRecipe", "UpdateRecipe", "DeleteRecipe", "DuplicateRecipe"])):
@@ -323,21 +320,25 @@ def test_the_nodes_by_name(machine):
     assert set(nodes.methods) == set(METHOD_ARGUMENTS)
     assert set(nodes.recipes) == set(book.ids)
     assert all(set(r) == set(RECIPE_FIELDS) for r in nodes.recipes.values())
-    assert list(nodes.alarms) == list(conditions)
-    assert all(set(a) == {"State", "Priority", "Message", "ActiveSince", "Changed", "AckedBy", "Trip"}
-               for a in nodes.alarms.values())
-    assert set(nodes.alarms_summary) == {"ActiveAlarms", "ActiveCount"}
+    assert list(nodes.conditions) == list(conditions)
+    over = nodes.conditions["zone.pump.over_temp"].nodeid
+    below = {r.BrowseName.Name for r in server.iserver.aspace[over].references if r.IsForward}
+    assert {"EnabledState", "ActiveState", "AckedState", "Acknowledge", "Retain", "HighLimit"} | (
+        CONDITION_OPTIONALS - {"TransitionTime", "LastTransition"}) <= below
+    assert "LowLimit" not in below and "SilenceState" not in below
+    assert set(nodes.alarms_summary) == {"ActiveAlarms", "ActiveCount", "UnacknowledgedCount", "ShelvedAlarms",
+                                         "OutOfServiceAlarms"}
+    assert {"AlarmsLast10Min", "InFlood", "ChatteringAlarms", "StaleAlarms", "TopAlarms"} <= set(nodes.alarm_performance)
     assert {"Scan.LateP99", "Links.io.State", "Historian.Backlog", "Sessions", "Subscriptions"} <= set(nodes.diagnostics)
     assert nodes.objects["Alarms.zone.pump.over_temp"].nodeid.Identifier == "Machine.Alarms.zone.pump.over_temp"
     assert nodes.objects["Recipes.dark-70"].nodeid.Identifier == "Machine.Recipes.dark-70"
     assert attr(server, nodes.machine.nodeid, A.EventNotifier).Value.Value == 1
     assert attr(server, nodes.machine.nodeid, A.BrowseName).Value.Value == ua.QualifiedName(
         cfg.machine.id, nodes.namespace_index)
-    assert nodes.alarm_event_type.nodeid == ua.NodeId(TYPE_IDS["AlarmStateChangeEventType"],
-                                                      nodes.types_namespace_index)
     assert nodes.variant_types[nodes.sequencer["Phase"].nodeid] is ua.VariantType.Int32
     assert nodes.variant_types[nodes.diagnostics["Scan.Scans"].nodeid] is ua.VariantType.UInt64
-    assert nodes.variant_types[nodes.alarms["estop"]["Priority"].nodeid] is ua.VariantType.UInt16
+    severity = ua.NodeId("Machine.Alarms.estop.Severity", nodes.namespace_index)
+    assert nodes.variant_types[severity] is ua.VariantType.UInt16
 
 
 def test_writable_is_current_read_write_and_the_rest_is_read_only(machine):
@@ -384,26 +385,15 @@ def test_descriptions_that_depend_on_the_config(machine):
     assert f"{limit:g} °C" in desc(nodes.zones["pump"]["Temperature"])
     assert desc(nodes.zones["tank_bottom"]["Trim"]).startswith("Zone 1 tank bottom: ")
     assert desc(nodes.recipes["dark-70"]["PouringGoal"]).startswith("Recipe dark-70: ")
-    assert desc(nodes.alarms["zone.pump.over_temp"]["State"]).startswith("Alarm zone.pump.over_temp: ")
+    retain = ua.NodeId("Machine.Alarms.zone.pump.over_temp.Retain", nodes.namespace_index)
+    assert attr(server, retain, A.Description).Value.Value.Text.startswith("Alarm zone.pump.over_temp: ")
+    high = ua.NodeId("Machine.Alarms.zone.pump.over_temp.HighLimit", nodes.namespace_index)
+    assert value(server, high) == limit
     assert f"{limit:g} °C" in desc(nodes.objects["Alarms.zone.pump.over_temp"])
     assert f"{cfg.zones['tank_bottom'].i_motor1:g} A" in desc(nodes.motors["mixer"]["Current"])
     assert "cool1_tank" in desc(nodes.zones["tank_bottom"]["Output"])
     assert desc(nodes.diagnostics["Links.io.State"]).startswith("Link io: ")
     assert "5020" in desc(nodes.objects["Diagnostics.Links.io"])
-
-
-@shared_loop
-async def test_events_of_the_alarm_event_type(machine):
-    server, nodes, *_ = machine
-    generator = await server.get_event_generator(nodes.alarm_event_type, nodes.machine)
-    generator.event.AlarmId = "estop"
-    generator.event.State = ALARM_STATE_VALUES[AlarmState.UNACK_ACTIVE]
-    generator.event.PreviousState = ALARM_STATE_VALUES[AlarmState.NORMAL]
-    generator.event.Priority = 900
-    types = generator.event.data_types
-    assert (types["AlarmId"], types["State"], types["PreviousState"], types["Priority"]) == (
-        ua.VariantType.String, ua.VariantType.Int32, ua.VariantType.Int32, ua.VariantType.UInt16)
-    await generator.trigger(message="E-stop pressed")
 
 
 # --------------------------------------------------------------------------- two builders, config
@@ -430,8 +420,8 @@ async def test_recipes_alarms_and_links_follow_the_config_and_recipes_come_and_g
     server = await new_server()
     nodes = await build_machine(server, cfg, small, ["estop", "custom.alarm"], ())
     assert list(nodes.recipes) == ["milk-35"]
-    assert list(nodes.alarms) == ["estop", "custom.alarm"]
-    assert nodes.alarms["custom.alarm"]["State"].nodeid.Identifier == "Machine.Alarms.custom.alarm.State"
+    assert list(nodes.conditions) == ["estop", "custom.alarm"]
+    assert nodes.conditions["custom.alarm"].nodeid.Identifier == "Machine.Alarms.custom.alarm"
     assert not any(k.startswith("Links.") for k in nodes.diagnostics)
     before = len(namespace_nodes(server, nodes.namespace_index))
 
