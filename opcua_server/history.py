@@ -1,7 +1,10 @@
-"""HistoryRead (raw) of zone temperatures, served from the historian's embedded local store.
+"""HistoryRead: zone temperatures from the historian's local store, events from the alarm journal.
 
 One job: answer OPC UA Part 11 ReadRawModifiedDetails for the ``Temperature`` variable of each
-zone from ``historian.local.LocalStore`` (what ``make run`` records with no InfluxDB). The
+zone from ``historian.local.LocalStore`` (what ``make run`` records with no InfluxDB), and
+ReadEventDetails on the machine object (or the Server object, or one alarm source) from the
+records' alarm journal (``events``: ``opcua_server.conditions.ConditionServer.history``), every
+row a condition event with the fields it had, filtered by the request's where clause. The
 server does not historize by itself: the historian is the one writer of the history, so the
 server's history and the historian's can never disagree. Start and end are inclusive; with
 ``NumValuesPerNode`` the answer stops there and the continuation point is the time of the next
@@ -29,11 +32,15 @@ def _ns(t: datetime | None, default_ns: int) -> int:
 
 
 class LocalHistory(HistoryStorageInterface):
-    def __init__(self, store, zones_by_node: dict[ua.NodeId, str], machine_id: str):
+    """``store`` None: no value history; ``events(source, start, end, nb_values, filter)``
+    answers event history, None: none."""
+
+    def __init__(self, store, zones_by_node: dict[ua.NodeId, str], machine_id: str, events=None):
         super().__init__()
         self.store = store
         self.zones = zones_by_node
         self.machine_id = machine_id
+        self.events = events
 
     async def init(self) -> None:
         return None
@@ -46,7 +53,7 @@ class LocalHistory(HistoryStorageInterface):
 
     async def read_node_history(self, node_id, start, end, nb_values):
         zone = self.zones.get(node_id)
-        if zone is None:
+        if zone is None or self.store is None:
             return [], None
         start_ns = _ns(start, 0)
         end_ns = _ns(end, int(time.time() * 1e9)) + 1
@@ -70,7 +77,9 @@ class LocalHistory(HistoryStorageInterface):
         return None
 
     async def read_event_history(self, source_id, start, end, nb_values, evfilter):
-        return [], None
+        if self.events is None:
+            return [], None
+        return await self.events(source_id, start, end, nb_values, evfilter)
 
     async def stop(self) -> None:
         return None

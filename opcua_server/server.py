@@ -82,8 +82,7 @@ class TemperingServer:
         await load_types(self.server)
         self.nodes = await build_machine(self.server, self.cfg, self.book,
                                          condition_ids(self.program), self.link_names)
-        if self.history_store is not None:
-            await self._serve_history()
+
         self.gate = Gate(self.server, self.plc, self.records, announce=self._announce)
         for zone, rules in ((z, zone_rules(z, self.plc)) for z in self.nodes.zones):
             for browse, rule in rules.items():
@@ -101,8 +100,10 @@ class TemperingServer:
         self.gate.install()
         self.conditions = ConditionServer(self.server, self.nodes, self.gate, self.program,
                                           max_shelve_s=self.program.limits.max_shelve_s,
-                                          performance=AlarmPerformance(time.time()))
+                                          performance=AlarmPerformance(time.time()),
+                                          journal=self.records, machine_id=self.cfg.machine.id)
         await self.conditions.install()
+        await self._serve_history()
         import gc
         gc.collect()
         gc.freeze()     # the address space lives as long as the server: keep it out of every
@@ -129,11 +130,14 @@ class TemperingServer:
         await self.server.stop()
 
     async def _serve_history(self) -> None:
-        """Zone temperatures: Historizing, HistoryRead access, answered from the local store."""
+        """Zone temperatures: Historizing, HistoryRead access, answered from the local store
+        (when there is one); the machine's events from the alarm journal."""
         from .history import LocalHistory
 
         zones = {}
         for zone, nodes in self.nodes.zones.items():
+            if self.history_store is None:
+                break
             node = nodes["Temperature"]
             for attr in (ua.AttributeIds.AccessLevel, ua.AttributeIds.UserAccessLevel):
                 await node.set_attr_bit(attr, ua.AccessLevel.HistoryRead)
@@ -141,7 +145,8 @@ class TemperingServer:
                                        ua.DataValue(ua.Variant(True, ua.VariantType.Boolean)))
             zones[node.nodeid] = zone
         self.server.iserver.history_manager.set_storage(
-            LocalHistory(self.history_store, zones, self.cfg.machine.id))
+            LocalHistory(self.history_store, zones, self.cfg.machine.id,
+                         events=self.conditions.history if self.records is not None else None))
 
     # -- diagnostics and events --------------------------------------------------------------
 

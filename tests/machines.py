@@ -1,5 +1,5 @@
 """A machine for the OPC UA tests: the PLC (real time, 100 ms scan) on the in-process twin and
-the plant window's OPC UA server, in the test's event loop, talking over the real bridge
+the plant window's OPC UA server and alarm journal, in the test's event loop, talking over the real bridge
 (``plc.bridge``: a Unix socket, snapshots out, commands in, verdicts back) — the same protocol
 as the two processes of ``tempering run``, without their start-up time."""
 
@@ -16,6 +16,7 @@ from opcua_server.server import TemperingServer
 from plc.bridge import PlcClient, WindowPort
 from plc.program import Program
 from plc.runtime import Controller, MonotonicClock, Runtime, WatchdogSettings
+from tempering.window_process import _journal as journal
 from twin import Twin
 from twin.inprocess import InProcessTwinIo
 
@@ -47,7 +48,9 @@ class InProcessMachine:
 
     async def __aenter__(self):
         await self.port.start()
-        self.tasks = [asyncio.create_task(self.plc.run(self.stop)),
+        self.tasks = [asyncio.create_task(journal(self.plc.channel, self.plc.channel.subscribe(maxlen=4096),
+                                                  self.records, self.cfg.machine.id, self.stop)),
+                      asyncio.create_task(self.plc.run(self.stop)),
                       asyncio.create_task(self.io.run_realtime(self.stop))]
         await self.server.start()
         runtime = Runtime(self.controller, self.io, MonotonicClock(), WatchdogSettings(5, 10.0),

@@ -217,3 +217,41 @@ async def test_shelve_unshelve_disable_enable_by_role(opcua_pki):
             back = await until(lambda: [e for e in seen.of("zone.fountain.over_temp")
                                         if e["EnabledState/Id"] and e["ActiveState/Id"]])
             assert back[-1]["AckedState/Id"] is False
+
+
+async def test_the_alarm_journal_as_event_history_of_the_machine(opcua_pki):
+    """HistoryRead (ReadEventDetails) on the machine object: the journal's rows as the events
+    they were — active, acknowledged with its comment and user, cleared — and the PLC's start."""
+    from datetime import datetime, timedelta, timezone
+
+    async with InProcessMachine(opcua_pki) as m:
+        async with await opcua_pki.client("operator") as op:
+            t0 = datetime.now(timezone.utc) - timedelta(seconds=5)
+            m.twin.set_temperature("tank_wall", 63.0)
+            await until(lambda: m.controller.state.alarms["zone.tank_wall.over_temp"].active)
+            a = m.controller.state.alarms["zone.tank_wall.over_temp"]
+            cond = op.get_node(condition_node(m, "zone.tank_wall.over_temp"))
+            await cond.call_method(ua.NodeId(O.AcknowledgeableConditionType_Acknowledge),
+                                   ua.Variant(a.event_id, ua.VariantType.ByteString),
+                                   ua.LocalizedText("seen at the machine"))
+            m.twin.set_temperature("tank_wall", 40.0)
+            await until(lambda: not m.controller.state.alarms["zone.tank_wall.over_temp"].active)
+
+            async def history():
+                machine = op.get_node(m.nodes.machine.nodeid)
+                return await machine.read_event_history(t0, datetime.now(timezone.utc) + timedelta(seconds=1),
+                                                        evtypes=[ua.NodeId(O.AlarmConditionType)])
+            events = await until(lambda: _three(history()), 8.0)
+            steps = [(e.ActiveState.Text, e.AckedState.Text, e.Comment.Text, e.ClientUserId)
+                     for e in events if e.ConditionName == "zone.tank_wall.over_temp"]
+            assert steps[:2] == [("Active", "Unacknowledged", "", ""),
+                                 ("Active", "Acknowledged", "seen at the machine", "operator")]
+            assert steps[2][:2] == ("Inactive", "Acknowledged")
+            assert all(e.Time >= t0 for e in events)
+            rows = m.records.alarm_journal(alarm_id="zone.tank_wall.over_temp")
+            assert [r.kind for r in rows][:3] == ["active", "acknowledged", "cleared"]
+
+
+async def _three(history):
+    events = await history
+    return events if sum(1 for e in events if e.ConditionName == "zone.tank_wall.over_temp") >= 3 else None
