@@ -9,7 +9,7 @@ the script sees the condition active, has a viewer's Acknowledge refused, acknow
 comment through node-opcua's alarm display, has the stale EventId refused, then says
 "acknowledged"; the test cools the pump; the script sees the condition return to normal and
 leave Retain; a technician shelves and unshelves another condition. The records' alarm journal,
-fed from the PLC's alarm events the way the plant window feeds it, holds every step.
+fed from the PLC's alarm events by the window's journal task, holds every step.
 """
 
 from __future__ import annotations
@@ -20,28 +20,12 @@ import json
 from pathlib import Path
 
 from machines import InProcessMachine
-from tempering.window_process import _journal
 from test_opcua_interop import TOOLS, _tools_or_fail, js_certificate
 
 SCRIPT = Path(__file__).resolve().parent / "js" / "alarms.js"
 ALARM, SHELVE = "zone.pump.over_temp", "zone.fountain.over_temp"
 COMMENT = "hot charge, cooling down"
 STEP_TIMEOUT_S = 60.0
-
-
-class JournalFeed:
-    """The plant window's journal task (``tempering.window_process._journal``) on the machine's
-    snapshots: InProcessMachine runs the window's server but not its journal."""
-
-    def __init__(self, m: InProcessMachine):
-        self.stop = asyncio.Event()
-        channel = m.plc.channel
-        self.task = asyncio.create_task(_journal(channel, channel.subscribe(maxlen=4096), m.records,
-                                                 m.cfg.machine.id, self.stop))
-
-    async def close(self) -> None:
-        self.stop.set()
-        await asyncio.wait_for(self.task, 10.0)        # one last batch
 
 
 async def run_script(args: dict, on_step: dict) -> dict:
@@ -84,21 +68,17 @@ async def run_script(args: dict, on_step: dict) -> dict:
 async def test_node_opcua_alarm_display_acknowledge_return_to_normal_shelve(opcua_pki, tmp_path):
     _tools_or_fail()
     async with InProcessMachine(opcua_pki, seed=3, initial_temp_c=40.0) as m:
-        journal = JournalFeed(m)
-        try:
-            pki_dir = tmp_path / "node-opcua-pki"
-            assert opcua_pki.pki.trust(await js_certificate(pki_dir)).state == "trusted"
-            r = await run_script(
-                dict(pki=str(pki_dir), endpoint=m.endpoint, serverCertificate=m.server_certificate,
-                     passwords={role: opcua_pki.password(role) for role in ("technician", "operator", "viewer")},
-                     alarm=ALARM, shelve=SHELVE, comment=COMMENT, shelveMs=60_000.0),
-                {"ready": lambda: m.twin.set_temperature("pump", 63.0),
-                 "acknowledged": lambda: m.twin.set_temperature("pump", 40.0)})
-            assert r.get("ok"), (f"{r.get('stage')}: {r.get('error')}\n"
-                                 f"{ {k: v for k, v in r.items() if k != '_stderr'} }\n{r['_stderr']}")
-            assert r["_steps"] == ["ready", "acknowledged", "done"], r["_steps"]
-        finally:
-            await journal.close()
+        pki_dir = tmp_path / "node-opcua-pki"
+        assert opcua_pki.pki.trust(await js_certificate(pki_dir)).state == "trusted"
+        r = await run_script(
+            dict(pki=str(pki_dir), endpoint=m.endpoint, serverCertificate=m.server_certificate,
+                 passwords={role: opcua_pki.password(role) for role in ("technician", "operator", "viewer")},
+                 alarm=ALARM, shelve=SHELVE, comment=COMMENT, shelveMs=60_000.0),
+            {"ready": lambda: m.twin.set_temperature("pump", 63.0),
+             "acknowledged": lambda: m.twin.set_temperature("pump", 40.0)})
+        assert r.get("ok"), (f"{r.get('stage')}: {r.get('error')}\n"
+                             f"{ {k: v for k, v in r.items() if k != '_stderr'} }\n{r['_stderr']}")
+        assert r["_steps"] == ["ready", "acknowledged", "done"], r["_steps"]
         condition = m.nodes.conditions[ALARM].nodeid.to_string()
         shelved_condition = m.nodes.conditions[SHELVE].nodeid.to_string()
         alarm_type = m.server.conditions.conditions[ALARM].type_id.to_string()
@@ -167,7 +147,8 @@ async def test_node_opcua_alarm_display_acknowledge_return_to_normal_shelve(opcu
     states = [(e["ActiveState.Id"], e["AckedState.Id"], e["Retain"]) for e in mine[1:]]
     assert states == [(True, False, True), (True, True, True), (False, True, False)], states
 
-    # the alarm journal holds every step, with the EventIds the client saw
+    # the alarm journal (written by the window's journal task; its last batch when the machine
+    # stopped) holds every step, with the EventIds the client saw
     rows = opcua_pki.records.alarm_journal(alarm_id=ALARM)
     assert [row.kind for row in rows] == ["active", "acknowledged", "cleared"], rows
     active, acked, cleared = rows
