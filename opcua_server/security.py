@@ -26,6 +26,13 @@ Layers, from the bottom:
   decided by a hook around asyncua's ActivateSession before asyncua asks ``get_user``
   synchronously; every login, accepted or refused, is in the audit trail with the client's
   ``host:port``, its certificate's thumbprint and the reason.
+- Audit events (Part 5 §6.4.7, §6.4.8): every ActivateSession, accepted or refused, is an
+  AuditActivateSessionEventType on the Server object (SessionId, UserIdentityToken without its
+  secret, SecureChannelId, Status, StatusCodeId, ClientUserId, ServerId, ClientAuditEntryId,
+  ActionTimeStamp; Message: who, from where, why refused); a CreateSession refused for its
+  certificate is an AuditCreateSessionEventType with Status False. ``sees_audit`` says who gets
+  audit events: users with the admin role (Part 2 §4.10: the audit trail is for those who
+  administer security) every one of them; any other user only those of his own actions.
 - TemperingRuleset: asyncua's per-request permission check. Viewers may only read, browse and
   subscribe; nobody may add or delete nodes or references over the network. It also makes the
   session's user known to handlers through ``current_user()`` (see there).
@@ -49,6 +56,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import copy
 import datetime
 import hashlib
 import hmac
@@ -78,13 +86,29 @@ from asyncua.server.uaprocessor import UaProcessor
 from asyncua.ua.ua_binary import struct_from_binary
 
 from .limits import Key, LoginLimiter, apply_limits
+from .notifiers import SERVER, new_event, notify
 from .records import ROLES
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ROLES", "role_allows", "Pki", "CertificateEntry", "PkiError", "NoSuchCertificate",
-           "AmbiguousCertificate", "BadCertificateFile", "TemperingUser", "TemperingUserManager",
-           "LoginAttempt", "TemperingRuleset", "current_user", "configure_security", "thumbprint"]
+__all__ = ["ROLES", "AUDIT_ROLE", "sees_audit", "role_allows", "Pki", "CertificateEntry", "PkiError",
+           "NoSuchCertificate", "AmbiguousCertificate", "BadCertificateFile", "TemperingUser",
+           "TemperingUserManager", "LoginAttempt", "TemperingRuleset", "current_user", "configure_security",
+           "thumbprint"]
+
+
+AUDIT_ROLE = "admin"      # the least role that receives every audit event
+
+
+def sees_audit(user: Any, actor: str | None = None) -> bool:
+    """Whether a session of ``user`` (a TemperingUser) may receive an audit event of an action
+    by ``actor`` (a user name; None: not a user's action, e.g. a login): an admin sees all, a
+    user the events of his own actions. Other users (asyncua's own, anonymous) see none."""
+    role = getattr(user, "tempering_role", None)
+    if role_allows(role, AUDIT_ROLE):
+        return True
+    name = getattr(user, "name", None)
+    return actor is not None and name is not None and name == actor
 
 
 def role_allows(role: str | None, needed: str) -> bool:
@@ -420,6 +444,7 @@ class TemperingUserManager:
         from .config import OpcUaSettings
 
         self._key = os.urandom(32)
+        self.server_id = ""           # the server's ApplicationUri, for audit events (configure_security)
         self._verified: dict[str, tuple[bytes, float]] = {}
         self._clock = clock
         self._wall_clock = wall_clock
@@ -592,10 +617,13 @@ class TemperingUserManager:
                 await made.close_session(True)
                 processor.session = before
             try:
-                certificate = struct_from_binary(ua.CreateSessionParameters, body).ClientCertificate or b""
+                params = struct_from_binary(ua.CreateSessionParameters, body)
             except Exception:
-                certificate = b""
-            await self._audit("-", _peer_text(processor.name), certificate, _result(e.code, ""))
+                params = ua.CreateSessionParameters()
+            certificate = bytes(params.ClientCertificate or b"")
+            peer = _peer_text(processor.name)
+            await self._audit("-", peer, certificate, _result(e.code, ""))
+            await self._session_event(processor, params, certificate, peer, e.code)
             raise
 
     async def serve_activate_session(self, processor: Any, requesthdr: Any, body: Any, proceed) -> Any:
@@ -636,14 +664,95 @@ class TemperingUserManager:
             result = await proceed()
         except Exception as e:
             code = getattr(e, "code", ua.StatusCodes.BadInternalError)
-            await self._audit(label, peer, certificate,
-                              _result(code, attempt.reason if attempt is not None and attempt.reason else reason))
+            why = attempt.reason if attempt is not None and attempt.reason else reason
+            await self._audit(label, peer, certificate, _result(code, why))
+            await self._activation_event(processor, requesthdr, session, params, token, label, peer,
+                                         certificate, code, why)
             raise
         finally:
             _attempt.reset(context)
         user = session.user if session is not None else None
-        await self._audit(label, peer, certificate, "Good", getattr(user, "tempering_role", None))
+        role = getattr(user, "tempering_role", None)
+        await self._audit(label, peer, certificate, "Good", role)
+        await self._activation_event(processor, requesthdr, session, params, token, label, peer,
+                                     certificate, ua.StatusCodes.Good, f"role {role}" if role else "")
         return result
+
+    # ----------------------------------------------------------------------- audit events
+
+    async def _emit(self, processor: Any, event: Any) -> None:
+        """An audit event on the Server object, for the sessions that see audit (sees_audit);
+        a failure is logged, never raised into the session's handling."""
+        try:
+            await notify(processor.iserver, event, (SERVER,), audience=sees_audit)
+        except Exception:
+            log.exception("audit event %s", event.Message.Text)
+
+    def _stamp_audit(self, event: Any, processor: Any, ok: bool, code: int, message: str,
+                     user: str, entry: str = "") -> None:
+        event.Message = ua.LocalizedText(message)
+        event.Severity = 100 if ok else 500
+        event.Status = ok
+        event.StatusCodeId = ua.StatusCode(code)
+        event.ClientUserId = user
+        event.ClientAuditEntryId = entry or ""
+        event.ServerId = self.server_id
+        event.ActionTimeStamp = datetime.datetime.now(datetime.timezone.utc)
+        event.SecureChannelId = str(getattr(getattr(processor._connection, "security_token", None),
+                                            "ChannelId", ""))
+
+    async def _activation_event(self, processor: Any, requesthdr: Any, session: Any, params: Any,
+                                token: Any, label: str, peer: str, certificate: bytes, code: int,
+                                why: str) -> None:
+        """AuditActivateSessionEventType (Part 5 §6.4.8) for one ActivateSession."""
+        ok = ua.StatusCode(code).is_good()
+        where = f"from {peer or 'an unknown peer'}" + (
+            f" (client certificate {thumbprint(certificate)[:16]})" if certificate else "")
+        message = (f"session of {label} {where}: " +
+                   (f"activated{f' ({why})' if why else ''}" if ok else f"refused: {_result(code, why)}"))
+        event = new_event(ua.ObjectIds.AuditActivateSessionEventType, SERVER, "Server")
+        self._stamp_audit(event, processor, ok, code, message, label,
+                          getattr(requesthdr, "AuditEntryId", "") or "")
+        event.SessionId = session.session_id if session is not None else ua.NodeId()
+        event.ClientSoftwareCertificates = list(getattr(params, "ClientSoftwareCertificates", None) or [])
+        event.UserIdentityToken = _without_secret(token)
+        await self._emit(processor, event)
+
+    async def _session_event(self, processor: Any, params: Any, certificate: bytes, peer: str,
+                             code: int) -> None:
+        """AuditCreateSessionEventType (Part 5 §6.4.7) for a CreateSession refused (an
+        untrusted, expired or foreign certificate; too many sessions)."""
+        app = getattr(getattr(params, "ClientDescription", None), "ApplicationUri", None) or "?"
+        what = (f"client certificate {thumbprint(certificate)[:16]} ({_certificate_name(certificate)})"
+                if certificate else "no client certificate")
+        message = f"session from {peer or 'an unknown peer'}, {app}, {what}: refused: {_result(code, '')}"
+        event = new_event(ua.ObjectIds.AuditCreateSessionEventType, SERVER, "Server")
+        self._stamp_audit(event, processor, False, code, message, "")
+        event.SessionId = ua.NodeId()
+        event.ClientApplicationUri = app if app != "?" else None
+        event.ClientCertificate = certificate or None
+        event.ClientCertificateThumbprint = thumbprint(certificate) if certificate else None
+        await self._emit(processor, event)
+
+
+def _without_secret(token: Any) -> Any:
+    """The identity token as the client sent it, less its secret (Part 5 §6.4.8: never the
+    password): a copy with Password / TokenData emptied and their EncryptionAlgorithm."""
+    if token is None or isinstance(token, ua.ExtensionObject):
+        return None
+    clean = copy.copy(token)
+    for secret in ("Password", "TokenData"):
+        if hasattr(clean, secret):
+            setattr(clean, secret, b"")
+            clean.EncryptionAlgorithm = None
+    return clean
+
+
+def _certificate_name(der: bytes) -> str:
+    try:
+        return _load_cert(der).subject.rfc4514_string()
+    except ValueError:
+        return "not a certificate"
 
 
 def _result(code: int, reason: str) -> str:
@@ -790,7 +899,10 @@ async def configure_security(server, settings, records, pki: Pki | None = None, 
                                    allow_unsecured=settings.allow_none_policy,
                                    limiter=LoginLimiter.from_settings(settings),
                                    parallel_checks=settings.login_max_parallel_checks)
+    manager.server_id = app_uri
     server.iserver.set_user_manager(manager)
+    # the Server object is where a client watches for every event (audit events among them)
+    await server.get_node(SERVER).set_event_notifier([ua.EventNotifier.SubscribeToEvents])
     _install_session_hooks()
     server.iserver.tempering_logins = manager
     server.set_certificate_validator(pki.validate_client)
