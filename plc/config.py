@@ -202,8 +202,8 @@ class ErrorSettings(_Frozen):
     alarm_delay_s: Annotated[Number, Field(ge=0)]
     # heater or element failure: a zone heated at full output for no_progress_s without its
     # temperature rising by no_progress_k (longer than the melt plateau of a solid charge)
-    no_progress_s: Annotated[Number, Field(gt=0)] = 1800.0
-    no_progress_k: Annotated[Number, Field(gt=0)] = 1.0
+    no_progress_s: Annotated[Number, Field(gt=0)] = 1500.0
+    no_progress_k: Annotated[Number, Field(gt=0)] = 1.5
     max_shelve_s: Annotated[Number, Field(gt=0, le=7 * 24 * 3600)] = 8 * 3600.0   # longest timed shelve
 
     @model_validator(mode="after")

@@ -88,8 +88,8 @@ class Limits:
     phase_count: int
     current_total_a: float
     motor_current_a: Mapping[str, float]
-    no_progress_s: float = 1800.0   # a zone heated at full output this long ...
-    no_progress_k: float = 1.0      # ... without rising this much: heater or element failure
+    no_progress_s: float = 1500.0   # a zone heated at full output this long ...
+    no_progress_k: float = 1.5      # ... without rising this much: heater or element failure
     max_shelve_s: float = 8 * 3600.0
 
 

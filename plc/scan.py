@@ -93,9 +93,11 @@ def scan(p: Program, s: PlcState, inputs: ProcessImage, commands: Iterable[Comma
     sps = sequencer.setpoints(p, s)
     recipe = p.recipes.get(s.recipe_id) if s.recipe_id else None
     working_max = recipe.working_max_c if (recipe and s.tempered and s.phase in RUNNING) else None
+    running = s.phase in RUNNING and not s.trips
+    heat = {n: max(0.0, min(zs.pid.output, 100.0)) if running else 0.0 for n, zs in zones.items()}
     conditions, timers = interlocks.evaluate(
         p, inputs, readings, stuck, sps, {n: zones[n].reached for n in zones}, working_max,
-        ctx.watchdog, s.timers, dt, ctx.window)
+        ctx.watchdog, s.timers, dt, ctx.window, heat)
     new_alarms, changes = alarm_mod.update(s.alarms, conditions, wall)
     events += [sequencer.alarm_event(c, s) for c in changes]
     trips = set(s.trips)

@@ -21,12 +21,13 @@ DT = 0.1
 
 
 def conditions(program, image, *, goals=None, reached=None, working_max=None, watchdog="",
-               timers=None, stuck=None, dt=DT, window=""):
+               timers=None, stuck=None, dt=DT, window="", heat=None):
     readings = {z: read_zone(program, image, z) for z in ZONES}
     conds, timers = evaluate(
         program, image, readings, {z: False for z in ZONES} | (stuck or {}),
         goals or {z: None for z in ZONES}, {z: False for z in ZONES} | (reached or {}),
-        working_max, watchdog, timers or {}, dt, window)
+        working_max, watchdog, timers or {}, dt, window, heat)
+    assert len(conds) == len({c.id for c in conds})      # each id once
     return {c.id: c for c in conds}, timers
 
 
@@ -74,7 +75,7 @@ ALL_IDS = {"estop", "plc.watchdog", "plc.window", "io.uncertain", "grid.current"
            *(f"motor.{m}.over_current" for m in ("mixer", "pump", "vibration")),
            *(f"zone.{z}.{k}" for z in ZONES for k in ("sensor", "over_temp", "under_temp",
                                                       "deviation_warning", "deviation_error",
-                                                      "above_working_max"))}
+                                                      "above_working_max", "no_progress"))}
 
 
 def test_healthy_inputs_raise_nothing_and_every_id_is_reported(program, make_inputs):
@@ -93,7 +94,7 @@ def test_trip_flags_follow_the_docstring(program, make_inputs):
     conds, _ = conditions(program, make_inputs())
     trips = {i for i, c in conds.items() if c.trip}
     assert trips == ALL_IDS - {"io.uncertain", "plc.window", *(f"zone.{z}.{k}" for z in ZONES for k in (
-        "deviation_warning", "deviation_error", "above_working_max"))}
+        "deviation_warning", "deviation_error", "above_working_max", "no_progress"))}
 
 
 # --- immediate conditions ---------------------------------------------------------------------
@@ -172,7 +173,7 @@ def test_motor_without_limit_is_not_monitored(program, make_inputs):
     p = replace(program, limits=replace(program.limits, motor_current_a=MappingProxyType(
         {**program.limits.motor_current_a, "vibration": 0.0})))
     conds, _ = conditions(p, make_inputs(current_vibration=bad("gone")))
-    assert "motor.vibration.over_current" not in conds
+    assert "not monitored" in conds["motor.vibration.over_current"].message
     assert active_ids(conds) == set()
 
 
@@ -321,11 +322,212 @@ def test_condition_ids_lists_every_condition_evaluate_raises(program):
     from plc.contract import MOTORS
 
     ids = il.condition_ids(program)
-    assert len(ids) == len(set(ids)) == 1 + 4 * 6 + 3 + 4 + 3
+    assert len(ids) == len(set(ids)) == 1 + 4 * 7 + 3 + 4 + 3
     src = open(il.__file__).read()
     written = set()
     for lit in re.findall(r'Condition\(f?"([^"]+)"', src):
         for z in program.zones:
             for m in MOTORS:
-                written.add(lit.replace("{z.name}", z.name).replace("{m}", m))
+                for cid in ("deviation_warning", "deviation_error"):
+                    written.add(lit.replace("{name}", z.name).replace("{m}", m)
+                                .replace("{cid}", cid))
     assert written == set(ids)
+
+
+# --- messages in both directions, values and limits -------------------------------------------
+
+@pytest.mark.parametrize("cid, on, off, text_on, text_off, limit", [
+    ("zone.pump.over_temp", {"pump": 61.0}, {"pump": 59.0},
+     "Zone pump: over-temperature 61.0 degC > 60 degC",
+     "Zone pump: temperature within 60 degC (59.0 degC)", 60.0),
+    ("zone.pump.under_temp", {"pump": 9.0}, {"pump": 11.0},
+     "Zone pump: under-temperature 9.0 degC < 10 degC",
+     "Zone pump: temperature above 10 degC (11.0 degC)", 10.0),
+])
+def test_temperature_messages_say_what_happened_both_ways(program, make_inputs, cid, on, off,
+                                                          text_on, text_off, limit):
+    c_on = conditions(program, make_inputs(on))[0][cid]
+    c_off = conditions(program, make_inputs(off))[0][cid]
+    assert (c_on.active, c_on.message, c_on.value, c_on.limit) == (True, text_on, *on.values(), limit)
+    assert (c_off.active, c_off.message, c_off.value, c_off.limit) == (False, text_off, *off.values(), limit)
+
+
+def test_deviation_back_to_normal_reads_as_such(program, make_inputs):
+    timers: dict = {}
+    for _ in range(30):
+        conds, timers = conditions(program, make_inputs({**GOALS, "pump": 33.2}), goals=GOALS,
+                                   reached={z: True for z in ZONES}, timers=timers)
+    w = conds["zone.pump.deviation_warning"]
+    assert w.active and w.message == ("Zone pump: deviation 1.7 K > 1.5 K from the set-point "
+                                      "31.5 degC")
+    assert (w.value, w.limit) == (pytest.approx(1.7), 1.5)
+    conds, _ = conditions(program, make_inputs({**GOALS, "pump": 31.6}), goals=GOALS,
+                          reached={z: True for z in ZONES}, timers=timers)
+    w = conds["zone.pump.deviation_warning"]
+    assert not w.active and w.message == "Zone pump: deviation back within 1.5 K (0.1 K)"
+    assert "back within 3 K" in conds["zone.pump.deviation_error"].message
+
+
+@pytest.mark.parametrize("overrides, cid, text_on, text_off", [
+    ({"estop_ok": False}, "estop", "E-stop pressed (chain open)", "E-stop chain closed"),
+    ({"grid_v_l2": 50.0}, "grid.phase_loss", "Phase loss: grid_v_l2 below 99 V",
+     "Every phase present (lowest 230 V)"),
+])
+def test_immediate_messages_both_ways(program, make_inputs, overrides, cid, text_on, text_off):
+    assert conditions(program, make_inputs(**overrides))[0][cid].message == text_on
+    assert conditions(program, make_inputs())[0][cid].message == text_off
+
+
+@pytest.mark.parametrize("overrides, cid, value, limit, text_off", [
+    ({"current_mixer": 4.5}, "motor.mixer.over_current", 4.5, None, "Motor mixer: current within"),
+    ({"current_total": 20.5}, "grid.current", 20.5, 20.0, "Total current within 20 A"),
+    ({"grid_v_l1": 190.0}, "grid.voltage", 190.0, 198.0, "Grid voltage within 198-242 V"),
+    ({"grid_freq": 51.2}, "grid.frequency", 51.2, 51.0, "Grid frequency within 50+-1 Hz"),
+])
+def test_delayed_conditions_carry_value_and_limit_and_say_when_back(program, make_inputs,
+                                                                    overrides, cid, value,
+                                                                    limit, text_off):
+    timers: dict = {}
+    for _ in range(40):
+        conds, timers = conditions(program, make_inputs(**overrides), timers=timers)
+    c = conds[cid]
+    assert c.active and c.value == value
+    assert c.limit == (limit if limit is not None else program.limits.motor_current_a["mixer"])
+    conds, _ = conditions(program, make_inputs(), timers=timers)
+    assert not conds[cid].active and conds[cid].message.startswith(text_off)
+
+
+# --- suppressed by design ---------------------------------------------------------------------
+
+def test_a_faulty_sensor_suppresses_the_zone_temperature_alarms(program, make_inputs):
+    conds, _ = conditions(program, make_inputs({"pump": 75.0}), goals=GOALS,
+                          reached={z: True for z in ZONES}, working_max=34.5,
+                          heat={"pump": 100.0})
+    suppressed = {i for i, c in conds.items() if c.suppressed}
+    assert suppressed == {f"zone.pump.{k}" for k in ("over_temp", "under_temp", "deviation_warning",
+                                                     "deviation_error", "above_working_max",
+                                                     "no_progress")}
+    assert not conds["zone.pump.sensor"].suppressed and conds["zone.pump.sensor"].active
+    assert "sensor is faulty" in conds["zone.pump.over_temp"].message
+
+
+def test_deviation_alarms_are_suppressed_without_a_goal(program, make_inputs):
+    conds, _ = conditions(program, make_inputs())
+    assert all(conds[f"zone.{z}.deviation_{k}"].suppressed for z in ZONES for k in ("warning", "error"))
+    assert "no set-point" in conds["zone.pump.deviation_warning"].message
+    conds, _ = conditions(program, make_inputs(GOALS), goals=GOALS)
+    assert not any(c.suppressed for c in conds.values())
+
+
+def test_bad_grid_inputs_suppress_what_cannot_be_evaluated(program, make_inputs):
+    conds, _ = conditions(program, make_inputs(grid_freq=bad("timeout")))
+    assert conds["grid.voltage"].active and not conds["grid.voltage"].suppressed
+    assert all(conds[f"grid.{k}"].suppressed and not conds[f"grid.{k}"].active
+               for k in ("phase_loss", "frequency", "current"))
+
+
+# --- no progress: heater or element failure ----------------------------------------------------
+
+def watch(program, make_inputs, temp_at, seconds, heat=100.0, dt=1.0, zone="fountain", **kw):
+    """Step evaluate every ``dt`` for ``seconds`` with ``zone`` heated at ``heat`` %; the zone
+    reads ``temp_at(t)``. Returns the first time no_progress is active (None) and the last
+    conditions."""
+    timers: dict = {}
+    goals = {z: 45.0 for z in ZONES}
+    first = None
+    for k in range(1, round(seconds / dt) + 1):
+        conds, timers = conditions(program, make_inputs({zone: temp_at(k * dt)}), goals=goals,
+                                   timers=timers, dt=dt, heat={zone: heat}, **kw)
+        if first is None and conds[f"zone.{zone}.no_progress"].active:
+            first = k * dt
+    return first, conds
+
+
+def test_no_progress_fires_on_a_heater_that_does_not_heat(program, make_inputs):
+    lim = program.limits
+    first, conds = watch(program, make_inputs, lambda t: 25.0 + 0.3 * (t > 60),
+                         lim.no_progress_s + 120)
+    assert first == pytest.approx(lim.no_progress_s, abs=1.0)
+    c = conds["zone.fountain.no_progress"]
+    assert not c.trip and c.priority.name == "HIGH" and not c.suppressed
+    assert c.value == pytest.approx(0.3) and c.limit == lim.no_progress_k
+    assert "heater or element failure" in c.message
+
+
+def test_no_progress_fires_while_heating_before_the_goal_is_reached(program, make_inputs):
+    first, _ = watch(program, make_inputs, lambda t: 30.0, program.limits.no_progress_s + 5,
+                     reached={z: False for z in ZONES})
+    assert first is not None
+
+
+@pytest.mark.parametrize("temp_at, heat", [
+    (lambda t: 25.0 + t / 800.0, 100.0),              # slow but steady
+    (lambda t: 25.0 + (t // 400) * 1.0, 100.0),       # plateaus of 400 s, then 1 K more
+    (lambda t: 25.0, 90.0),                           # not at full output
+])
+def test_no_progress_stays_quiet_while_the_zone_warms_or_is_not_at_full_output(
+        program, make_inputs, temp_at, heat):
+    first, _ = watch(program, make_inputs, temp_at, 2.5 * program.limits.no_progress_s, heat)
+    assert first is None
+
+
+def test_no_progress_clears_when_the_temperature_rises_again(program, make_inputs):
+    lim = program.limits
+    t_fix = lim.no_progress_s + 60
+    first, conds = watch(program, make_inputs,
+                         lambda t: 25.0 if t < t_fix else 25.0 + lim.no_progress_k + 0.2,
+                         t_fix + 10)
+    assert first is not None and not conds["zone.fountain.no_progress"].active
+    assert "heating progresses" in conds["zone.fountain.no_progress"].message
+
+
+# --- no progress on the twin: a normal batch never raises it, a failed heater does ------------
+
+def twin_batch(fail: str | None, until, limit_s: float):
+    """dark-70 from a solid charge on the default twin (virtual time), ``fail``: a heater
+    output that gives no heat. Runs until ``until(controller)`` or ``limit_s``; returns the
+    controller and every event."""
+    from opcua_server.config import load
+    from plc.commands import StartRecipe
+    from plc.program import Program
+    from plc.runtime import Controller, run_virtual
+    from twin import Twin
+    from twin.inprocess import InProcessTwinIo
+
+    cfg, book = load()
+    p = Program.from_config(cfg, book)
+    twin = Twin(cfg.twin, seed=3)
+    if fail:
+        twin.set_heater_failed(fail, True)
+    io = InProcessTwinIo(twin)
+    c = Controller(p)
+    c.submit(StartRecipe("dark-70", user="test"))
+    events: list = []
+    t = 0.0
+    while t < limit_s and not until(c):
+        t = run_virtual(c, io, io.advance, 600, lambda r: events.extend(r.events), start_s=t)
+    return c, events
+
+
+def no_progress_events(events):
+    return [e for e in events if e.kind == "alarm" and str(e.get("alarm_id")).endswith(".no_progress")]
+
+
+def test_no_progress_never_fires_on_a_normal_batch_of_the_twin(program):
+    """Defaults: the longest watch of a normal batch from a solid charge is ~11.5 min (the
+    tank's melt plateau; ~17 min at 199 V, the lowest voltage without a grid alarm), against
+    ``no_progress_s`` 25 min."""
+    c, events = twin_batch(None, lambda c: c.state.pouring_released, 3 * 3600)
+    assert c.state.pouring_released
+    assert no_progress_events(events) == []
+    assert program.limits.no_progress_s == 1500.0 and program.limits.no_progress_k == 1.5
+
+
+def test_no_progress_fires_on_a_failed_fountain_heater_of_the_twin(program):
+    c, events = twin_batch("heater_fountain",
+                           lambda c: c.state.alarms.get("zone.fountain.no_progress", None) is not None
+                           and c.state.alarms["zone.fountain.no_progress"].active, 2 * 3600)
+    (e,) = no_progress_events(events)
+    assert (e.get("alarm_id"), e.get("to")) == ("zone.fountain.no_progress", "unacknowledged_active")
+    assert c.state.phase.value == "heating" and not c.state.trips      # an alarm, not a trip
+    assert "heater or element failure" in e.get("alarm").message
