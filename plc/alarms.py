@@ -5,28 +5,18 @@ commands, into alarm records and the transitions between them. Times are wall-cl
 seconds (``now``), so they survive a restart and become the OPC UA event Time.
 
 States (ANSI/ISA-18.2-2016 §11, the alarm state transition diagram; ``Alarm.state`` derives
-them from the record's flags, in this order of precedence)::
+them from the record's flags, the lower rows taking precedence)::
 
-                 +-------------------------------------------------------------+
-                 |                annunciated (enabled, unshelved, not         |
-                 |                suppressed by design)                        |
-                 |                                                             |
-                 |   NORMAL --active--> UNACK_ACTIVE --ack--> ACK_ACTIVE       |
-                 |     ^  ^                  |                  |              |
-                 |     |  +-------ack------ UNACK_RTN <-clear-- +   (clear of  |
-                 |     |                     |    ^            ACK_ACTIVE:     |
-                 |     +------------clear----+----|------------ NORMAL)        |
-                 |                UNACK_RTN --active--> UNACK_ACTIVE           |
-                 +-------------------------------------------------------------+
-        shelve (timed / one-shot) |  ^ unshelve (operator; "system" at unshelve_at, or when
-                                  v  |   a one-shot shelved alarm clears)
-                               SHELVED
-        process (by design)       |  ^
-        suppression               v  |
-                               SUPPRESSED          e.g. over_temp while its sensor is faulty
-        disable (out of service)  |  ^ enable
-                                  v  |
-                            OUT_OF_SERVICE         takes precedence over everything above
+    annunciated (enabled, unshelved, not suppressed by design):
+        NORMAL     --active--> UNACK_ACTIVE --ack--> ACK_ACTIVE --clear--> NORMAL
+                               UNACK_ACTIVE --clear--> UNACK_RTN --ack--> NORMAL
+                               UNACK_RTN --active--> UNACK_ACTIVE
+    SUPPRESSED     <--suppressed / unsuppressed-->  the condition says it cannot be decided
+                                                    (over_temp while its sensor is faulty)
+    SHELVED        <--shelve (timed, one-shot) / unshelve-->  by an operator; by "system" at
+                                                    ``unshelve_at`` or when a one-shot shelved
+                                                    alarm clears
+    OUT_OF_SERVICE <--disable / enable-->           by an operator
 
 Rules
 - ``Alarm.active`` always follows the process condition, whatever is annunciated: the
@@ -44,7 +34,7 @@ Rules
   ``event_id`` (``id#seq#changed_us``) is unique per change, so a command that names a stale
   event is refused (``BadEventIdUnknown``).
 - ``message`` is set at each reported change and says what happened in both directions
-  ("... over-temperature 61.2 degC > 60 degC", "... back within 60 degC (59.8 degC)");
+  ("... over-temperature 61.2 degC > 60 degC", "... temperature within 60 degC (59.8 degC)");
   ``value`` follows the process while the alarm is active.
 
 Mapping to OPC UA Part 9 (§5.8 AlarmConditionType and §5.5-5.7 Condition / Acknowledgeable):

@@ -450,3 +450,15 @@ def test_accepted_alarm_command_verdict_has_no_code_and_its_event_follows(rig):
 def test_transition_record_equality_is_by_value():
     a = Alarm(ID)
     assert AlarmTransition(ID, "active", 1.0, N, UA, a) == AlarmTransition(ID, "active", 1.0, N, UA, a)
+
+
+def test_historian_writes_the_scalar_keys_of_alarm_events_never_the_record(program, make_inputs):
+    from historian.schema import Sampler
+    c = Controller(program)
+    img = make_inputs(temp_pump=61.0)
+    r = c.cycle(img, T0, wall_s=T0)
+    lines = Sampler("m").lines(c.snapshot(r, img, T0))
+    (alarm,) = [x for x in lines if x.startswith("alarm,") and "zone.pump.over_temp" in x]
+    assert 'transition="active"' in alarm and "value=61.0" in alarm
+    assert 'state="unacknowledged_active"' in alarm and "Alarm(" not in alarm
+    assert any(x.startswith("event,") and "kind=alarm_system" in x for x in lines)
