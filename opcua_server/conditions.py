@@ -49,12 +49,13 @@ from plc.commands import Acknowledge, AddComment, Confirm, SetAlarmEnabled, Shel
 
 from .gate import Refused
 from .model import ROOT, TYPE_IDS, MachineNodes, condition_source, condition_type
+from .notifiers import SERVER as _SERVER
+from .notifiers import new_event, notify
 
 log = logging.getLogger(__name__)
 
 SC = ua.StatusCodes
 O = ua.ObjectIds
-_SERVER = ua.NodeId(O.Server)
 _HAS_CONDITION = ua.NodeId(O.HasCondition)
 _HAS_NOTIFIER = ua.NodeId(O.HasNotifier)
 
@@ -461,6 +462,11 @@ class ConditionServer:
         stamp = ev.Time
         for path, nid in c.variables.items():
             if path not in ev.data_types:
+                if nid not in c.written:       # no such fact yet (a last transition before any):
+                    c.written[nid] = None      # null, Good — never left waiting for data
+                    dv = ua.DataValue(SourceTimestamp=stamp, ServerTimestamp=stamp)
+                    dv.Value = None            # no Variant: asyncua's type check lets it pass
+                    await self.server.write_attribute_value(nid, dv)
                 continue
             value = getattr(ev, path)
             if path != "EventId" and c.written.get(nid, _MISSING) == value:
@@ -471,28 +477,17 @@ class ConditionServer:
 
     async def _deliver(self, ev: Event, notifiers: Iterable[ua.NodeId]) -> None:
         """Send one event to the monitored items of each notifier (the same EventId)."""
-        svc = self.server.iserver.subscription_service
-        for n in notifiers:
-            ev.emitting_node = n
-            for sub in list(svc.subscriptions.values()):
-                await sub.monitored_item_srv.trigger_event(ev)
+        await notify(self.server, ev, tuple(notifiers), stamp=False)
         self.events_sent += 1
 
     async def system_event(self, message: str, severity: int = 500) -> None:
         """An event about the alarm system itself (the PLC started or was lost), on the machine
         and the Server object (SystemEventType, Part 5 §6.4.28)."""
-        ev = Event(self.nodes.machine.nodeid)
-        put = ev.add_property
-        now = datetime.now(timezone.utc)
-        put("EventId", uuid.uuid4().bytes, _V.ByteString)
-        put("EventType", ua.NodeId(O.SystemEventType), _V.NodeId)
-        put("SourceNode", self.nodes.machine.nodeid, _V.NodeId)
-        put("SourceName", ROOT, _V.String)
-        put("Time", now, _V.DateTime)
-        put("ReceiveTime", now, _V.DateTime)
-        put("Message", ua.LocalizedText(message, "en"), _V.LocalizedText)
-        put("Severity", int(severity), _V.UInt16)
-        await self._deliver(ev, (self.nodes.machine.nodeid, _SERVER))
+        machine = self.nodes.machine.nodeid
+        ev = new_event(O.SystemEventType, machine, ROOT)
+        ev.Message = ua.LocalizedText(message, "en")
+        ev.Severity = int(severity)
+        await notify(self.server, ev, (machine, _SERVER))
 
     # -- event history (Part 11 ReadEventDetails) ------------------------------------------------
 

@@ -85,7 +85,8 @@ def _stamp(event: Any, when: datetime | None) -> None:
 
 
 async def notify(server: Any, event: Any, notifiers: Sequence[ua.NodeId], *,
-                 audience: Callable[[Any], bool] | None = None, when: datetime | None = None) -> bytes:
+                 audience: Callable[[Any], bool] | None = None, when: datetime | None = None,
+                 stamp: bool = True) -> bytes:
     """Trigger ``event`` (an asyncua Event, or an EventGenerator: its ``event``) on each of
     ``notifiers`` in order, with one EventId; return that EventId.
 
@@ -94,11 +95,13 @@ async def notify(server: Any, event: Any, notifiers: Sequence[ua.NodeId], *,
     ``security.TemperingUser``) may receive it; None: every subscription. Each notifier must
     be an Object with EventNotifier SubscribeToEvents (the Server object is; the machine
     object is made one by ``model.build_machine``). The event's ``emitting_node`` is left at
-    the last notifier."""
+    the last notifier. ``stamp`` False: the event keeps the EventId and times it has (a
+    condition's event, whose EventId its methods refer to)."""
     event = getattr(event, "event", event)
     iserver = getattr(server, "iserver", server)
     subscriptions = iserver.subscription_service
-    _stamp(event, when)
+    if stamp:
+        _stamp(event, when)
     if audience is None:
         for nodeid in notifiers:
             event.emitting_node = nodeid

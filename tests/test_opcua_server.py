@@ -191,7 +191,7 @@ async def test_recipes_edited_over_opcua_survive_a_restart(opcua_pki):
             assert await pour.read_value() == 29.5
 
 
-async def test_alarm_state_and_event_on_a_sensor_fault(opcua_pki):
+async def test_alarm_condition_and_event_on_a_sensor_fault(opcua_pki):
     async with Machine(opcua_pki) as m:
         events = []
 
@@ -201,18 +201,21 @@ async def test_alarm_state_and_event_on_a_sensor_fault(opcua_pki):
 
         async with await opcua_pki.client("operator") as op:
             sub = await op.create_subscription(100, Handler())
-            await sub.subscribe_events(client_node(op, m.nodes.machine), m.nodes.alarm_event_type)
+            await sub.subscribe_events(client_node(op, m.nodes.machine), ua.ObjectIds.OffNormalAlarmType)
             m.twin.set_sensor_fault("pump", "open")
-            state = client_node(op, m.nodes.alarms["zone.pump.sensor"]["State"])
-            await until(lambda: state.read_value(), 5.0)          # 1 = unacknowledged active
+            cond = m.nodes.conditions["zone.pump.sensor"].nodeid
+            active = op.get_node(ua.NodeId(f"{cond.Identifier}.ActiveState.Id", cond.NamespaceIndex))
+            await until(lambda: active.read_value(), 5.0)
             temp = await client_node(op, m.nodes.zones["pump"]["Temperature"]).read_data_value(raise_on_bad_status=False)
             assert temp.StatusCode.is_bad()
             count = client_node(op, m.nodes.alarms_summary["ActiveCount"])
-            assert await count.read_value() >= 1
-            await until(lambda: any("zone.pump.sensor" in str(getattr(e, "Message", "")) for e in events))
-            e = next(e for e in events if "zone.pump.sensor" in str(getattr(e, "Message", "")))
+            await until(lambda: count.read_value(), 5.0)
+            await until(lambda: any(getattr(e, "SourceName", "") == "Pump" and "sensor" in e.Message.Text
+                                    for e in events))
+            e = next(e for e in events if "sensor" in e.Message.Text)
             prio = int(m.controller.state.alarms["zone.pump.sensor"].priority)
-            assert e.Severity == e.Priority == prio and e.AlarmId == "zone.pump.sensor" and e.State == 1
+            assert e.Severity == prio
+            assert e.EventType == ua.NodeId(1015, m.nodes.types_namespace_index)   # MachineOffNormalAlarmType
 
 
 async def test_history_read_of_zone_temperatures_from_the_local_store(opcua_pki, tmp_path):
