@@ -53,6 +53,7 @@ bench: $(STAMP)
 	$(PY) -m bench.historian
 	$(PY) -m bench.opcua
 	$(PY) -m bench.isolation
+	$(PY) -m bench.alarms
 
 clean:
 	rm -rf $(VENV) var
