@@ -10,7 +10,8 @@ What runs, on loopback, three processes as ``tempering run`` has them:
   socket (``plc.bridge.WindowPort``), its scans logged as ``tempering plc --scan-log`` does
   (``tempering.plc_process.ScanLog``). Its plant is a scripted input image (``FloodIo``): a
   healthy machine at 40 degC, or, while flooding, every condition the inputs can raise toggled
-  once per ``--cycle-s`` (1 s), staggered over the scans of the cycle: each zone's temperature
+  once per ``--cycle-s`` (1 s; at least 7 scans, so that every step lasts a scan or more),
+  staggered over the scans of the cycle: each zone's temperature
   goes over its limit, back, under its limit, back, to a bad sensor, back; the e-stop chain
   opens; each motor's current goes over its limit; phase L1 is lost (phase loss and voltage),
   the frequency and then the total current leave their limits; the pedal's input turns
@@ -71,6 +72,7 @@ import contextlib
 import gc
 import json
 import logging
+import math
 import os
 import secrets
 import sys
@@ -154,6 +156,12 @@ class FloodIo:
                            (0.55, HEALTHY_TEMP_C), (0.7, bad), (0.85, HEALTHY_TEMP_C))
         self.offsets = {name: i / (len(self.items) + len(ZONES))
                         for i, name in enumerate([*(n for n, *_ in self.items), *ZONES])}
+
+    def min_cycle_scans(self) -> int:
+        """The shortest cycle, in scans, in which every flooded step lasts a scan or more."""
+        starts = [start for start, _ in self.zone_steps] + [1.0]
+        shortest = min([b - a for *_, a, b in self.items] + [b - a for a, b in zip(starts, starts[1:])])
+        return math.ceil(round(1.0 / shortest, 6))
 
     def _phase(self, name: str) -> float:
         return ((self.k / self.cycle) + self.offsets[name]) % 1.0
@@ -442,7 +450,7 @@ async def run(cfg, book, tmp: Path, *, seconds: float, clients: int, cycle_s: fl
     scan_log = tmp / "scans.bin"
     (tmp / "plc.json").write_text(json.dumps({"socket": str(tmp / "plc.sock"), "scan_log": str(scan_log),
                                               "priority": priority,
-                                              "cycle_scans": max(2, round(cycle_s / PERIOD_S))}))
+                                              "cycle_scans": round(cycle_s / PERIOD_S)}))
     plc_proc = await Worker.start("--plc-worker", tmp / "plc.json", tmp / "plc.log")
     clients_proc: Worker | None = None
     server = None
@@ -560,7 +568,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=60.0, help="the flood (default 60 s)")
     ap.add_argument("--clients", type=int, default=10, help="subscribed clients (default 10)")
     ap.add_argument("--cycle-s", type=float, default=1.0,
-                    help="each flooded condition goes active and clears once per cycle (default 1 s)")
+                    help="each flooded condition goes active and clears once per cycle (default 1 s, "
+                         "at least 0.7 s: 7 scans)")
     ap.add_argument("--idle-s", type=float, default=10.0,
                     help="idle before and after the flood, together (default 10 s)")
     ap.add_argument("--priority", choices=("auto", "realtime", "nice", "none"), default="auto",
@@ -575,6 +584,10 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(worker(json.loads(Path(flag).read_text())))
             return 0
     cfg, book = load()
+    shortest = FloodIo(flood_program(cfg, book), 1).min_cycle_scans()
+    if round(args.cycle_s / PERIOD_S) < shortest:
+        ap.error(f"--cycle-s: at least {shortest * PERIOD_S:g} s (every step of the flood lasts a scan "
+                 f"or more), got {args.cycle_s:g}")
     with tempfile.TemporaryDirectory(prefix="bench-alarms-") as tmp:
         r = asyncio.run(run(cfg, book, Path(tmp), seconds=args.seconds, clients=args.clients,
                             cycle_s=args.cycle_s, idle_s=args.idle_s, priority=args.priority))
