@@ -51,6 +51,7 @@ from .gate import Refused
 from .model import ROOT, TYPE_IDS, MachineNodes, condition_source, condition_type
 from .notifiers import SERVER as _SERVER
 from .notifiers import new_event, notify
+from .security import current_session_id
 
 log = logging.getLogger(__name__)
 
@@ -562,8 +563,9 @@ class ConditionServer:
         sid = subscription_id.Value if isinstance(subscription_id, ua.Variant) else subscription_id
         mid = monitored_item_id.Value if isinstance(monitored_item_id, ua.Variant) else monitored_item_id
         sub = self.server.iserver.subscription_service.subscriptions.get(sid)
-        if sub is None:
-            return ua.StatusCode(SC.BadSubscriptionIdInvalid)
+        caller = current_session_id()
+        if sub is None or (caller is not None and sub.session_id != caller):
+            return ua.StatusCode(SC.BadSubscriptionIdInvalid)      # not a subscription of the caller
         mis = sub.monitored_item_srv
         items = [(node, m) for node, mids in list(mis._monitored_events.items()) for m in mids]
         if mid is not None:

@@ -93,7 +93,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["ROLES", "AUDIT_ROLE", "sees_audit", "role_allows", "Pki", "CertificateEntry", "PkiError",
            "NoSuchCertificate", "AmbiguousCertificate", "BadCertificateFile", "TemperingUser",
-           "TemperingUserManager", "LoginAttempt", "TemperingRuleset", "current_user", "configure_security",
+           "TemperingUserManager", "LoginAttempt", "TemperingRuleset", "current_user", "current_session_id", "configure_security",
            "thumbprint"]
 
 
@@ -783,6 +783,30 @@ _CREATE_SESSION = ua.NodeId(ua.ObjectIds.CreateSessionRequest_Encoding_DefaultBi
 _ACTIVATE_SESSION = ua.NodeId(ua.ObjectIds.ActivateSessionRequest_Encoding_DefaultBinary)
 
 
+def _one_session_per_channel(processor: Any, typeid: ua.NodeId, requesthdr: Any) -> None:
+    """asyncua 2.1 keeps one session per secure channel and runs every request as that
+    session's user, whatever AuthenticationToken the request carries: a second CreateSession on
+    a channel would replace the first, and a request of the first would run (and be audited) as
+    the second's user. So: a second session on a live channel is refused (BadTooManySessions;
+    a client opens one channel per session), and a request whose token is not the channel's
+    session's is refused (BadSessionIdInvalid, Part 4 §7.32)."""
+    session = processor.session
+    if session is None or getattr(processor, "_closing", False):
+        return
+    if typeid == _CREATE_SESSION:
+        raise ServiceError(ua.StatusCodes.BadTooManySessions)
+    token = getattr(requesthdr, "AuthenticationToken", None)
+    if typeid not in _DISCOVERY and token is not None and token != session.auth_token:
+        raise ServiceError(ua.StatusCodes.BadSessionIdInvalid)
+
+
+_DISCOVERY = frozenset(ua.NodeId(i) for i in (
+    ua.ObjectIds.GetEndpointsRequest_Encoding_DefaultBinary,
+    ua.ObjectIds.FindServersRequest_Encoding_DefaultBinary,
+    ua.ObjectIds.FindServersOnNetworkRequest_Encoding_DefaultBinary,
+    ua.ObjectIds.CloseSecureChannelRequest_Encoding_DefaultBinary))
+
+
 def _install_session_hooks() -> None:
     """Wrap asyncua 2.1's ``UaProcessor._process_message`` (once per process) so that a
     server whose InternalServer has a ``tempering_logins`` (a TemperingUserManager) runs
@@ -793,6 +817,9 @@ def _install_session_hooks() -> None:
 
     async def _process_message(self, typeid, requesthdr, seqhdr, body):
         logins = getattr(self.iserver, "tempering_logins", None)
+        if logins is not None:
+            _one_session_per_channel(self, typeid, requesthdr)
+        _current_session.set(self.session)
         if logins is None or typeid not in (_CREATE_SESSION, _ACTIVATE_SESSION):
             return await original(self, typeid, requesthdr, seqhdr, body)
         mine = body.copy()                  # asyncua reads ``body``; we read our own copy
@@ -809,6 +836,15 @@ def _install_session_hooks() -> None:
 
 _current_user: contextvars.ContextVar[TemperingUser | None] = contextvars.ContextVar(
     "tempering_opcua_user", default=None)
+
+
+_current_session: contextvars.ContextVar[Any] = contextvars.ContextVar("tempering_opcua_session", default=None)
+
+
+def current_session_id() -> ua.NodeId | None:
+    """The SessionId of the request being handled (as ``current_user``); None outside one."""
+    session = _current_session.get()
+    return getattr(session, "session_id", None)
 
 
 def current_user() -> TemperingUser | None:

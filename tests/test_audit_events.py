@@ -151,3 +151,34 @@ async def test_a_session_refused_for_its_certificate_is_an_audit_event(secured_s
         assert event.StatusCodeId.value == ua.StatusCodes.BadCertificateUntrusted
         assert "refused: BadCertificateUntrusted" in event.Message.Text
         assert event.ClientCertificateThumbprint and event.ClientApplicationUri == opcua_pki.client_uri
+
+
+async def test_one_session_per_secure_channel_and_requests_only_with_its_token(opcua_pki):
+    """asyncua keeps one session per secure channel: a second CreateSession on a live channel
+    is refused (it would replace the first, whose requests would then run as the second's
+    user), and a request carrying another session's token is refused."""
+    from asyncua import ua
+
+    from machines import InProcessMachine
+
+    async with InProcessMachine(opcua_pki) as m:
+        async with await opcua_pki.client("viewer") as viewer:
+            phase = viewer.get_node(m.nodes.sequencer["Phase"].nodeid)
+            await phase.read_value()
+            try:
+                await viewer.create_session()
+            except ua.UaStatusCodeError as e:
+                refused = type(e).__name__
+            else:
+                refused = "Good"
+            assert refused == "BadTooManySessions"
+            await phase.read_value()                          # the first session goes on
+            protocol = viewer.uaclient.protocol
+            token, protocol.authentication_token = protocol.authentication_token, ua.NodeId(424242)
+            try:
+                await phase.read_value()
+            except ua.UaStatusCodeError as e:
+                refused = type(e).__name__
+            finally:
+                protocol.authentication_token = token
+            assert refused == "BadSessionIdInvalid"

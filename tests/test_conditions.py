@@ -255,3 +255,20 @@ async def test_the_alarm_journal_as_event_history_of_the_machine(opcua_pki):
 async def _three(history):
     events = await history
     return events if sum(1 for e in events if e.ConditionName == "zone.tank_wall.over_temp") >= 3 else None
+
+
+async def test_condition_refresh_only_for_the_callers_own_subscription(opcua_pki):
+    async with InProcessMachine(opcua_pki) as m:
+        async with await opcua_pki.client("operator") as op, await opcua_pki.client("viewer") as viewer:
+            mine = Collector()
+            sub = await subscribe(op, SERVER, mine)
+            try:
+                await refresh(viewer, sub)                    # someone else's subscription
+            except ua.UaStatusCodeError as e:
+                refused = type(e).__name__
+            else:
+                refused = "Good"
+            assert refused == "BadSubscriptionIdInvalid"
+            await refresh(op, sub)
+            await until(lambda: any(e.get("EventType") == ua.NodeId(O.RefreshEndEventType) for e in mine.events))
+            del m
