@@ -16,13 +16,14 @@ What runs, on loopback, three processes as ``tempering run`` has them:
   opens; each motor's current goes over its limit; phase L1 is lost (phase loss and voltage),
   the frequency and then the total current leave their limits; the pedal's input turns
   uncertain; and the window status the scan is given says the window is lost (the
-  ``plc.window`` alarm). In this version that raises 22 of the machine's 39 conditions
-  (``conditions_active``); a bad sensor also suppresses by design its zone's over_temp,
-  under_temp and no_progress (``conditions_changing``: every condition with a reported change).
-  The others cannot follow an input image: deviation_warning, deviation_error,
-  above_working_max and no_progress of each zone need a batch running (at its goal, tempered,
-  heating for ``no_progress_s``), which any trip of the flood ends; plc.watchdog is the
-  runtime's own verdict on its scans. The machine's ``alarm_delay_s`` is 0 for the flood (the
+  ``plc.window`` alarm). That raises 22 of the machine's 39 conditions. The others cannot
+  follow an input image: deviation_warning, deviation_error, above_working_max and no_progress
+  of each zone need a batch running (at its goal, tempered, heating for ``no_progress_s``),
+  which any trip of the flood ends; plc.watchdog is the runtime's own verdict on its scans.
+  Those 17 are scripted in the PLC process: its ``plc.interlocks.evaluate`` is wrapped
+  (``FloodIo.evaluate``) so that each is active half of its own cycle, and the scan's alarm
+  lifecycle, the bridge and the window take them as any other. Every condition toggles
+  (``conditions_active``, ``conditions_changing``: every condition with a reported change). The machine's ``alarm_delay_s`` is 0 for the flood (the
   on-delay would hide the delayed grid and motor conditions at this cycle).
 - the plant window (this process): the real TemperingServer (SignAndEncrypt Basic256Sha256,
   users and passwords) on the PLC's snapshots over the bridge (``plc.bridge.PlcClient``), its
@@ -92,6 +93,7 @@ from opcua_server.server import TemperingServer
 from plc.bridge import PlcClient, WindowPort
 from plc.contract import INPUT_SPECS, MOTORS, ZONES
 from plc.image import Point, ProcessImage, Quality
+from plc import interlocks
 from plc.interlocks import condition_ids
 from plc.program import Program
 from plc.runtime import Controller, MonotonicClock, Runtime, WatchdogSettings
@@ -114,6 +116,7 @@ STEP_LIMIT_S = 120.0
 HEALTHY_TEMP_C = 40.0
 OVER_TEMP_C = 66.0               # above every zone's limit (abs_max_heat 65), below the sensor's 70
 UNDER_TEMP_C = 2.0               # below abs_min_heat 5, above the sensor's -20
+SCRIPTED_ZONE_CONDITIONS = (".deviation_warning", ".deviation_error", ".above_working_max", ".no_progress")
 FIELDS = ("EventId", "EventType", "Time", "ConditionName", "Retain", "ActiveState/Id",
           "AckedState/Id", "")   # "": the ConditionId
 
@@ -154,8 +157,12 @@ class FloodIo:
                        ("window", "bench: plant window lost (scripted)", 0.0, 0.5)]
         self.zone_steps = ((0.0, OVER_TEMP_C), (0.2, HEALTHY_TEMP_C), (0.35, UNDER_TEMP_C),
                            (0.55, HEALTHY_TEMP_C), (0.7, bad), (0.85, HEALTHY_TEMP_C))
-        self.offsets = {name: i / (len(self.items) + len(ZONES))
-                        for i, name in enumerate([*(n for n, *_ in self.items), *ZONES])}
+        # the conditions no input image can raise (see the module docstring): scripted, active
+        # in the first half of their cycle
+        self.scripted = [cid for cid in condition_ids(program) if cid == "plc.watchdog"
+                         or cid.endswith(SCRIPTED_ZONE_CONDITIONS)]
+        names = [*(n for n, *_ in self.items), *ZONES, *self.scripted]
+        self.offsets = {name: i / len(names) for i, name in enumerate(names)}
 
     def min_cycle_scans(self) -> int:
         """The shortest cycle, in scans, in which every flooded step lasts a scan or more."""
@@ -175,6 +182,24 @@ class FloodIo:
             f = self._phase(z)
             values[f"temp_{z}"] = [v for start, v in self.zone_steps if start <= f][-1]
         return values
+
+    def scripted_conditions(self) -> dict[str, bool]:
+        """This scan's state of each scripted condition (read after ``read_inputs``)."""
+        if not self.flooding:
+            return {}
+        k = self.k - 1
+        return {cid: ((k / self.cycle) + self.offsets[cid]) % 1.0 < 0.5 for cid in self.scripted}
+
+    def evaluate(self, real):
+        """``plc.interlocks.evaluate`` with the scripted conditions put in: the scan, the alarm
+        lifecycle, the bridge and the window downstream are the real ones."""
+        def evaluate(*args, **kw):
+            conditions, timers = real(*args, **kw)
+            forced = self.scripted_conditions()
+            return [replace(c, active=forced[c.id], suppressed=False,
+                            message=f"{c.id}: {'scripted by the flood' if forced[c.id] else 'back to normal'}")
+                    if c.id in forced else c for c in conditions], timers
+        return evaluate
 
     def start(self) -> None:
         self.flooding, self.k = True, 0
@@ -222,6 +247,7 @@ async def plc_worker(spec: dict) -> None:
     program = flood_program(cfg, book)
     controller = Controller(program)
     io = FloodIo(program, spec["cycle_scans"])
+    interlocks.evaluate = io.evaluate(interlocks.evaluate)      # this process only: the flood's
     port = WindowPort(spec["socket"], controller.submit, on_recipes=controller.set_recipes,
                       info={"pid": os.getpid(), "scheduling": scheduling, "period_s": PERIOD_S,
                             "machine": cfg.machine.id, "plant": "bench.alarms flood"})
