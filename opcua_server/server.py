@@ -42,6 +42,15 @@ SC = ua.StatusCodes
 RECIPE_ID_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-")
 
 
+# an alarm command's Part 9 audit event type (§5.10), instead of AuditUpdateMethodEventType
+_CONDITION_AUDIT = {"Acknowledge": ua.ObjectIds.AuditConditionAcknowledgeEventType,
+                    "Confirm": ua.ObjectIds.AuditConditionConfirmEventType,
+                    "AddComment": ua.ObjectIds.AuditConditionCommentEventType,
+                    "SetAlarmEnabled": ua.ObjectIds.AuditConditionEnableEventType,
+                    "Shelve": ua.ObjectIds.AuditConditionShelvingEventType,
+                    "Unshelve": ua.ObjectIds.AuditConditionShelvingEventType}
+
+
 class TemperingServer:
     def __init__(self, cfg, plc, records, *, program, pki=None, app_uri: str | None = None,
                  history: Callable[[], Any] = lambda: None,
@@ -159,7 +168,8 @@ class TemperingServer:
     async def _announce(self, action: str, user: str, target: str, result: str, cmd) -> None:
         """What became of a command or call, for the clients: an AuditUpdateMethodEventType
         (calls and commands) or AuditWriteUpdateEventType (writes) event (OPC UA Part 5 §6.4.27,
-        §6.4.25) about the machine object, on the Server object and on the machine object
+        §6.4.25; for an alarm's method the Part 9 AuditCondition*EventType about the condition,
+        §5.10) about the machine object, on the Server object and on the machine object
         (``notifiers.notify``: one EventId), to admins and to the sessions of the user who acted
         (``security.sees_audit``). Message: the target, the user and the result with the scan's
         reason ("StartRecipe by op: BadInvalidState: a batch is heating; ..."); Status: accepted
@@ -174,10 +184,21 @@ class TemperingServer:
             ev = new_event(ua.ObjectIds.AuditWriteUpdateEventType, machine, target)
             ev.AttributeId = int(ua.AttributeIds.Value)
         else:
-            ev = new_event(ua.ObjectIds.AuditUpdateMethodEventType, machine, target)
+            condition = self.nodes.conditions.get(getattr(cmd, "alarm_id", None) or "")
+            etype = _CONDITION_AUDIT.get(type(cmd).__name__) if condition is not None else None
+            ev = new_event(etype or ua.ObjectIds.AuditUpdateMethodEventType,
+                           condition.nodeid if etype else machine, target)
             method = self.nodes.methods.get(target)
             ev.MethodId = method.nodeid if method is not None else None
             ev.StatusCodeId = ua.StatusCode(getattr(SC, result.split(":")[0], SC.BadUnexpectedError))
+            if etype is not None:           # Part 9 §5.10: the condition's own audit events
+                if hasattr(ev, "ConditionEventId"):
+                    ev.ConditionEventId = cmd.event_id
+                if hasattr(ev, "Comment"):
+                    ev.Comment = ua.LocalizedText(getattr(cmd, "comment", ""), "en")
+                if hasattr(ev, "ShelvingTime"):
+                    duration = getattr(cmd, "duration_s", None)
+                    ev.ShelvingTime = None if duration is None else duration * 1000.0
         ev.Message = ua.LocalizedText(f"{target} by {user}: {'accepted' if ok else result}")
         ev.Severity = 100 if ok else 500
         ev.Status = ok

@@ -272,3 +272,27 @@ async def test_condition_refresh_only_for_the_callers_own_subscription(opcua_pki
             await refresh(op, sub)
             await until(lambda: any(e.get("EventType") == ua.NodeId(O.RefreshEndEventType) for e in mine.events))
             del m
+
+
+async def test_an_acknowledge_is_audited_as_a_part9_audit_event_with_its_comment(opcua_pki):
+    async with InProcessMachine(opcua_pki) as m:
+        async with await opcua_pki.client("admin") as admin, await opcua_pki.client("operator") as op:
+            audits = []
+
+            class Handler:
+                def event_notification(self, event):
+                    audits.append(event)
+
+            sub = await admin.create_subscription(50, Handler())
+            await sub.subscribe_events(admin.nodes.server, O.AuditConditionAcknowledgeEventType)
+            m.twin.set_temperature("fountain", 63.0)
+            await until(lambda: m.controller.state.alarms["zone.fountain.over_temp"].active)
+            a = m.controller.state.alarms["zone.fountain.over_temp"]
+            await op.get_node(condition_node(m, "zone.fountain.over_temp")).call_method(
+                ua.NodeId(O.AcknowledgeableConditionType_Acknowledge),
+                ua.Variant(a.event_id, ua.VariantType.ByteString), ua.LocalizedText("checked the charge"))
+            e = (await until(lambda: audits))[0]
+            assert e.EventType == ua.NodeId(O.AuditConditionAcknowledgeEventType)
+            assert e.SourceNode == condition_node(m, "zone.fountain.over_temp")
+            assert e.Comment.Text == "checked the charge" and e.ConditionEventId == a.event_id
+            assert e.ClientUserId == "operator" and e.Status is True
