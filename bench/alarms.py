@@ -75,7 +75,6 @@ import json
 import logging
 import math
 import os
-import secrets
 import sys
 import tempfile
 import time
@@ -88,7 +87,6 @@ from asyncua import ua
 
 from opcua_server.config import load
 from opcua_server.records import Records
-from opcua_server.security import Pki
 from opcua_server.server import TemperingServer
 from plc.bridge import PlcClient, WindowPort
 from plc.contract import INPUT_SPECS, MOTORS, ZONES
@@ -101,7 +99,7 @@ from tempering.plc_process import ScanLog, die_with_parent, raise_priority, read
 from tempering.window_process import JOURNAL_EVERY_S, _journal
 
 from .common import emit, fmt
-from .opcua import USER, _free_port, _pct, client_certificate, secure_client
+from .opcua import USER, _pct, secure_client, secure_machine
 
 O = ua.ObjectIds
 PERIOD_S = 0.1
@@ -461,17 +459,8 @@ def journal_capacity(events: list, batch: int, machine: str, min_s: float = JOUR
 
 async def run(cfg, book, tmp: Path, *, seconds: float, clients: int, cycle_s: float, idle_s: float,
               priority: str) -> dict:
-    settings = cfg.opcua.model_copy(update={"endpoint": f"opc.tcp://127.0.0.1:{_free_port()}",
-                                            "data_dir": str(tmp / "opcua")})
-    cfg = cfg.model_copy(update={"opcua": settings})
-    password = secrets.token_urlsafe(12)
-    Path(settings.data_dir).mkdir(parents=True)
-    records = Records(settings.records_url)
-    records.seed_recipes(book)
-    records.add_user(USER, password, "viewer")
-    pki = Pki(settings.pki_dir)
-    cert, key = client_certificate(tmp / "client-pki")
-    pki.trust(cert)
+    cfg, password, records, pki, cert, key = secure_machine(cfg, book, tmp)
+    settings = cfg.opcua
     program = flood_program(cfg, book)
     scan_log = tmp / "scans.bin"
     (tmp / "plc.json").write_text(json.dumps({"socket": str(tmp / "plc.sock"), "scan_log": str(scan_log),

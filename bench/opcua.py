@@ -329,7 +329,10 @@ def _data_variable_ids(server: Server, ns: int) -> list[str]:
     return sorted(out)
 
 
-async def load_run(cfg, book, tmp: Path, clients: int, seconds: float) -> dict:
+def secure_machine(cfg, book, tmp: Path):
+    """The machine's config on a free loopback endpoint with its data in ``tmp``, records with
+    the recipes and a viewer ``USER`` with a random password, and a client certificate the
+    server trusts: (cfg, password, records, pki, client cert, client key)."""
     settings = cfg.opcua.model_copy(update={"endpoint": f"opc.tcp://127.0.0.1:{_free_port()}",
                                             "data_dir": str(tmp / "opcua")})
     cfg = cfg.model_copy(update={"opcua": settings})
@@ -341,6 +344,12 @@ async def load_run(cfg, book, tmp: Path, clients: int, seconds: float) -> dict:
     pki = Pki(settings.pki_dir)
     cert, key = client_certificate(tmp / "client-pki")
     pki.trust(cert)
+    return cfg, password, records, pki, cert, key
+
+
+async def load_run(cfg, book, tmp: Path, clients: int, seconds: float) -> dict:
+    cfg, password, records, pki, cert, key = secure_machine(cfg, book, tmp)
+    settings = cfg.opcua
 
     program = Program.from_config(cfg, book, period_s=PERIOD_S)
     controller = Controller(program)

@@ -367,6 +367,22 @@ def postgresql_url(postgresql_server: PostgresServer) -> str:
     return postgresql_server.url(postgresql_server.create_database())
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def records(request, tmp_path):
+    """The same tests against SQLite in tmp_path and a real PostgreSQL."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'records' / 'tempering.db'}"
+    else:
+        url = request.getfixturevalue("postgresql_url")
+    from opcua_server.records import Records
+
+    r = Records(url)
+    try:
+        yield r
+    finally:
+        r.close()
+
+
 # -- a secured OPC UA server on loopback -------------------------------------------------------
 #
 # - ``opcua_pki``: everything a secured server and its clients need, in tmp_path: ``.settings``

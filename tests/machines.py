@@ -80,3 +80,18 @@ class InProcessMachine:
     def server_certificate(self) -> str:
         """The server's own certificate (made or remade at start) for the client to trust."""
         return str(self.pki.pki.cert_path)
+
+
+async def until(predicate, timeout_s: float = 8.0):
+    """Poll ``predicate`` (a function, its result awaited if it is a coroutine) every 50 ms
+    until it is truthy; return that value. AssertionError after ``timeout_s``."""
+    t0 = time.monotonic()
+    while True:
+        v = predicate()
+        if asyncio.iscoroutine(v):
+            v = await v
+        if v:
+            return v
+        if time.monotonic() - t0 > timeout_s:
+            raise AssertionError(f"not within {timeout_s:g} s")
+        await asyncio.sleep(0.05)

@@ -5,27 +5,11 @@ scan's verdict on the zone) whatever its sensor does."""
 
 from __future__ import annotations
 
-import asyncio
-import time
-
 from asyncua import ua
 
-from machines import InProcessMachine
+from machines import InProcessMachine, until
 
 WAITING = ua.StatusCodes.BadWaitingForInitialData
-
-
-async def until(predicate, timeout_s=5.0):
-    t0 = time.monotonic()
-    while True:
-        v = predicate()
-        if asyncio.iscoroutine(v):
-            v = await v
-        if v:
-            return
-        if time.monotonic() - t0 > timeout_s:
-            raise AssertionError("not within the time")
-        await asyncio.sleep(0.05)
 
 
 async def variables_below(root):

@@ -71,20 +71,6 @@ def restart_event(t: float) -> Event:
                  (("transition", "restart"), ("restored", 12), ("unacknowledged", 1)))
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def records(request, tmp_path):
-    """The same tests against SQLite in tmp_path and a real PostgreSQL."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'records' / 'tempering.db'}"
-    else:
-        url = request.getfixturevalue("postgresql_url")
-    r = Records(url)
-    try:
-        yield r
-    finally:
-        r.close()
-
-
 @pytest.fixture
 def sqlite_records(tmp_path):
     r = Records(f"sqlite:///{tmp_path / 'tempering.db'}")

@@ -60,20 +60,6 @@ def book():
     return load_all(MACHINE_FILE)[1]
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def records(request, tmp_path):
-    """The same tests against SQLite in tmp_path and a real PostgreSQL."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'records' / 'tempering.db'}"
-    else:
-        url = request.getfixturevalue("postgresql_url")
-    r = Records(url)
-    try:
-        yield r
-    finally:
-        r.close()
-
-
 # --------------------------------------------------------------------------- records: users
 
 

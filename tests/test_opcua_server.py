@@ -10,7 +10,7 @@ import time
 import pytest
 from asyncua import ua
 
-from machines import InProcessMachine
+from machines import InProcessMachine, until
 
 
 class Machine(InProcessMachine):
@@ -20,17 +20,6 @@ class Machine(InProcessMachine):
         super().__init__(opcua_pki, seed=2, initial_temp_c=40.0)
 
 
-async def until(predicate, timeout_s=5.0):
-    t0 = time.monotonic()
-    while True:
-        v = predicate()
-        if asyncio.iscoroutine(v):
-            v = await v
-        if v:
-            return
-        if time.monotonic() - t0 > timeout_s:
-            raise AssertionError("not within the time")
-        await asyncio.sleep(0.05)
 
 
 def client_node(client, server_node):
