@@ -254,7 +254,7 @@ class Publisher:
                     ("Exceptions", link.errors.get("exception", 0), ua.VariantType.UInt64),
                     ("Garbage", link.errors.get("garbage", 0), ua.VariantType.UInt64),
                     ("Disconnects", link.errors.get("disconnect", 0), ua.VariantType.UInt64),
-                    ("LastError", link.last_error, ua.VariantType.String),
+                    ("LastError", link.last_error or "", ua.VariantType.String),
                     ("RttP50", float(link.rtt_ms_p50), ua.VariantType.Double),
                     ("RttP99", float(link.rtt_ms_p99), ua.VariantType.Double),
                     ("RequestsPerPoll", float(link.requests_per_poll), ua.VariantType.Double)):
@@ -264,7 +264,7 @@ class Publisher:
         for key, value, vtype in (
                 ("Historian.Sink", h.sink, ua.VariantType.String),
                 ("Historian.State", h.state, ua.VariantType.String),
-                ("Historian.LastError", h.last_error, ua.VariantType.String),
+                ("Historian.LastError", h.last_error or "", ua.VariantType.String),
                 ("Historian.Backlog", h.backlog_lines, ua.VariantType.UInt64),
                 ("Historian.Delivered", h.delivered_total, ua.VariantType.UInt64),
                 ("Historian.Dropped", h.dropped_total, ua.VariantType.UInt64),

@@ -230,7 +230,7 @@ def update(alarms: Mapping[str, Alarm], conditions: Iterable[Condition],
             a = _report(out, changes, a, _annunciated(a, _unshelved(a)), "unshelved", now,
                         SYSTEM, "shelving time expired")
         if c.suppressed != a.suppressed:
-            b = _annunciated(a, replace(a, suppressed=c.suppressed))
+            b = _annunciated(a, replace(a, suppressed=c.suppressed, message=c.message))
             a = _report(out, changes, a, b, "suppressed" if c.suppressed else "unsuppressed",
                         now)
         if c.active and not a.active:

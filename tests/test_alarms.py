@@ -462,3 +462,17 @@ def test_historian_writes_the_scalar_keys_of_alarm_events_never_the_record(progr
     assert 'transition="active"' in alarm and "value=61.0" in alarm
     assert 'state="unacknowledged_active"' in alarm and "Alarm(" not in alarm
     assert any(x.startswith("event,") and "kind=alarm_system" in x for x in lines)
+
+
+def test_suppression_and_its_end_carry_the_conditions_message_of_the_moment():
+    dev = "zone.pump.deviation_warning"
+    suppressed = Condition(dev, False, "Zone pump: deviation not monitored (no set-point)",
+                           Priority.MEDIUM, suppressed=True)
+    watched = Condition(dev, False, "Zone pump: deviation within 1 K (0.2 K)", Priority.MEDIUM)
+    alarms, _ = al.update({}, [suppressed], 10.0)
+    alarms, changes = al.update(alarms, [watched], 11.0)
+    assert [c.kind for c in changes] == ["unsuppressed"]
+    assert changes[0].alarm.message == "Zone pump: deviation within 1 K (0.2 K)"
+    alarms, changes = al.update(alarms, [suppressed], 12.0)
+    assert [c.kind for c in changes] == ["suppressed"]
+    assert changes[0].alarm.message == "Zone pump: deviation not monitored (no set-point)"
