@@ -49,6 +49,7 @@ from plc.commands import Acknowledge, AddComment, Confirm, SetAlarmEnabled, Shel
 
 from .gate import Refused
 from .model import ROOT, TYPE_IDS, MachineNodes, condition_source, condition_type
+from .model import walk
 from .notifiers import SERVER as _SERVER
 from .notifiers import new_event, notify
 from .security import current_session_id
@@ -145,19 +146,16 @@ class ConditionServer:
         aspace = self.server.iserver.aspace
         ns, tns = self.nodes.namespace_index, self.nodes.types_namespace_index
         machine = self.nodes.machine.nodeid
-        notify = ua.EventNotifier.SubscribeToEvents.mask
+        subscribe = ua.EventNotifier.SubscribeToEvents.mask
         sources: dict[str, ua.NodeId] = {}
         for cid, node in self.nodes.conditions.items():
             path = condition_source(cid)
             source = ua.NodeId(f"{ROOT}.{path}", ns)
             sources[path] = source
-            variables = {}
-            prefix = node.nodeid.Identifier + "."
-            for nid in list(aspace.keys()):
-                if nid.NamespaceIndex == ns and isinstance(nid.Identifier, str) and nid.Identifier.startswith(prefix):
-                    rest = nid.Identifier[len(prefix):]
-                    if aspace[nid].attributes[ua.AttributeIds.NodeClass].value.Value.Value is ua.NodeClass.Variable:
-                        variables[rest.replace(".", "/")] = nid
+            # its variables by browse path as an event field names them ("ActiveState/Id")
+            variables = {"/".join(path): nid for nid, path in walk(aspace, node.nodeid, ())
+                         if path and aspace[nid].attributes[ua.AttributeIds.NodeClass].value.Value.Value
+                         is ua.NodeClass.Variable}
             zone_path = path if path.startswith("Zones.") else None
             kind = condition_type(cid)
             cls = _SYSTEM if cid.startswith(("plc.", "io.")) else _PROCESS    # trips: safety, see _apply
@@ -173,10 +171,10 @@ class ConditionServer:
             self._reference(source, node.nodeid, _HAS_CONDITION)
         for source in sources.values():
             self._reference(machine, source, _HAS_NOTIFIER)
-            await self._notifier(source, notify)
+            await self._notifier(source, subscribe)
         self._reference(_SERVER, machine, _HAS_NOTIFIER)
-        await self._notifier(machine, notify | ua.EventNotifier.HistoryRead.mask)
-        await self._notifier(_SERVER, notify)
+        await self._notifier(machine, subscribe | ua.EventNotifier.HistoryRead.mask)
+        await self._notifier(_SERVER, subscribe)
         self._link_methods()
         self.server.link_method(self.server.get_node(O.ConditionType_ConditionRefresh), self._refresh)
         self.server.link_method(self.server.get_node(O.ConditionType_ConditionRefresh2), self._refresh)

@@ -766,7 +766,7 @@ async def remove_recipe_nodes(server: Server, nodes: MachineNodes, recipe_id: st
         raise KeyError(recipe_id)
     aspace = server.iserver.aspace
     root = ua.NodeId(f"{ROOT}.Recipes.{recipe_id}", nodes.namespace_index)
-    doomed = [nid for nid, _ in _walk(aspace, root, ())]
+    doomed = [nid for nid, _ in walk(aspace, root, ())]
     # the only reference from outside the subtree is the recipe book's; the rest goes with the nodes
     book = aspace[nodes.recipes_folder.nodeid]
     book.references[:] = [r for r in book.references if r.NodeId != root]
@@ -781,7 +781,7 @@ async def remove_recipe_nodes(server: Server, nodes: MachineNodes, recipe_id: st
         nodes.variant_types.pop(nid, None)
 
 
-def _walk(aspace: Any, nid: ua.NodeId, path: tuple[str, ...]):
+def walk(aspace: Any, nid: ua.NodeId, path: tuple[str, ...]):
     """(nodeid, path) of a node and every node below it in its namespace, parents first."""
     stack = [(nid, path)]
     while stack:
@@ -810,7 +810,7 @@ def _index(server: Server, nodes: MachineNodes, start: ua.NodeId, start_path: tu
     aspace = server.iserver.aspace
     by_path: dict[tuple[str, ...], Node] = {}
     children: dict[tuple[str, ...], list[tuple[str, Node, ua.NodeClass]]] = {}
-    for nid, path in _walk(aspace, start, start_path):
+    for nid, path in walk(aspace, start, start_path):
         nd = aspace[nid]
         nclass = nd.attributes[_A.NodeClass].value.Value.Value
         node = by_path[path] = server.get_node(nid)
