@@ -19,8 +19,8 @@ Quality -> StatusCode (OPC UA Part 4 §7.34, Part 8 §6.3):
     PLC lost (``plc_status()`` not '')      BadNoCommunication on every process value
                                             (last value kept), and a "PLC lost" system event
 
-No holes: from the first publication on, every variable of the machine outside ``Alarms`` has
-a value or a status that says why it has none (a generic client never finds one still
+No holes: from the first publication on, every variable of the machine (those below ``Alarms``
+through ``opcua_server.conditions``) has a value or a status that says why it has none (a generic client never finds one still
 BadWaitingForInitialData). Where the scan has no number to give, the status says so:
 
     Zones.*.Setpoint        no recipe in a running phase: null, BadOutOfService (the loop is

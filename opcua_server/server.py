@@ -34,7 +34,9 @@ from .conditions import ConditionServer
 from .gate import COMMANDS, Gate, Refused, WriteRule, zone_rules
 from .model import (RECIPE_FIELDS, add_recipe_nodes, build_machine, load_types,
                     remove_recipe_nodes)
+from .notifiers import SERVER, new_event, notify
 from .publisher import Publisher
+from .security import sees_audit
 
 log = logging.getLogger(__name__)
 SC = ua.StatusCodes
@@ -91,7 +93,6 @@ class TemperingServer:
         await load_types(self.server)
         self.nodes = await build_machine(self.server, self.cfg, self.book,
                                          condition_ids(self.program), self.link_names)
-
         self.gate = Gate(self.server, self.plc, self.records, announce=self._announce)
         for zone, rules in ((z, zone_rules(z, self.plc)) for z in self.nodes.zones):
             for browse, rule in rules.items():
@@ -175,9 +176,6 @@ class TemperingServer:
         reason ("StartRecipe by op: BadInvalidState: a batch is heating; ..."); Status: accepted
         or not; StatusCodeId (calls): the result's code; ClientAuditEntryId: the command's id,
         as in the audit trail."""
-        from .notifiers import SERVER, new_event, notify
-        from .security import sees_audit
-
         ok = result == "Good"
         machine = self.nodes.machine.nodeid
         if action == "write":
