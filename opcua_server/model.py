@@ -62,7 +62,8 @@ TYPE_IDS: Mapping[str, int] = MappingProxyType({
     "LinkDiagnosticsType": 1009, "HistorianDiagnosticsType": 1010, "TemperingMachineType": 1011,
     # the alarm condition types (subtypes of the OPC UA Part 9 alarm types); 1007 and 1012 retired
     "TemperatureLevelAlarmType": 1013, "TemperatureDeviationAlarmType": 1014,
-    "MachineOffNormalAlarmType": 1015, "MachineDiscreteAlarmType": 1016})
+    "MachineOffNormalAlarmType": 1015, "MachineDiscreteAlarmType": 1016,
+    "BatchRecordType": 1017, "BatchCompletedEventType": 1019})
 DATA_TYPE_IDS: Mapping[str, int] = MappingProxyType({"PhaseEnum": 3001})   # 3003 retired
 
 # the Int32 values of PhaseEnum: the members' order, which the type keeps
@@ -93,7 +94,34 @@ RECIPE_FIELDS: Mapping[str, str] = MappingProxyType({
     "PouringGoal": "pouring_goal", "WorkingMax": "working_max", "MixerEnabled": "mixer_enabled",
     "FountainEnabled": "fountain_enabled", "MoldHeaterEnabled": "mold_heater_enabled",
     "VibrationEnabled": "vibration_enabled", "VibHeaterEnabled": "vib_heater_enabled",
-    "Pedal": "pedal", "PedalOnTime": "pedal_on_time", "PedalOffTime": "pedal_off_time"})
+    "Pedal": "pedal", "PedalOnTime": "pedal_on_time", "PedalOffTime": "pedal_off_time",
+    # the acceptance criteria its batches are judged by (plc.config.AcceptanceCriteria)
+    "AcceptanceHeatingDwell": "acceptance.heating_dwell_s",
+    "AcceptanceCoolingUndershoot": "acceptance.cooling_undershoot_k",
+    "AcceptancePouringBand": "acceptance.pouring_band_k",
+    "AcceptancePouringMinShare": "acceptance.pouring_min_share",
+    "AcceptanceTolerance": "acceptance.tolerance_k"})
+# shown in % over OPC UA, kept as a share 0..1 in the recipe
+RECIPE_PERCENT_FIELDS = frozenset({"acceptance.pouring_min_share"})
+
+
+def recipe_value(data: Mapping[str, Any], field: str) -> Any:
+    """A recipe field's value from ``Recipe.model_dump()`` ("acceptance.pouring_band_k": nested),
+    as OPC UA shows it (a share in %)."""
+    value: Any = data
+    for part in field.split("."):
+        value = value[part]
+    return value * 100.0 if field in RECIPE_PERCENT_FIELDS else value
+
+
+def with_recipe_value(data: Mapping[str, Any], field: str, value: Any) -> dict:
+    """``data`` (``Recipe.model_dump()``) with one field set from its OPC UA value."""
+    if field in RECIPE_PERCENT_FIELDS and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = value / 100.0
+    head, _, rest = field.partition(".")
+    if not rest:
+        return {**data, head: value}
+    return {**data, head: with_recipe_value(dict(data.get(head) or {}), rest, value)}
 # least role that may write the writable variables of a type (opcua_server.security.ROLES)
 WRITE_ROLES: Mapping[str, str] = MappingProxyType({"zone": "technician", "recipe": "admin"})
 
@@ -146,6 +174,7 @@ class MachineNodes:
     conditions: dict[str, Node]            # condition id -> its Part 9 condition object (Alarms.<id>)
     alarms_summary: dict[str, Node]        # ActiveAlarms, ActiveCount, UnacknowledgedCount, ...
     alarm_performance: dict[str, Node]     # Alarms.Performance: AlarmsLast10Min, InFlood, ...
+    batches: dict[str, Node]               # "Current.BatchId", ..., "Last.Verdict", ... (Batches)
     diagnostics: dict[str, Node]           # "Scan.LateP99", "Links.io.State", "Historian.Backlog", "Sessions"
     methods: dict[str, Node]               # StartRecipe, ..., AcknowledgeAll, AddRecipe, ...
     objects: dict[str, Node]               # every object by path: "Zones.Pump", "Alarms.estop", "Recipes.dark-70"
@@ -299,8 +328,9 @@ def _recipe_plan(plan: _Plan, rid: str, recipe: Any, ns: int) -> None:
     plan.instances.append(_Instance(ident, ua.NodeId(f"{ROOT}.Recipes", ns), _HAS_COMPONENT, rid, rid, "RecipeType"))
     plan.descriptions[ident] = f"Recipe {rid} of the recipe book (its display name is in Name)."
     plan.prefixes[ident] = f"Recipe {rid}"
+    data = recipe.model_dump()
     for browse, attr in RECIPE_FIELDS.items():
-        v = getattr(recipe, attr)
+        v = recipe_value(data, attr)
         variant = (ua.Variant(v, ua.VariantType.Boolean) if isinstance(v, bool) else
                    ua.Variant(v, ua.VariantType.String) if isinstance(v, str) else
                    ua.Variant(float(v), ua.VariantType.Double))
@@ -742,7 +772,7 @@ async def build_machine(server: Server, cfg: Any, book: Any, condition_ids: Sequ
             points={}, zones={}, motors={}, sequencer={},
             recipes_folder=node(ua.NodeId(f"{ROOT}.Recipes", ns)), recipes={},
             alarms_folder=node(ua.NodeId(f"{ROOT}.Alarms", ns)), conditions={}, alarms_summary={},
-            alarm_performance={}, diagnostics={}, methods={}, objects={}, writable={}, variant_types={}, _builder=builder)
+            alarm_performance={}, batches={}, diagnostics={}, methods={}, objects={}, writable={}, variant_types={}, _builder=builder)
         _index(server, nodes, ua.NodeId(ROOT, ns), ())
     return nodes
 
@@ -847,7 +877,9 @@ def _index(server: Server, nodes: MachineNodes, start: ua.NodeId, start_path: tu
     for link in below("Diagnostics", "Links"):
         nodes.diagnostics.update({f"Links.{link}.{k}": v for k, v in below("Diagnostics", "Links", link).items()})
     nodes.diagnostics.update(below("Diagnostics", nclass=ua.NodeClass.Variable))
-    for owner in ("Sequencer", "Recipes"):
+    for part in ("Current", "Last"):
+        nodes.batches.update({f"{part}.{k}": v for k, v in below("Batches", part).items()})
+    for owner in ("Sequencer", "Recipes", "Batches"):
         nodes.methods.update(below(owner, nclass=ua.NodeClass.Method))
 
 

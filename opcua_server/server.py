@@ -30,10 +30,11 @@ from plc.interlocks import condition_ids
 from plc.state import RUNNING, Phase
 
 from .alarm_performance import AlarmPerformance
+from .batch_view import BatchView
 from .conditions import ConditionServer
 from .gate import COMMANDS, Gate, Refused, WriteRule, zone_rules
-from .model import (RECIPE_FIELDS, add_recipe_nodes, build_machine, load_types,
-                    remove_recipe_nodes)
+from .model import (RECIPE_FIELDS, add_recipe_nodes, build_machine, load_types, recipe_value,
+                    remove_recipe_nodes, with_recipe_value)
 from .notifiers import SERVER, new_event, notify
 from .publisher import Publisher
 from .security import sees_audit
@@ -74,6 +75,7 @@ class TemperingServer:
         self.gate: Gate | None = None
         self.publisher: Publisher | None = None
         self.conditions: ConditionServer | None = None
+        self.batches: BatchView | None = None
         self.book: dict[str, Recipe] = {}
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -114,6 +116,9 @@ class TemperingServer:
                                           journal=self.records, machine_id=self.cfg.machine.id)
         await self.conditions.install()
         await self._serve_history()
+        self.batches = BatchView(self.server, self.nodes, self.records, self.gate)
+        self.batches.install()
+        await self.batches.idle()
         import gc
         gc.collect()
         gc.freeze()     # the address space lives as long as the server: keep it out of every
@@ -245,7 +250,7 @@ class TemperingServer:
                     raise Refused(SC.BadNodeIdUnknown, f"recipe {rid} was deleted")
                 if self._recipe_in_use(rid):
                     raise Refused(SC.BadInvalidState, f"recipe {rid} is used by the running batch")
-                fields = self.book[rid].model_dump() | {field: value}
+                fields = with_recipe_value(self.book[rid].model_dump(), field, value)
                 await self._commit(rid, self._validated(rid, fields))
 
             self.gate.add_rule(nodes[browse], WriteRule("admin", vtype, lambda v: None,
@@ -260,7 +265,7 @@ class TemperingServer:
         data = recipe.model_dump()
         for browse, field in RECIPE_FIELDS.items():
             if browse in nodes:
-                value = data[field]
+                value = recipe_value(data, field)
                 vtype = self.nodes.variant_types[nodes[browse].nodeid]
                 await self.server.write_attribute_value(
                     nodes[browse].nodeid, ua.DataValue(ua.Variant(
@@ -305,7 +310,7 @@ class TemperingServer:
         if self._recipe_in_use(rid):
             raise Refused(SC.BadInvalidState, f"recipe {rid} is used by the running batch")
         field = RECIPE_FIELDS[field_browse]
-        recipe = self._validated(rid, self.book[rid].model_dump() | {field: value})
+        recipe = self._validated(rid, with_recipe_value(self.book[rid].model_dump(), field, value))
         await self._commit(rid, recipe)
         await self._publish_recipe(rid, recipe)
         return []

@@ -22,7 +22,7 @@ from tempering.cli import main
 from opcua_server.config import load
 from opcua_server.model import (CONDITION_OPTIONALS, MACHINE_URI_PREFIX, PHASE_VALUES, POINT_PATHS,
                                 RECIPE_FIELDS, TYPE_IDS, TYPES_NODESET, TYPES_URI, Writable,
-                                add_recipe_nodes, build_machine, export_nodeset, load_types,
+                                add_recipe_nodes, build_machine, export_nodeset, load_types, recipe_value,
                                 remove_recipe_nodes)
 from plc.config import RecipeBook
 from plc.image import PointType
@@ -57,7 +57,9 @@ EXPECTED_UNIT = {
     **dict.fromkeys(("Current", "CurrentTotal"), "AMP"),
     **dict.fromkeys(("VoltageL1", "VoltageL2", "VoltageL3"), "VLT"),
     "Frequency": "HTZ",
-    **dict.fromkeys(("PhaseTime", "PedalOnTime", "PedalOffTime"), "SEC"),
+    **dict.fromkeys(("PhaseTime", "PedalOnTime", "PedalOffTime", "AcceptanceHeatingDwell"), "SEC"),
+    **dict.fromkeys(("AcceptanceCoolingUndershoot", "AcceptancePouringBand", "AcceptanceTolerance"), "KEL"),
+    "AcceptancePouringMinShare": "P1",
     **dict.fromkeys(("LogicP50", "LogicP99", "LateP50", "LateP99", "LateMax", "RttP50", "RttP99"), "C26"),
 }
 CONTRACT_RANGES = {"Temperature": (-20, 70), "Output": (-100, 100), "Trim": (-2, 2),
@@ -70,6 +72,7 @@ METHOD_ARGUMENTS = {
     "AddRecipe": ["RecipeId", "Name", "HeatingGoal", "CoolingGoal", "PouringGoal", "WorkingMax"],
     "UpdateRecipe": ["RecipeId", "Field", "Value"], "DeleteRecipe": ["RecipeId"],
     "DuplicateRecipe": ["SourceId", "NewId", "NewName"],
+    "GetBatch": ["BatchId"],
 }
 
 
@@ -365,7 +368,7 @@ def test_values_from_the_config_and_process_values_waiting(machine):
         assert value(server, nodes.zones[z]["Ki"].nodeid) == cfg.zones[z].ki
     for rid in book.ids:
         for browse, field in RECIPE_FIELDS.items():
-            assert value(server, nodes.recipes[rid][browse].nodeid) == getattr(book[rid], field)
+            assert value(server, nodes.recipes[rid][browse].nodeid) == recipe_value(book[rid].model_dump(), field)
     temp = attr(server, nodes.points["temp_pump"].nodeid, A.Value)
     assert temp.StatusCode.value == ua.StatusCodes.BadWaitingForInitialData and temp.Value.Value is None
     phase = attr(server, nodes.sequencer["Phase"].nodeid, A.Value)
