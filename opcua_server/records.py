@@ -1,5 +1,5 @@
-"""The server's records in SQL: users, recipes, the audit trail and the alarm journal
-(SQLAlchemy 2.x Core, sync).
+"""The server's records in SQL: users, recipes, the audit trail, the alarm journal and the
+batch records (SQLAlchemy 2.x Core, sync).
 
 One job: keep what must survive a restart and be shared by the OPC UA server and the
 ``tempering users`` commands. SQLite by default (``<data_dir>/tempering.db``), PostgreSQL in a
@@ -15,7 +15,8 @@ against both. Tables (created on first use):
   made with other parameters (the earlier N=2^14) still verifies, and is made again with
   SCRYPT_COST at the user's next successful login.
 - ``recipes``: one row per recipe, one column per field of ``plc.config.Recipe``, validated
-  through that model before they are written and again when they are read.
+  through that model before they are written and again when they are read; ``acceptance`` (the
+  recipe's acceptance criteria) as JSON, NULL in rows made before it: the defaults (schema 4).
 - ``audit``: one row per operator action (an OPC UA write or method call) and per login:
   time (ISO 8601, UTC), user, action, target (node or method), old value, new value, result
   (StatusCode name), and, where they apply, the PLC command it became (command_id), where it
@@ -32,6 +33,14 @@ against both. Tables (created on first use):
   (the alarm's OPC UA EventId as hex; "" on restart rows). An event is stored once however often
   it is handed in (a new plant window gets the events its predecessor did not acknowledge
   again): (machine, alarm_id, kind, time, event_id) is unique and a repeat is skipped (schema 3).
+- ``batches``: one row per batch record (``opcua_server.batches.BatchRecord``): batch_id
+  (unique), machine, seq (the number at the end of ``<machine>-NNNNNN``, NULL for an id of
+  another form), recipe_id, started_at and ended_at (seconds since the epoch), outcome, verdict
+  (PASS, FAIL, INCOMPLETE), reasons (JSON list of text) and the whole record (JSON of
+  ``to_dict``). Saving a batch again replaces its row. The summary columns answer lists and
+  filters without reading the record's JSON; ``next_batch_seq`` is the machine's highest seq + 1:
+  the floor of the PLC's batch numbering, so a machine whose PLC state file is new (a restored
+  or migrated PLC) does not reuse a batch id (schema 4).
 - ``meta``: key/value (schema version; whether the recipes were seeded from recipes.yaml).
 
 Errors (RecordsError and its subclasses; each carries the data at fault):
@@ -56,6 +65,7 @@ import base64
 import functools
 import hashlib
 import hmac
+import json
 import os
 import re
 import threading
@@ -63,7 +73,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Mapping, NamedTuple
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, NamedTuple
 
 from pydantic import ValidationError
 from sqlalchemy import (Boolean, Column, Float, Index, Integer, MetaData, String, Table, Text,
@@ -74,10 +84,13 @@ from sqlalchemy.engine import Engine, make_url
 from plc.config import Recipe, RecipeBook
 from plc.configbase import _messages
 
+if TYPE_CHECKING:
+    from opcua_server.batches import BatchRecord
+
 #: The roles, each with the rights of the ones before it (security.role_allows).
 ROLES: tuple[str, ...] = ("viewer", "operator", "technician", "admin")
 
-SCHEMA_VERSION = "3"     # 2: audit.command_id, origin, peer, certificate; 3: alarm_journal
+SCHEMA_VERSION = "4"     # 2: audit.command_id, origin, peer, certificate; 3: alarm_journal; 4: batches
 USER_NAME = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
 MIN_PASSWORD_LENGTH = 8
 MAX_PASSWORD_LENGTH = 1024
@@ -184,7 +197,9 @@ recipes = Table(
     Column("pedal", String(16), nullable=False),
     Column("pedal_on_time", Float, nullable=False),
     Column("pedal_off_time", Float, nullable=False),
+    Column("acceptance", Text),     # schema 4: JSON of the AcceptanceCriteria; NULL: the defaults
 )
+_RECIPE_JSON = ("acceptance",)      # recipe fields that are models, stored as JSON text
 
 audit_log = Table(
     "audit", _metadata,
@@ -230,6 +245,26 @@ alarm_journal = Table(      # schema 3
     Index("alarm_journal_batch", "batch_id", "time"),
 )
 
+batches = Table(            # schema 4
+    "batches", _metadata,
+    Column("batch_id", String(128), primary_key=True),
+    Column("machine", String(64), nullable=False),
+    Column("seq", Integer),                            # NNNNNN of <machine>-NNNNNN, else NULL
+    Column("recipe_id", String(64), nullable=False),
+    Column("started_at", Float, nullable=False),       # seconds since the epoch
+    Column("ended_at", Float, nullable=False),
+    Column("outcome", String(16), nullable=False),
+    Column("verdict", String(16), nullable=False),
+    Column("reasons", Text, nullable=False),           # JSON list of text
+    Column("record", Text, nullable=False),            # JSON of BatchRecord.to_dict()
+    Index("batches_started", "started_at"),
+    Index("batches_verdict", "verdict", "started_at"),
+    Index("batches_machine_seq", "machine", "seq"),
+)
+
+#: A batch record's verdicts (``opcua_server.batches.judge``).
+VERDICTS: tuple[str, ...] = ("PASS", "FAIL", "INCOMPLETE")
+
 #: The event kinds that go to the alarm journal.
 JOURNAL_KINDS: frozenset[str] = frozenset({"alarm", "alarm_system"})
 
@@ -239,7 +274,9 @@ meta = Table(
     Column("value", Text, nullable=False),
 )
 
-RECIPE_FIELDS: tuple[str, ...] = tuple(c.name for c in recipes.columns if c.name != "id")
+#: The recipe's fields, as columns (a JSON column the Recipe does not have yet is left alone).
+RECIPE_FIELDS: tuple[str, ...] = tuple(c.name for c in recipes.columns
+                                       if c.name != "id" and c.name in Recipe.model_fields)
 assert set(RECIPE_FIELDS) == set(Recipe.model_fields), "recipes table out of step with plc.config.Recipe"
 
 
@@ -336,6 +373,11 @@ def validate_recipe(recipe_id: str, fields: Mapping[str, Any]) -> dict[str, Any]
         lines = [line.split(": ", 1)[1] for line in _messages("records", exc, data)]
         raise InvalidRecipe(recipe_id, lines) from None
     return book.recipes[recipe_id].model_dump()
+
+
+def _recipe_row(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """The recipes row of validated fields: the model fields (acceptance) as JSON text."""
+    return {k: (json.dumps(v, sort_keys=True) if k in _RECIPE_JSON else v) for k, v in fields.items()}
 
 
 def _utc_text(time_s: float) -> str:
@@ -471,8 +513,8 @@ def _journal_row(r: Mapping[str, Any]) -> JournalRow:
 
 
 class Records:
-    """Users, recipes, the audit trail and the alarm journal in the database at ``url`` (an
-    SQLAlchemy URL).
+    """Users, recipes, the audit trail, the alarm journal and the batch records in the database
+    at ``url`` (an SQLAlchemy URL).
 
     Safe to share between threads (one engine, a connection per call)."""
 
@@ -495,11 +537,15 @@ class Records:
     def _migrate(db) -> None:
         """Schema 1 -> 2: the audit table's four nullable columns (ALTER TABLE ... ADD COLUMN,
         the same on SQLite and PostgreSQL; old rows get NULL). Schema 2 -> 3: the alarm_journal
-        table and its indexes (made by ``create_all``, which adds missing tables only)."""
+        table and its indexes (made by ``create_all``, which adds missing tables only). Schema 3 ->
+        4: the batches table and its indexes (``create_all`` too), recipes.acceptance (NULL in the
+        old rows: the default criteria)."""
         have = {c["name"] for c in inspect(db).get_columns("audit")}
         for name in _AUDIT_SINCE_2:
             if name not in have:
                 db.exec_driver_sql(f"ALTER TABLE audit ADD COLUMN {name} TEXT")
+        if "acceptance" not in {c["name"] for c in inspect(db).get_columns("recipes")}:
+            db.exec_driver_sql("ALTER TABLE recipes ADD COLUMN acceptance TEXT")
         db.execute(update(meta).where(meta.c.key == "schema").values(value=SCHEMA_VERSION))
 
     def __repr__(self) -> str:
@@ -597,7 +643,8 @@ class Records:
             rows = db.execute(select(recipes).order_by(recipes.c.id)).mappings().all()
         out = {}
         for row in rows:
-            fields = {k: row[k] for k in RECIPE_FIELDS}
+            fields = {k: (json.loads(row[k]) if k in _RECIPE_JSON else row[k])
+                      for k in RECIPE_FIELDS if row[k] is not None or k not in _RECIPE_JSON}
             out[row["id"]] = validate_recipe(row["id"], fields)
         return out
 
@@ -608,9 +655,9 @@ class Records:
         with self.engine.begin() as db:
             exists = db.scalar(select(recipes.c.id).where(recipes.c.id == recipe_id)) is not None
             if exists:
-                db.execute(update(recipes).where(recipes.c.id == recipe_id).values(**values))
+                db.execute(update(recipes).where(recipes.c.id == recipe_id).values(**_recipe_row(values)))
             else:
-                db.execute(insert(recipes).values(id=recipe_id, **values))
+                db.execute(insert(recipes).values(id=recipe_id, **_recipe_row(values)))
         return values
 
     def delete_recipe(self, recipe_id: str) -> None:
@@ -628,7 +675,7 @@ class Records:
             have = set(db.scalars(select(recipes.c.id)))
             new = {rid: r.model_dump() for rid, r in book.recipes.items() if rid not in have}
             if new:
-                db.execute(insert(recipes), [{"id": rid, **fields} for rid, fields in new.items()])
+                db.execute(insert(recipes), [{"id": rid, **_recipe_row(fields)} for rid, fields in new.items()])
             db.execute(insert(meta).values(key="recipes_seeded", value=_utc_text(time.time())))
         return len(new)
 
@@ -721,3 +768,96 @@ class Records:
         with self.engine.connect() as db:
             rows = [_journal_row(r) for r in db.execute(query).mappings()]
         return rows[::-1] if newest else rows
+
+    # ----------------------------------------------------------------------- batch records
+
+    def save_batch(self, record: "BatchRecord") -> None:
+        """Store ``record`` (an ``opcua_server.batches.BatchRecord``), replacing a stored record
+        of the same batch_id, in one transaction."""
+        values = _batch_values(record)
+        with self.engine.begin() as db:
+            db.execute(delete(batches).where(batches.c.batch_id == values["batch_id"]))
+            db.execute(insert(batches).values(**values))
+
+    def batch(self, batch_id: str) -> "BatchRecord | None":
+        """The stored record of ``batch_id`` (``BatchRecord.from_dict`` of its JSON), None if
+        there is none."""
+        from opcua_server.batches import BatchRecord
+
+        with self.engine.connect() as db:
+            text = db.scalar(select(batches.c.record).where(batches.c.batch_id == batch_id))
+        return None if text is None else BatchRecord.from_dict(json.loads(text))
+
+    def batches(self, since: datetime | float | None = None, until: datetime | float | None = None,
+                verdict: str | None = None, limit: int | None = None) -> list[BatchSummary]:
+        """Summaries of the batches that started at ``since <= started_at < until`` (datetimes,
+        naive ones taken as UTC, or seconds since the epoch; None: no bound), with ``verdict``
+        if given, oldest first; ``limit``: the newest that many (still oldest first). Reads the
+        summary columns only (indexed on started_at and on verdict), never a record's JSON.
+        ValueError for an unknown verdict or a negative limit."""
+        c = batches.c
+        query = select(c.batch_id, c.machine, c.recipe_id, c.started_at, c.ended_at, c.outcome,
+                       c.verdict, c.reasons)
+        if since is not None:
+            query = query.where(c.started_at >= _epoch_s(since))
+        if until is not None:
+            query = query.where(c.started_at < _epoch_s(until))
+        if verdict is not None:
+            if verdict not in VERDICTS:
+                raise ValueError(f"verdict must be one of {', '.join(VERDICTS)}, got {verdict!r}")
+            query = query.where(c.verdict == verdict)
+        if limit is not None:
+            if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+                raise ValueError(f"limit must be an integer >= 0, got {limit!r}")
+            query = query.limit(limit)
+        query = query.order_by(c.started_at.desc(), c.batch_id.desc())
+        with self.engine.connect() as db:
+            rows = [BatchSummary(r.batch_id, r.machine, r.recipe_id, r.started_at, r.ended_at,
+                                 r.outcome, r.verdict, tuple(json.loads(r.reasons)))
+                    for r in db.execute(query)]
+        return rows[::-1]
+
+    def next_batch_seq(self, machine: str) -> int:
+        """The machine's highest batch number in the records + 1 (1 if it has none): the PLC
+        numbers its next batch at least this (``plc.runtime.Controller.set_batch_floor`` of this
+        minus one)."""
+        with self.engine.connect() as db:
+            top = db.scalar(select(func.max(batches.c.seq)).where(batches.c.machine == machine))
+        return (top or 0) + 1
+
+
+@dataclass(frozen=True, slots=True)
+class BatchSummary:
+    """One batch as ``Records.batches`` lists it: its summary columns (times in seconds since
+    the epoch; reasons: the failed criteria's texts, or why the batch is incomplete)."""
+
+    batch_id: str
+    machine: str
+    recipe_id: str
+    started_at: float
+    ended_at: float
+    outcome: str
+    verdict: str
+    reasons: tuple[str, ...]
+
+    @property
+    def duration_s(self) -> float:
+        return self.ended_at - self.started_at
+
+
+def batch_seq_of(batch_id: str, machine: str) -> int | None:
+    """The number of a batch id ``<machine>-NNNNNN`` (``plc.sequencer``'s form), else None."""
+    prefix, sep, number = batch_id.rpartition("-")
+    return int(number) if sep and prefix == machine and number.isdigit() else None
+
+
+def _batch_values(record: "BatchRecord") -> dict[str, Any]:
+    if record.verdict not in VERDICTS:
+        raise ValueError(f"batch {record.batch_id}: verdict must be one of {', '.join(VERDICTS)}, "
+                         f"got {record.verdict!r}")
+    return {"batch_id": record.batch_id, "machine": record.machine_id,
+            "seq": batch_seq_of(record.batch_id, record.machine_id), "recipe_id": record.recipe_id,
+            "started_at": float(record.started_at), "ended_at": float(record.ended_at),
+            "outcome": record.outcome, "verdict": record.verdict,
+            "reasons": json.dumps(list(record.reasons), ensure_ascii=False),
+            "record": json.dumps(record.to_dict(), ensure_ascii=False, sort_keys=True)}
