@@ -87,6 +87,7 @@ from .contract import ZONE_NUMBERS, ZONE_OUTPUTS, ZONES
 from .modbus.regmap import FieldbusSettings, load_register_map
 
 __all__ = [
+    "AcceptanceCriteria",
     "ConfigError",
     "ErrorSettings",
     "MachineConfig",
@@ -328,8 +329,31 @@ class MachineConfig(_Frozen):
 # --------------------------------------------------------------------------- recipes file
 
 
+class AcceptanceCriteria(_Frozen):
+    """``acceptance`` of a recipe (optional): what a batch must show to PASS (judged by
+    ``opcua_server.batches.judge``). Temperatures in K, times in s, the share 0..1.
+
+    - heating: every zone at least ``tolerance_k`` near the heating goal, held
+      ``heating_dwell_s`` without a break (the crystals are all melted);
+    - cooling: the tank zones reach the cooling goal and never fall more than
+      ``cooling_undershoot_k`` below it;
+    - pouring (once released): the pouring point (the fountain zone) within
+      ``pouring_band_k`` of the pouring goal for at least ``pouring_min_share`` of the time;
+      and no zone above the recipe's working_max once tempered (the temper is lost);
+    - ``tolerance_k``: the band around each zone's set-point outside which a zone's time
+      counts as "outside" in the per-zone figures.
+    The defaults pass a normal batch of the default machine with margin (see the README)."""
+
+    heating_dwell_s: Annotated[Number, Field(ge=0)] = 45.0
+    cooling_undershoot_k: Annotated[Number, Field(ge=0)] = 1.0
+    pouring_band_k: Annotated[Number, Field(gt=0)] = 0.5
+    pouring_min_share: Annotated[Number, Field(ge=0, le=1)] = 0.9
+    tolerance_k: Annotated[Number, Field(gt=0)] = 0.5
+
+
 class Recipe(_Frozen):
-    """One recipe (Recipe.csv). Temperatures in degC, pedal times in s."""
+    """One recipe (Recipe.csv). Temperatures in degC, pedal times in s; ``acceptance``
+    (optional) the criteria its batches are judged by."""
 
     name: Text
     heating_goal: Annotated[Number, Field(ge=40, le=60)]    # melt everything
@@ -344,6 +368,7 @@ class Recipe(_Frozen):
     pedal: Literal["manual", "auto"]
     pedal_on_time: Annotated[Number, Field(gt=0)]
     pedal_off_time: Annotated[Number, Field(gt=0)]
+    acceptance: AcceptanceCriteria = AcceptanceCriteria()
 
     @model_validator(mode="after")
     def _curve(self) -> Recipe:

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from plc.config import (
     ZONE_NAMES,
+    AcceptanceCriteria,
     ZONE_NUMBERS,
     ZONE_OUTPUTS,
     ConfigError,
@@ -383,7 +384,25 @@ RECIPE_CASES = [
     ({"heating_goal": "48"}, [f"{R}.heating_goal: must be a number (got '48')"]),
     ({"name": DELETE}, [f"{R}.name: missing field"]),
     ({"colour": "brown"}, [f"{R}.colour: unknown field"]),
+    ({"acceptance": {"pouring_min_share": 1.5}},
+     [f"{R}.acceptance.pouring_min_share: must be <= 1 (got 1.5)"]),
+    ({"acceptance": {"pouring_band_k": 0, "heating_dwell_s": -1}},
+     [f"{R}.acceptance.heating_dwell_s: must be >= 0 (got -1)",
+      f"{R}.acceptance.pouring_band_k: must be > 0 (got 0)"]),
+    ({"acceptance": {"tolerance_k": "0.5"}}, [f"{R}.acceptance.tolerance_k: must be a number (got '0.5')"]),
+    ({"acceptance": {"cooling_undershoot_k": -0.1}},
+     [f"{R}.acceptance.cooling_undershoot_k: must be >= 0 (got -0.1)"]),
+    ({"acceptance": {"band": 1}}, [f"{R}.acceptance.band: unknown field"]),
 ]
+
+
+def test_acceptance_is_optional_and_partial(tmp_path, recipes_data):
+    """A recipe without ``acceptance`` gets the defaults; one with some fields, the rest."""
+    data = patched(recipes_data, {f"{R}.acceptance": {"pouring_band_k": 0.8}})
+    book = load_recipes(write(tmp_path / "recipes.yaml", data))
+    assert book["dark-70"].acceptance == AcceptanceCriteria(pouring_band_k=0.8)
+    assert book["milk-35"].acceptance == AcceptanceCriteria()
+    assert load_recipes(RECIPES_FILE)["dark-70"].acceptance == AcceptanceCriteria()
 
 
 @pytest.mark.parametrize("patch, expected", RECIPE_CASES)

@@ -31,7 +31,8 @@ from plc.image import bad
 
 PURE = ("plc.image", "plc.pid", "plc.alarms", "plc.commands", "plc.state", "plc.contract",
         "plc.program", "plc.interlocks", "plc.sequencer", "plc.scan", "plc.configbase",
-        "plc.modbus.pdu", "plc.modbus.codec", "plc.modbus.regmap", "plc.modbus.legacy")
+        "plc.modbus.pdu", "plc.modbus.codec", "plc.modbus.regmap", "plc.modbus.legacy",
+        "opcua_server.batches")
 FORBIDDEN = {"asyncio", "socket", "time", "pymodbus", "asyncua", "sqlalchemy",
              "influxdb_client", "threading", "os", "random"}
 #: pure and free of the config machinery too: usable by anything, importing nothing heavy
