@@ -77,6 +77,8 @@ class Historian:
         self.channel = channel
         self.drain_s = drain_s
         self._stop = threading.Event()
+        self._extra: list[str] = []            # lines handed in by ``add_lines``, under _extra_lock
+        self._extra_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._alarm = False
         self._disk_error = ""
@@ -93,9 +95,16 @@ class Historian:
             self.drain()
         self.drain()
 
+    def add_lines(self, lines: list[str]) -> None:
+        """Line-protocol lines made elsewhere (the window's batch records: ``schema.batch_line``),
+        appended to the spool with the next samples, by the sampler's thread."""
+        with self._extra_lock:
+            self._extra += lines
+
     def drain(self) -> int:
         """Sample every pending snapshot into the spool; the number of lines appended."""
-        lines: list[str] = []
+        with self._extra_lock:
+            lines, self._extra = self._extra, []
         for snap in self.sub.drain():
             try:
                 lines += self.sampler.lines(snap)

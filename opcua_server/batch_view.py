@@ -88,18 +88,19 @@ class BatchView:
             "Duration": (0.0, _V.Double), "Energy": (0.0, _V.Double), "EnergyPerKg": (0.0, _V.Double),
             "AlarmCount": (0, _V.UInt32), "Interruptions": (0, _V.UInt32), "Record": ("", _V.String)})
 
-    async def running(self, figures: Any) -> None:
-        """The batch in progress (``BatchRecorder.current()``), or None."""
-        get = (lambda name, default=None: getattr(figures, name, default)) if figures is not None \
-            else (lambda name, default=None: default)
-        share = get("pouring_in_band_share")
+    async def running(self, current: dict | None, now_s: float | None = None) -> None:
+        """The batch in progress (``BatchRecorder.current()``: a dict), or None; ``now_s`` the
+        time of the last snapshot, for Elapsed."""
+        c = current or {}
+        started = c.get("started_at")
+        share = (c.get("figures") or {}).get("pouring_in_band_share")
+        elapsed = max(0.0, now_s - started) if (now_s is not None and started is not None) else 0.0
         await self._write("Current", {
-            "BatchId": (get("batch_id", "") or "", _V.String), "RecipeId": (get("recipe_id", "") or "", _V.String),
-            "StartedAt": (_utc(get("started_at")), _V.DateTime),
-            "Elapsed": (float(get("elapsed_s", 0.0) or 0.0), _V.Double),
-            "Energy": (float(get("energy_kwh", 0.0) or 0.0), _V.Double),
-            "AlarmCount": (int(get("alarm_count", 0) or 0), _V.UInt32),
-            "PouringInBand": (float(share * 100.0) if share is not None else 0.0, _V.Double)})
+            "BatchId": (c.get("batch_id") or "", _V.String), "RecipeId": (c.get("recipe_id") or "", _V.String),
+            "StartedAt": (_utc(started), _V.DateTime), "Elapsed": (float(elapsed), _V.Double),
+            "Energy": (float(c.get("energy_kwh") or 0.0), _V.Double),
+            "AlarmCount": (int(c.get("alarms") or 0), _V.UInt32),
+            "PouringInBand": (float(share) * 100.0 if share is not None else 0.0, _V.Double)})
 
     async def completed(self, record: Any) -> None:
         """A batch ended: its record in Last, and a BatchCompletedEventType event."""

@@ -3,7 +3,7 @@
     tempering run [--config FILE] [--recipe ID] [--no-start] [--period-ms N] [--duration-s S]
                   [--plant modbus-twin|modbus|inprocess] [--priority auto|realtime|nice|none]
     tempering check-config [FILE]
-    tempering simulate [--config FILE] [--recipe ID] [--hours H]
+    tempering simulate [--config FILE] [--recipe ID] [--hours H] [--no-record]
     tempering twin [--config FILE] [--tcp HOST:PORT] [--rtu DEVICE] [--baud N] [--parity P]
                    [--stop-bits N] [--initial-temp-c T] [--seed N]
     tempering import-mapping CSV [-o OUT] [--link NAME] [--unit N]
@@ -104,6 +104,12 @@ def cmd_window(args) -> int:
 
 
 def cmd_simulate(args) -> int:
+    """A whole cycle on the twin in virtual time, its machine time starting now: the batch
+    record and verdict go to the records database and the zone history to the historian's local
+    store, as a real batch's would (``--no-record``: neither)."""
+    from historian.local import LocalStore
+    from historian.schema import Sampler
+    from opcua_server.batches import BatchRecorder, EnergyModel
     from plc.program import Program
     from plc.runtime import Controller, run_virtual
     from twin import Twin
@@ -118,9 +124,25 @@ def cmd_simulate(args) -> int:
     if recipe not in program.recipes:
         print(f"unknown recipe {recipe!r} (known: {', '.join(sorted(program.recipes))})", file=sys.stderr)
         return 2
+    start_wall = time.time()
     twin = Twin(cfg.twin, seed=args.seed)
-    io = InProcessTwinIo(twin)
+    io = InProcessTwinIo(twin, wall=lambda: start_wall + twin.time_s)
     c = Controller(program)
+    records = store = None
+    if not args.no_record:
+        from opcua_server.server import open_records
+        records, _ = open_records(cfg.opcua, book)
+        c.set_batch_floor(records.next_batch_seq(cfg.machine.id) - 1)
+        if cfg.historian.sink.kind == "local":
+            store = LocalStore(Path(cfg.historian.sink.path), cfg.historian.sink.retention_days)
+    sampler = Sampler(cfg.machine.id, cfg.historian.sample_interval_ms / 1000.0, cfg.historian.deadband_c,
+                      cfg.historian.max_silence_s)
+    recorder = BatchRecorder(cfg.machine.id, program, dict(book.recipes),
+                             EnergyModel.from_twin(cfg.twin, program.limits.phase_count))
+    from plc.channel import SnapshotChannel
+    c.channel = SnapshotChannel()
+    sub = c.channel.subscribe(maxlen=100_000)
+    done: list = []
     c.submit(StartRecipe(recipe, user="simulate"))
     released: list[float] = []
 
@@ -132,18 +154,41 @@ def cmd_simulate(args) -> int:
             if e.kind == "pouring_released":
                 released.append(twin.time_s)
 
+    def observe() -> None:
+        lines: list[str] = []
+        for snap in sub.drain():
+            lines += sampler.lines(snap)
+            record = recorder.feed(snap)
+            if record is not None:
+                done.append(record)
+        if store is not None and lines:
+            store.write_lines(lines)
+
     t0 = time.perf_counter()
     step = int(60 / program.period_s)
-    t, limit = 0.0, args.hours * 3600
+    t, limit = start_wall, start_wall + args.hours * 3600
     while t < limit and not released:
         t = run_virtual(c, io, io.advance, step, show, start_s=t)
+        observe()
     if released:  # hold a quarter of an hour of pouring, then stop
         t = run_virtual(c, io, io.advance, int(900 / program.period_s), show, start_s=t)
+        observe()
         c.submit(Stop(user="simulate"))
         t = run_virtual(c, io, io.advance, 1, show, start_s=t)
+        observe()
     wall = time.perf_counter() - t0
-    print(f"simulated {t / 60:.1f} min of machine time in {wall:.1f} s ({t / wall:.0f}x real time), "
-          f"final phase {c.state.phase.value}")
+    print(f"simulated {(t - start_wall) / 60:.1f} min of machine time in {wall:.1f} s "
+          f"({(t - start_wall) / wall:.0f}x real time), final phase {c.state.phase.value}")
+    for record in done:
+        print(f"batch {record.batch_id} ({record.recipe_id}) {record.outcome}: {record.verdict}"
+              + (f": {'; '.join(record.reasons)}" if record.reasons else ""))
+        if records is not None:
+            records.save_batch(record)
+            print(f"  recorded; report: tempering batches report {record.batch_id} -o {record.batch_id}.png")
+    if store is not None:
+        store.close()
+    if records is not None:
+        records.close()
     return 0 if released else 1
 
 
@@ -460,6 +505,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--recipe")
     s.add_argument("--hours", type=float, default=3.0, help="give up after this much machine time")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--no-record", action="store_true",
+                   help="keep neither the batch record nor the zone history")
     s.set_defaults(func=cmd_simulate)
     t = sub.add_parser("twin", help="run the twin in real time as a Modbus slave (TCP and/or RTU)")
     t.add_argument("--config", help="machine file with the fieldbus section (default: the embedded default machine)")
