@@ -17,6 +17,9 @@ user. Messages are tuples:
                     ("verdict", Verdict)         each command's verdict; never dropped
     window -> PLC   ("cmd", command)             queued for the next scan
                     ("recipes", book)            the records' recipe book (on connect, on change)
+                    ("batch_floor", n)           the records' highest batch number (on connect,
+                                                 after each batch record): the PLC numbers its
+                                                 next batch above it
                     ("beat", tick)               the window is alive, every ``BEAT_S``, and has
                                                  taken every snapshot up to ``tick``
 
@@ -130,10 +133,12 @@ class WindowPort:
 
     ``publish(snapshot)`` is the controller's snapshot channel (``Controller(channel=port)``);
     ``status()`` is the runtime's ``window`` callable. ``submit`` queues a command for the
-    next scan; ``on_recipes(book)`` replaces the program's recipe book."""
+    next scan; ``on_recipes(book)`` replaces the program's recipe book; ``on_batch_floor(n)``
+    raises the batch numbering's floor (``Controller.set_batch_floor``)."""
 
     def __init__(self, path: str | Path, submit: Callable[[Command], None], *,
                  on_recipes: Callable[[Mapping[str, Any]], None] = lambda book: None,
+                 on_batch_floor: Callable[[int], None] = lambda floor: None,
                  info: Mapping[str, Any] | None = None,
                  links: Callable[[], tuple] = lambda: (),
                  lost_after_s: float = 3.0, first_connect_s: float = 60.0,
@@ -141,6 +146,7 @@ class WindowPort:
         self.path = Path(path)
         self.submit = submit
         self.on_recipes = on_recipes
+        self.on_batch_floor = on_batch_floor
         self.info = dict(info or {})
         self.links = links
         self.lost_after_s = lost_after_s
@@ -249,6 +255,8 @@ class WindowPort:
                     self.submit(msg[1])
                 elif kind == "recipes":
                     self.on_recipes(msg[1])
+                elif kind == "batch_floor":
+                    self.on_batch_floor(int(msg[1]))
                 elif kind == "beat":
                     self._acked(msg[1] if len(msg) > 1 else -1)
                 else:
@@ -332,6 +340,7 @@ class PlcClient:
         self.connects = 0
         self._links: tuple = ()
         self._book: Mapping[str, Any] | None = None
+        self._batch_floor: int | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._last_snap_s: float | None = None
         self._taken_tick = -1
@@ -385,6 +394,13 @@ class PlcClient:
         if self._writer is not None:
             self._writer.write(encode(("recipes", self._book)))
 
+    def set_batch_floor(self, floor: int) -> None:
+        """The highest batch number the records know (``Records.next_batch_seq`` - 1): the PLC
+        numbers its next batch above it. Sent now and on every reconnection; never lowered."""
+        self._batch_floor = max(self._batch_floor or 0, int(floor))
+        if self._writer is not None:
+            self._writer.write(encode(("batch_floor", self._batch_floor)))
+
     # -- the task -------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event, retry_s: float = 0.1) -> None:
@@ -406,6 +422,8 @@ class PlcClient:
         self.connects += 1
         if self._book is not None:
             writer.write(encode(("recipes", self._book)))
+        if self._batch_floor is not None:
+            writer.write(encode(("batch_floor", self._batch_floor)))
         beat = asyncio.create_task(self._beat(writer))
         reading = asyncio.create_task(self._read(reader))
         stopping = asyncio.create_task(stop.wait())

@@ -36,6 +36,7 @@ from .image import ProcessImage
 from .persist import StateStore
 from .program import Program
 from .scan import ScanContext, ScanResult, scan
+from .sequencer import with_batch_floor
 from .state import PlcState, restored
 
 
@@ -143,6 +144,7 @@ class Controller:
         self.state = state
         self.tick = 0
         self._commands: deque[Command] = deque()
+        self._batch_floor = 0
         self.stats = ScanStats()
         self.last: ScanResult | None = None
         self._summary: dict[str, float] | None = None
@@ -151,6 +153,12 @@ class Controller:
         """Replace the recipe book the scans use (from the next scan on). The caller refuses to
         change or delete a recipe a running batch uses."""
         self.program = self.program.with_recipes(recipes)
+
+    def set_batch_floor(self, floor: int) -> None:
+        """The highest batch number the records know (``Records.next_batch_seq`` - 1): the next
+        batch is numbered above it whatever this PLC's own count (``with_batch_floor``), from
+        the next scan on, and the raised count is persisted with the state. Only ever raises."""
+        self._batch_floor = max(self._batch_floor, int(floor))
 
     def submit(self, cmd: Command) -> None:
         """Queue a command for the next scan (safe from any thread: deque.append is atomic)."""
@@ -166,6 +174,8 @@ class Controller:
               window: str = "", wall_s: float | None = None) -> ScanResult:
         """One scan at ``now_s``; ``wall_s`` (epoch s, default ``now_s``) stamps the alarms."""
         ctx = ScanContext(self.tick, self.program.period_s, now_s, watchdog, window, wall_s)
+        if self._batch_floor > self.state.batch_seq:
+            self.state = with_batch_floor(self.state, self._batch_floor)
         result = scan(self.program, self.state, inputs, self._drain(), ctx)
         self.state = result.state
         self.last = result

@@ -155,6 +155,14 @@ def end_batch(s: PlcState, phase: Phase, now_s: float, outcome: str) -> tuple[Pl
     return replace(s2, held=False, interrupted=False, pump_ready=False, pump_warm_s=0.0), ev
 
 
+def with_batch_floor(s: PlcState, floor: int) -> PlcState:
+    """``s`` with its batch count raised to ``floor`` (the highest batch number the records
+    know) if it is below: the next batch is numbered ``floor + 1`` at least, so a PLC whose state
+    file is new (a restored or migrated machine) does not reuse the ids of its history. The count
+    never goes down; the running batch keeps its id."""
+    return replace(s, batch_seq=floor) if floor > s.batch_seq else s
+
+
 def apply_command(p: Program, s: PlcState, cmd: Command, now_s: float,
                   wall_s: float | None = None) -> tuple[PlcState, list[Event]]:
     """Check and apply one command; ``wall_s`` (epoch s, default ``now_s``) stamps alarms."""
@@ -172,7 +180,7 @@ def apply_command(p: Program, s: PlcState, cmd: Command, now_s: float,
         s = replace(s, alarms=new_alarms)
         ev += [alarm_event(c, s) for c in changes]
     elif isinstance(cmd, StartRecipe):
-        seq = s.batch_seq + 1
+        seq = s.batch_seq + 1              # batch_seq: max(own count, the records' floor)
         batch = f"{p.machine_id}-{seq:06d}"
         s = replace(s, recipe_id=cmd.recipe_id, batch_id=batch, batch_seq=seq, tempered=False,
                     held=False, interrupted=False, mixer_run_s=0.0, pump_warm_s=0.0,

@@ -189,6 +189,7 @@ async def run_plc(args, cfg, book) -> int:
         controller.set_recipes(recipes)
         book_file.save(recipes)
     port = WindowPort(args.socket, controller.submit, on_recipes=on_recipes,
+                      on_batch_floor=controller.set_batch_floor,
                       links=plant.diagnostics, lost_after_s=args.window_lost_s,
                       info={"pid": os.getpid(), "scheduling": scheduling, "period_s": period_s,
                             "machine": cfg.machine.id, "plant": plant.description})

@@ -64,6 +64,8 @@ async def run_window(args, cfg, book) -> int:
         undo.callback(records.close)
         if note:
             print(f"opc ua: {note}", flush=True)
+        # batch ids unique for the machine's life: the PLC numbers above the records' highest
+        plc.set_batch_floor(await asyncio.to_thread(records.next_batch_seq, cfg.machine.id) - 1)
         history = None
         if cfg.historian.enabled and not args.no_history:
             from historian.service import Historian

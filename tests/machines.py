@@ -33,7 +33,8 @@ class InProcessMachine:
         self.controller = Controller(self.program)
         self._dir = Path(tempfile.mkdtemp(prefix="tempering-test-"))
         self.port = WindowPort(self._dir / "plc.sock", self.controller.submit,
-                               on_recipes=self.controller.set_recipes)
+                               on_recipes=self.controller.set_recipes,
+                               on_batch_floor=self.controller.set_batch_floor)
         self.controller.channel = self.port
         self.plc = PlcClient(self._dir / "plc.sock")
         self.channel = self.plc.channel

@@ -160,3 +160,36 @@ async def test_events_a_hung_window_did_not_take_go_to_its_successor(sock):
     stop2.set()
     await task2
     await port.close()
+
+
+async def test_the_batch_floor_reaches_the_controller_on_connect_and_after_each_record(sock, program, make_inputs):
+    """The window tells the PLC the records' highest batch number before the first command (on
+    every connection) and again when it changes; the Controller numbers its next batch above it."""
+    from plc.runtime import Controller
+
+    c = Controller(program)
+    port = WindowPort(sock, c.submit, on_batch_floor=c.set_batch_floor)
+    await port.start()
+    client = PlcClient(sock)
+    client.set_batch_floor(122)                 # from the records, before the PLC is there
+    stop = asyncio.Event()
+    task = asyncio.create_task(client.run(stop))
+    await until(lambda: c._batch_floor == 122)
+    client.set_batch_floor(130)                 # a batch record of a later number was stored
+    client.set_batch_floor(125)                 # never lowered
+    await until(lambda: c._batch_floor == 130)
+    c.submit(StartRecipe("dark-70", user="op"))
+    c.cycle(make_inputs(), 0.0)
+    assert c.state.batch_id == f"{program.machine_id}-000131"
+    stop.set()
+    await task
+    await port.close()
+    floors: list[int] = []
+    port2 = WindowPort(sock, lambda cmd: None, on_batch_floor=floors.append)
+    await port2.start()                         # a restarted PLC hears the floor again
+    stop2 = asyncio.Event()
+    task = asyncio.create_task(client.run(stop2))
+    await until(lambda: floors == [130])
+    stop2.set()
+    await task
+    await port2.close()

@@ -717,3 +717,43 @@ def test_program_with_recipes_replaces_the_book(program):
     p2 = program.with_recipes({"test": r})
     assert list(p2.recipes) == ["test"] and p2.recipes["test"].pouring_goal_c == 30
     assert list(program.recipes) == ["dark-70", "milk-35", "white-28"]     # the original unchanged
+
+
+# --------------------------------------------------------------------------- batch numbering
+
+
+def test_a_controller_with_a_floor_continues_the_records_numbering(program, make_inputs, tmp_path):
+    """A restored or migrated machine: a new state file (count 0), the records' history up to
+    batch 122. The window's floor makes the next batch 123, and the count is persisted, so the
+    PLC keeps it after a restart even before the window tells it again."""
+    from plc.persist import StateStore
+    from plc.runtime import Controller
+
+    path = tmp_path / "plc-state.json"
+    store = StateStore(path, background=False)
+    c = Controller(program, store)
+    assert c.state.batch_seq == 0
+    c.set_batch_floor(122)
+    c.set_batch_floor(5)                             # a floor never lowers the count
+    c.submit(StartRecipe("dark-70", user="op"))
+    c.cycle(make_inputs(), 0.0)
+    assert c.state.batch_id == f"{program.machine_id}-000123" and c.state.batch_seq == 123
+    c.submit(Abort(user="op"))
+    c.cycle(make_inputs(), 0.1)
+    store.close()
+    again = Controller(program, StateStore(path, background=False))
+    again.set_batch_floor(122)                       # the window's floor, below the PLC's own
+    again.submit(StartRecipe("dark-70", user="op"))
+    again.cycle(make_inputs(), 0.2)
+    assert again.state.batch_id == f"{program.machine_id}-000124"
+
+
+def test_a_floor_below_the_plcs_own_count_changes_nothing(rig):
+    from plc.sequencer import with_batch_floor
+
+    s = PlcState(batch_seq=40)
+    assert with_batch_floor(s, 12) is s
+    assert with_batch_floor(s, 41).batch_seq == 41
+    r = rig(state=with_batch_floor(PlcState(batch_seq=3), 122))
+    start(r)
+    assert r.state.batch_id == "tempering-01-000123"
