@@ -11,13 +11,13 @@ from datetime import datetime, timezone
 import pytest
 from sqlalchemy import create_engine, text
 
-from batch_samples import T0, batch_module, record   # noqa: F401  (batch_module: a fixture)
+from batch_samples import T0, record
 from opcua_server import records as records_module
 from opcua_server.records import BatchSummary, Records, batch_seq_of, validate_recipe
 from plc.config import Recipe
 
 
-def test_a_record_is_stored_whole_and_read_back(records, batch_module):
+def test_a_record_is_stored_whole_and_read_back(records):
     rec = record(7, verdict="FAIL", reasons=("pouring within ±0.5 K for 80.0 % of the time",))
     records.save_batch(rec)
     assert records.batch("tm-1-000007") == rec
@@ -26,21 +26,21 @@ def test_a_record_is_stored_whole_and_read_back(records, batch_module):
                                               "completed", "FAIL", rec.reasons)]
 
 
-def test_saving_a_batch_again_replaces_it(records, batch_module):
+def test_saving_a_batch_again_replaces_it(records):
     records.save_batch(record(7, verdict="INCOMPLETE", reasons=("no pouring",)))
     records.save_batch(record(7, verdict="PASS"))
     assert [(s.batch_id, s.verdict, s.reasons) for s in records.batches()] == [("tm-1-000007", "PASS", ())]
     assert records.batch("tm-1-000007").verdict == "PASS"
 
 
-def test_a_refused_record_changes_nothing(records, batch_module):
+def test_a_refused_record_changes_nothing(records):
     records.save_batch(record(7))
     with pytest.raises(ValueError, match="verdict"):
         records.save_batch(record(7, verdict="MAYBE"))
     assert records.batch("tm-1-000007").verdict == "PASS"
 
 
-def test_list_by_time_verdict_and_limit(records, batch_module):
+def test_list_by_time_verdict_and_limit(records):
     verdicts = ["PASS", "FAIL", "PASS", "INCOMPLETE", "FAIL"]
     for i, v in enumerate(verdicts):             # one batch every two hours, stored out of order
         records.save_batch(record(10 - i, start_s=T0 + (4 - i) * 7200, verdict=v))
@@ -59,7 +59,7 @@ def test_list_by_time_verdict_and_limit(records, batch_module):
         records.batches(limit=-1)
 
 
-def test_the_list_never_reads_a_records_json(records, batch_module):
+def test_the_list_never_reads_a_records_json(records):
     records.save_batch(record(7))
     with records.engine.begin() as db:      # a record damaged behind our back
         db.execute(text("UPDATE batches SET record = 'not json'"))
@@ -68,7 +68,7 @@ def test_the_list_never_reads_a_records_json(records, batch_module):
         records.batch("tm-1-000007")
 
 
-def test_next_batch_seq_is_the_machines_highest_plus_one(records, batch_module):
+def test_next_batch_seq_is_the_machines_highest_plus_one(records):
     assert records.next_batch_seq("tm-1") == 1
     for seq in (3, 122, 17):
         records.save_batch(record(seq))
@@ -86,7 +86,7 @@ def test_batch_seq_of(batch_id, machine, seq):
     assert batch_seq_of(batch_id, machine) == seq
 
 
-def test_a_thousand_batches_list_fast(records, batch_module):
+def test_a_thousand_batches_list_fast(records):
     rows = [record(i, start_s=T0 + i * 3600) for i in range(1, 1001)]
     for r in rows:
         records.save_batch(r)
@@ -95,7 +95,7 @@ def test_a_thousand_batches_list_fast(records, batch_module):
     assert len(listed) == 501 and time.perf_counter() - started < 1.0
 
 
-def test_a_schema_3_database_gets_the_batches(tmp_path, batch_module):
+def test_a_schema_3_database_gets_the_batches(tmp_path):
     path = tmp_path / "old.db"
     engine = create_engine(f"sqlite:///{path}")
     with engine.begin() as db:
