@@ -11,6 +11,12 @@ Schema (nanosecond timestamps; the README's "Historian" section is the reference
          state="<new state>",from="<old state>",transition="<active|cleared|acknowledged|
          ...>",message="...",user="...",comment="...",value=<float, when it has one> <ns>
 
+    batch,machine=<id>,batch=<batch id>,recipe=<recipe>,verdict=<PASS|FAIL|INCOMPLETE>,
+         outcome=<completed|stopped|aborted|tripped|shutdown>
+         duration_s=<float>,energy_kwh=<float>,energy_kwh_per_kg=<float, when known>,
+         alarms=<int>,interruptions=<int>,heating_s=..,cooling_s=..,pouring_s=<float, each
+         phase the batch ran>,pouring_in_band_share=<0..1, when the batch poured> <ended_at ns>
+
 Alarm lines take the scalar keys of the scan's ``alarm`` events (``plc.sequencer.alarm_event``);
 the event's ``alarm`` record itself is never written.
 
@@ -28,9 +34,12 @@ transitions are always written, whatever the interval.
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 from plc.channel import Snapshot
+
+if TYPE_CHECKING:
+    from opcua_server.batches import BatchRecord
 
 _TAG_ESCAPES = str.maketrans({",": r"\,", "=": r"\=", " ": r"\ ", "\n": " ", "\0": ""})
 _MEASUREMENT_ESCAPES = str.maketrans({",": r"\,", " ": r"\ ", "\n": " "})
@@ -68,6 +77,31 @@ def _number(value: object) -> float | None:
 
 def ns(time_s: float) -> int:
     return int(round(time_s * 1e9))
+
+
+def batch_line(record: "BatchRecord") -> str:
+    """The ``batch`` line of a finished batch record (``opcua_server.batches.BatchRecord``): one
+    point per batch at its end (``ended_at``), so writing a record again writes the same point.
+    Tags: machine, batch, recipe, verdict, outcome. Fields: duration_s (end - start, s),
+    energy_kwh, energy_kwh_per_kg (when the charge's mass is known), alarms and interruptions
+    (counts), ``<phase>_s`` per phase the batch ran (its running time, interruptions left
+    out; a phase entered twice counts twice), pouring_in_band_share (0..1, from the record's
+    figures, when the batch poured)."""
+    fields: dict[str, object] = {
+        "duration_s": float(record.ended_at - record.started_at),
+        "energy_kwh": _number(record.energy_kwh),
+        "energy_kwh_per_kg": _number(record.energy_kwh_per_kg),
+        "alarms": len(record.alarms),
+        "interruptions": len(record.interruptions),
+    }
+    for span in record.phases:
+        key = f"{span.phase}_s"
+        fields[key] = float(fields.get(key) or 0.0) + float(span.duration_s)
+    fields["pouring_in_band_share"] = _number((getattr(record, "figures", None) or {})
+                                              .get("pouring_in_band_share"))
+    return line("batch", {"machine": record.machine_id, "batch": record.batch_id,
+                          "recipe": record.recipe_id, "verdict": record.verdict,
+                          "outcome": record.outcome}, fields, ns(record.ended_at))
 
 
 class Sampler:

@@ -47,6 +47,35 @@ def test_line_escapes_and_round_trips_through_the_parser():
     assert fields == {"message": 'zone "pump", 1 = bad\\', "n": 2, "ok": True, "x": 1.5}
 
 
+def test_a_batch_record_is_one_batch_line_at_its_end():
+    from batch_samples import T0, record
+    from historian.schema import batch_line
+
+    rec = record(7, verdict="FAIL", reasons=("pouring within ±0.5 K of 31.5 °C for 80 % of the time",),
+                 pouring_share=0.8)
+    m, tags, fields, ts = parse_line(batch_line(rec))
+    assert (m, ts) == ("batch", int((T0 + 5400) * 1e9))
+    assert tags == {"machine": "tm-1", "batch": "tm-1-000007", "recipe": "dark", "verdict": "FAIL",
+                    "outcome": "completed"}
+    assert fields == {"duration_s": 5400.0, "energy_kwh": 12.5, "energy_kwh_per_kg": 12.5 / 40,
+                      "alarms": 1, "interruptions": 1, "heating_s": 1800.0, "cooling_s": 1200.0,
+                      "pouring_s": 2400.0, "pouring_in_band_share": 0.8}
+    assert batch_line(rec) == batch_line(record(7, verdict="FAIL", reasons=rec.reasons,
+                                                pouring_share=0.8))       # the same point again
+
+
+def test_a_batch_line_leaves_out_what_the_record_does_not_know():
+    from batch_samples import record
+    from historian.schema import batch_line
+
+    rec = record(8, kg=None, pouring_share=None, verdict="INCOMPLETE", outcome="aborted")
+    rec = replace(rec, phases=rec.phases[:1], alarms=(), interruptions=(), batch_id="tm 1,x=000008")
+    m, tags, fields, _ = parse_line(batch_line(rec))
+    assert tags["batch"] == "tm 1,x=000008" and tags["outcome"] == "aborted"
+    assert fields == {"duration_s": 5400.0, "energy_kwh": 12.5, "alarms": 0, "interruptions": 0,
+                      "heating_s": 1800.0}
+
+
 def test_a_line_without_fields_is_refused():
     with pytest.raises(ValueError):
         line("zone", {"zone": "pump"}, {"temp_c": None}, 1)
