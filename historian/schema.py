@@ -79,14 +79,13 @@ def ns(time_s: float) -> int:
     return int(round(time_s * 1e9))
 
 
-def batch_line(record: "BatchRecord") -> str:
-    """The ``batch`` line of a finished batch record (``opcua_server.batches.BatchRecord``): one
-    point per batch at its end (``ended_at``), so writing a record again writes the same point.
-    Tags: machine, batch, recipe, verdict, outcome. Fields: duration_s (end - start, s),
-    energy_kwh, energy_kwh_per_kg (when the charge's mass is known), alarms and interruptions
-    (counts), ``<phase>_s`` per phase the batch ran (its running time, interruptions left
-    out; a phase entered twice counts twice), pouring_in_band_share (0..1, from the record's
-    figures, when the batch poured)."""
+def batch_fields(record: "BatchRecord") -> dict[str, object]:
+    """The figures of a finished batch record (``opcua_server.batches.BatchRecord``), as the
+    ``batch`` line's fields (and the columns of ``tempering batches export``): duration_s (end -
+    start, s), energy_kwh, energy_kwh_per_kg (None unless the charge's mass is known), alarms
+    and interruptions (counts), ``<phase>_s`` per phase the batch ran (its running time,
+    interruptions left out; a phase entered twice counts twice), pouring_in_band_share (0..1,
+    from the record's figures; None when the batch did not pour)."""
     fields: dict[str, object] = {
         "duration_s": float(record.ended_at - record.started_at),
         "energy_kwh": _number(record.energy_kwh),
@@ -99,9 +98,16 @@ def batch_line(record: "BatchRecord") -> str:
         fields[key] = float(fields.get(key) or 0.0) + float(span.duration_s)
     fields["pouring_in_band_share"] = _number((getattr(record, "figures", None) or {})
                                               .get("pouring_in_band_share"))
+    return fields
+
+
+def batch_line(record: "BatchRecord") -> str:
+    """The ``batch`` line of a finished batch record: one point per batch at its end
+    (``ended_at``), so writing a record again writes the same point. Tags: machine, batch,
+    recipe, verdict, outcome; fields: ``batch_fields`` (the unknown ones left out)."""
     return line("batch", {"machine": record.machine_id, "batch": record.batch_id,
                           "recipe": record.recipe_id, "verdict": record.verdict,
-                          "outcome": record.outcome}, fields, ns(record.ended_at))
+                          "outcome": record.outcome}, batch_fields(record), ns(record.ended_at))
 
 
 class Sampler:

@@ -844,6 +844,13 @@ class BatchSummary:
     def duration_s(self) -> float:
         return self.ended_at - self.started_at
 
+    def as_dict(self) -> dict[str, Any]:
+        """Every field and the duration, JSON-ready (the times as ISO 8601 UTC text)."""
+        return {"batch_id": self.batch_id, "machine": self.machine, "recipe_id": self.recipe_id,
+                "started_at": _utc_text(self.started_at), "ended_at": _utc_text(self.ended_at),
+                "duration_s": self.duration_s, "outcome": self.outcome, "verdict": self.verdict,
+                "reasons": list(self.reasons)}
+
 
 def batch_seq_of(batch_id: str, machine: str) -> int | None:
     """The number of a batch id ``<machine>-NNNNNN`` (``plc.sequencer``'s form), else None."""

@@ -13,6 +13,9 @@
     tempering export-nodeset FILE [--config FILE]
     tempering alarms journal [--since T] [--until T] [--alarm ID] [--batch ID] [--limit N] [--json]
                              [--config FILE] [--data-dir DIR]
+    tempering batches list [--since T] [--until T] [--verdict PASS|FAIL|INCOMPLETE] [--limit N] [--json]
+                    | show ID [--json] | export --csv FILE [--since T] [--until T] [--verdict V]
+                                                                  [--config FILE] [--data-dir DIR]
 
 ``run`` starts and supervises the PLC process and the plant-window process (``supervisor``)
 and, by default, the twin as a Modbus TCP slave on loopback in a process of its own; ``plc``
@@ -32,6 +35,13 @@ instances as a NodeSet2 file that requires the types model ``nodesets/Tempering.
 PLC start, oldest first) as a table, or with ``--json`` one JSON object per line with every
 field; ``T`` is an ISO 8601 time (UTC unless it has an offset) or a time ago (``90s``, ``10m``,
 ``2h``, ``1d``); ``--limit N`` keeps the newest N. Bad arguments: a message and exit code 2.
+``batches`` reads the batch records of the records database: ``list`` one line a batch (oldest
+first; the same T, ``--limit N`` the newest N) or ``--json`` one object a line; ``show`` one
+whole record (header with the verdict and its reasons, the checks, phases, per-zone figures,
+interruptions, alarms, operator actions, energy) or ``--json`` the record; ``export`` one CSV
+row a batch (a header row; UTF-8, ISO 8601 UTC times, the summary and the figures of the
+historian's ``batch`` line), written atomically. Bad arguments (an unknown batch, an empty
+interval, a file that cannot be written): a message, exit code 2, nothing written.
 """
 
 from __future__ import annotations
@@ -215,10 +225,23 @@ def cmd_twin(args) -> int:
     return 0
 
 
-def cmd_import_mapping(args) -> int:
+def _write_atomic(out: Path, text: str, newline: str | None = None) -> None:
+    """``text`` into ``out`` atomically: a reader sees the old file or the whole new one, never
+    a part (a temporary file beside it, then ``os.replace``). OSError if it cannot."""
     import os
     import tempfile
 
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent or ".")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline=newline) as f:
+            f.write(text)
+        os.replace(tmp, out)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def cmd_import_mapping(args) -> int:
     from plc.modbus.legacy import dump_register_map, import_mapping
 
     try:
@@ -231,15 +254,8 @@ def cmd_import_mapping(args) -> int:
         sys.stdout.write(text)
         return 0
     out = Path(args.output)
-    try:  # atomically: a reader sees the old file or the whole new one, never a part
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent or ".")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.replace(tmp, out)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+    try:
+        _write_atomic(out, text)
     except OSError as e:
         print(f"{out}: cannot write: {e.strerror or e}", file=sys.stderr)
         return 1
@@ -376,20 +392,32 @@ JOURNAL_COLUMNS = ("time", "alarm", "kind", "state", "user", "comment", "message
 def _journal_table(rows) -> list[str]:
     """The journal as text lines: one header, one line a row, columns as wide as their widest
     cell (the message last, as long as it is)."""
-    cells = [(r.time.strftime("%Y-%m-%d %H:%M:%S.") + f"{r.time.microsecond // 1000:03d}Z",
-              r.alarm_id or "-", r.kind, r.state or "-", r.user or "-", r.comment or "-", r.message)
-             for r in rows]
-    widths = [max(len(c[i]) for c in [JOURNAL_COLUMNS, *cells]) for i in range(len(JOURNAL_COLUMNS))]
-    return ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip()
-            for line in [JOURNAL_COLUMNS, *cells]]
+    return _table(JOURNAL_COLUMNS, [
+        (r.time.strftime("%Y-%m-%d %H:%M:%S.") + f"{r.time.microsecond // 1000:03d}Z",
+         r.alarm_id or "-", r.kind, r.state or "-", r.user or "-", r.comment or "-", r.message)
+        for r in rows])
+
+
+def _table(header, cells) -> list[str]:
+    """Text lines: the header, one line a row, columns as wide as their widest cell."""
+    rows = [tuple(header), *(tuple(c) for c in cells)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+
+def _empty_interval(cmd: str, since: datetime | None, until: datetime | None) -> bool:
+    """True (after saying so) if ``--since`` is not before ``--until``."""
+    if since and until and since >= until:
+        print(f"tempering {cmd}: --since ({since.isoformat()}) must be before --until "
+              f"({until.isoformat()})", file=sys.stderr)
+        return True
+    return False
 
 
 def cmd_alarms(args) -> int:
     from opcua_server.records import Records
 
-    if args.since and args.until and args.since >= args.until:
-        print(f"tempering alarms journal: --since ({args.since.isoformat()}) must be before --until "
-              f"({args.until.isoformat()})", file=sys.stderr)
+    if _empty_interval("alarms journal", args.since, args.until):
         return 2
     settings = _opcua_settings(args)
     if settings is None:
@@ -409,6 +437,201 @@ def cmd_alarms(args) -> int:
         print("no alarm journal entries" + (" match" if any(
             v is not None for v in (args.since, args.until, args.alarm, args.batch)) else " yet"))
     return 0
+
+
+# --------------------------------------------------------------------------- batch records
+
+
+def _records(args):
+    """The records database of the config (``--data-dir`` applied); None after printing why."""
+    from opcua_server.records import Records
+
+    settings = _opcua_settings(args)
+    return None if settings is None else Records(settings.records_url)
+
+
+def _utc(time_s: float, sep: str = " ") -> str:
+    """``2026-03-01 09:30:00Z``: seconds since the epoch as ISO 8601 UTC, to the second."""
+    return (datetime.fromtimestamp(time_s, timezone.utc).isoformat(sep=sep, timespec="seconds")
+            .replace("+00:00", "Z"))
+
+
+def _hms(seconds: float) -> str:
+    whole = int(round(seconds))
+    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
+
+
+def _num(value, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+BATCH_COLUMNS = ("batch", "recipe", "started", "duration", "outcome", "verdict", "reasons")
+
+
+def cmd_batches_list(args) -> int:
+    if _empty_interval("batches list", args.since, args.until):
+        return 2
+    records = _records(args)
+    if records is None:
+        return 1
+    try:
+        rows = records.batches(since=args.since, until=args.until, verdict=args.verdict, limit=args.limit)
+    finally:
+        records.close()
+    if args.json:
+        for r in rows:
+            print(json.dumps(r.as_dict(), ensure_ascii=False))
+    elif rows:
+        print("\n".join(_table(BATCH_COLUMNS, [
+            (r.batch_id, r.recipe_id, _utc(r.started_at), _hms(r.duration_s), r.outcome, r.verdict,
+             "; ".join(r.reasons) or "-") for r in rows])))
+    else:
+        print("no batch records" + (" match" if any(
+            v is not None for v in (args.since, args.until, args.verdict)) else " yet"))
+    return 0
+
+
+def _record_text(rec) -> list[str]:
+    """A batch record for a reader: the header with the verdict and its reasons, then the
+    checks, phases, per-zone figures, interruptions, alarms, operator actions and energy."""
+    name = rec.recipe.get("name") if isinstance(rec.recipe, dict) else None
+    out = [f"batch {rec.batch_id}   machine {rec.machine_id}   recipe {rec.recipe_id}"
+           + (f" ({name})" if name else ""),
+           f"started {_utc(rec.started_at)} by {rec.started_by or '?'}, ended {_utc(rec.ended_at)} "
+           f"({_hms(rec.ended_at - rec.started_at)}): {rec.outcome}"
+           + (f", first-out {rec.first_out}" if rec.first_out else ""),
+           f"verdict {rec.verdict}"]
+    out += [f"  - {reason}" for reason in rec.reasons]
+    if rec.checks:
+        out += ["", "checks"] + ["  " + line for line in _table(
+            ("", "criterion", "figure"), [("ok" if c.passed else "FAILED", c.name, c.text) for c in rec.checks])]
+    out += ["", "phases"] + ["  " + line for line in _table(
+        ("phase", "start", "end", "running"),
+        [(p.phase, _utc(p.start), _utc(p.end), _hms(p.duration_s)) for p in rec.phases])]
+    if rec.zones:
+        out += ["", "zones (°C; outside: time off the set-point by more than the tolerance)"]
+        out += ["  " + line for line in _table(
+            ("phase", "zone", "samples", "min", "max", "mean", "std", "outside", "max dev K"),
+            [(z.phase, z.zone, str(z.samples), _num(z.min_c, 2), _num(z.max_c, 2), _num(z.mean_c, 2),
+              _num(z.std_c, 2), _hms(z.outside_s), _num(z.max_dev_k, 2)) for z in rec.zones])]
+    if rec.interruptions:
+        out += ["", "interruptions"] + ["  " + line for line in _table(
+            ("from", "to", "gap", "phase"),
+            [(_utc(i.start), _utc(i.end), _hms(i.gap_s), i.phase) for i in rec.interruptions])]
+    out += ["", "alarms" + ("" if rec.alarms else ": none")]
+    if rec.alarms:
+        out += ["  " + line for line in _table(("time", "alarm", "priority", "message"), [
+            (_utc(a.time), a.alarm_id, str(a.priority), a.message) for a in rec.alarms])]
+    out += ["", "operator actions" + ("" if rec.actions else ": none")]
+    if rec.actions:
+        out += ["  " + line for line in _table(("time", "user", "action", "detail"), [
+            (_utc(a.time), a.user or "-", a.action, a.detail or "-") for a in rec.actions])]
+    per_kg = f", {rec.energy_kwh_per_kg:.3f} kWh/kg" if rec.energy_kwh_per_kg is not None else ""
+    out += ["", f"energy {rec.energy_kwh:.2f} kWh (rated)"
+            + (f", {rec.metered_kwh:.2f} kWh metered" if rec.metered_kwh is not None else "")
+            + (f", {rec.chocolate_kg:g} kg of chocolate" if rec.chocolate_kg is not None else "") + per_kg]
+    if rec.criteria:
+        out.append("judged by " + ", ".join(f"{k} {v:g}" if isinstance(v, (int, float)) else f"{k} {v}"
+                                            for k, v in rec.criteria.items()))
+    return out
+
+
+def cmd_batches_show(args) -> int:
+    records = _records(args)
+    if records is None:
+        return 1
+    try:
+        rec = records.batch(args.id)
+    finally:
+        records.close()
+    if rec is None:
+        print(f"tempering batches show: no batch record {args.id!r} (tempering batches list shows "
+              f"the batches)", file=sys.stderr)
+        return 2
+    print(json.dumps(rec.to_dict(), ensure_ascii=False) if args.json else "\n".join(_record_text(rec)))
+    return 0
+
+
+#: ``batches export``'s columns: the summary, then the figures of the historian's batch line.
+EXPORT_COLUMNS = ("batch_id", "machine", "recipe_id", "started_at", "ended_at", "started_by",
+                  "outcome", "verdict", "reasons", "duration_s", "heating_s", "cooling_s",
+                  "pouring_s", "pouring_in_band_share", "energy_kwh", "metered_kwh",
+                  "chocolate_kg", "energy_kwh_per_kg", "alarms", "interruptions", "first_out")
+
+
+def _export_row(rec) -> list[str]:
+    from historian.schema import batch_fields
+
+    figures = batch_fields(rec)
+    values = {**figures, "batch_id": rec.batch_id, "machine": rec.machine_id,
+              "recipe_id": rec.recipe_id, "started_at": _utc(rec.started_at, "T"),
+              "ended_at": _utc(rec.ended_at, "T"), "started_by": rec.started_by,
+              "outcome": rec.outcome, "verdict": rec.verdict, "reasons": "; ".join(rec.reasons),
+              "metered_kwh": rec.metered_kwh, "chocolate_kg": rec.chocolate_kg,
+              "first_out": rec.first_out}
+    return ["" if values.get(k) is None else
+            (format(round(values[k], 4), "f").rstrip("0").rstrip(".") if isinstance(values[k], float)
+             else str(values[k]))
+            for k in EXPORT_COLUMNS]
+
+
+def cmd_batches_export(args) -> int:
+    import csv
+    import io
+
+    if _empty_interval("batches export", args.since, args.until):
+        return 2
+    out = Path(args.csv)
+    if out.is_dir() or not (out.parent if str(out.parent) else Path(".")).is_dir():
+        print(f"tempering batches export: {out}: cannot write: "
+              + ("it is a directory" if out.is_dir() else f"no directory {out.parent}"), file=sys.stderr)
+        return 2
+    records = _records(args)
+    if records is None:
+        return 1
+    try:
+        summaries = records.batches(since=args.since, until=args.until, verdict=args.verdict)
+        rows = [rec for rec in (records.batch(s.batch_id) for s in summaries) if rec is not None]
+    finally:
+        records.close()
+    text = io.StringIO()
+    writer = csv.writer(text)               # RFC 4180: CRLF line ends, quotes where needed
+    writer.writerow(EXPORT_COLUMNS)
+    writer.writerows(_export_row(rec) for rec in rows)
+    try:
+        _write_atomic(out, text.getvalue(), newline="")
+    except OSError as e:
+        print(f"tempering batches export: {out}: cannot write: {e.strerror or e}", file=sys.stderr)
+        return 2
+    print(f"{out}: {len(rows)} batch{'es' if len(rows) != 1 else ''}")
+    return 0
+
+
+def _batches_parser(sub, where: argparse.ArgumentParser):
+    """``tempering batches ...``; returns its subparsers, where each command sets its own
+    ``func`` (list, show, export here; more can join, e.g. report)."""
+    from opcua_server.records import VERDICTS
+
+    b = sub.add_parser("batches", help="the batch records: list, show, export")
+    actions = b.add_subparsers(dest="action", required=True)
+    when = argparse.ArgumentParser(add_help=False)
+    when.add_argument("--since", type=_journal_time, metavar="T",
+                      help="batches started from this time on: ISO 8601 (UTC unless it has an "
+                           "offset) or a time ago (10m, 2h, 1d)")
+    when.add_argument("--until", type=_journal_time, metavar="T", help="started before this time (same forms)")
+    when.add_argument("--verdict", choices=VERDICTS, help="only the batches with this verdict")
+    x = actions.add_parser("list", parents=[where, when], help="list the batches, oldest first")
+    x.add_argument("--limit", type=_positive_int, metavar="N", help="only the newest N batches")
+    x.add_argument("--json", action="store_true", help="one JSON object per line")
+    x.set_defaults(func=cmd_batches_list)
+    x = actions.add_parser("show", parents=[where], help="one batch record, whole")
+    x.add_argument("id", metavar="ID", help="the batch id (e.g. tempering-01-000042)")
+    x.add_argument("--json", action="store_true", help="the record as one JSON object")
+    x.set_defaults(func=cmd_batches_show)
+    x = actions.add_parser("export", parents=[where, when], help="the batches as a CSV file, one row each")
+    x.add_argument("--csv", required=True, metavar="FILE", help="the CSV file to write")
+    x.set_defaults(func=cmd_batches_export)
+    return actions
 
 
 async def _export_nodeset(path: Path, cfg, book) -> int:
@@ -568,6 +791,7 @@ def main(argv: list[str] | None = None) -> int:
     x.add_argument("--batch", metavar="ID", help="only the entries of this batch")
     x.add_argument("--limit", type=_positive_int, metavar="N", help="only the newest N entries")
     x.add_argument("--json", action="store_true", help="one JSON object per line, every field")
+    _batches_parser(sub, where)
     args = ap.parse_args(argv)
     return args.func(args)
 
