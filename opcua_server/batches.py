@@ -27,8 +27,8 @@ Rules
   heating: the longest unbroken time every zone was at or above heating goal - tolerance_k;
   cooling: whether both tank zones came within tolerance_k of the cooling goal, their lowest
   reading; pouring (from the release of pouring on, held or not): the time, and the time the
-  pouring point (``POURING_ZONE``, the fountain outlet) was within ``pouring_band_k`` of the
-  pouring goal, its largest deviation from it; tempered: the time any zone was above the
+  pouring path (``POURING_ZONES``: pump and fountain, the worse of the two; a bad reading is
+  out of band) was within ``pouring_band_k`` of the pouring goal, its largest deviation; tempered: the time any zone was above the
   recipe's working maximum, the highest reading.
 - Outcome (from the ``batch_end`` event): completed (Stop while pouring), stopped (Stop
   before pouring was released), aborted, shutdown, tripped (the first-out kept).
@@ -52,9 +52,12 @@ if TYPE_CHECKING:  # read by attribute only; the core types stay out of this mod
     from plc.config import AcceptanceCriteria, Recipe
     from plc.program import Program
 
-#: The zone whose reading is the working temperature: the fountain outlet, where the chocolate
-#: leaves the machine (``twin.Twin.pouring_temp_c``).
-POURING_ZONE = "fountain"
+#: The zones whose readings are the working temperature: the pouring path, from the pump (where
+#: the chocolate leaves the tank) to the fountain outlet (where it is poured,
+#: ``twin.Twin.pouring_temp_c``). Both have heaters of their own and small masses: they hold the
+#: goal through a disturbance of the tank until its heat runs out, then leave the band. The
+#: worse of the two counts.
+POURING_ZONES = ("pump", "fountain")
 RUNNING_PHASES = ("heating", "cooling", "pouring")
 VERDICTS = ("PASS", "FAIL", "INCOMPLETE")
 OUTCOMES = ("completed", "stopped", "aborted", "tripped", "shutdown")
@@ -526,9 +529,9 @@ class BatchRecorder:
                 b.heat_run_s = 0.0
         if p.phase == "pouring" and p.released and "pouring_goal" in r:
             f["pouring_s"] += dt
-            v = p.pv.get(POURING_ZONE)
-            if v is not None:
-                dev = abs(v - r["pouring_goal"])
+            vs = [p.pv.get(z) for z in POURING_ZONES]
+            if all(v is not None for v in vs):
+                dev = max(abs(v - r["pouring_goal"]) for v in vs)
                 f["pouring_max_dev_k"] = max(dev, f["pouring_max_dev_k"] or 0.0)
                 if dev <= c.get("pouring_band_k", 0.5) + 1e-9:
                     f["pouring_in_band_s"] += dt

@@ -337,7 +337,7 @@ class AcceptanceCriteria(_Frozen):
       ``heating_dwell_s`` without a break (the crystals are all melted);
     - cooling: the tank zones reach the cooling goal and never fall more than
       ``cooling_undershoot_k`` below it;
-    - pouring (once released): the pouring point (the fountain zone) within
+    - pouring (once released): the pouring path (pump and fountain zones) within
       ``pouring_band_k`` of the pouring goal for at least ``pouring_min_share`` of the time;
       and no zone above the recipe's working_max once tempered (the temper is lost);
     - ``tolerance_k``: the band around each zone's set-point outside which a zone's time
