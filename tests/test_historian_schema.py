@@ -262,3 +262,41 @@ def test_spool_alarm_at_80_percent_logged_once_and_in_the_diagnostics(tmp_path, 
     assert len(warnings) == 1 and "http://127.0.0.1:9" in warnings[0].getMessage()
     assert d.dropped_total > 0                  # drop_oldest made room once it was full
     h.stop(0.0)
+
+
+def test_readme_batch_queries_answer_the_quality_questions(influxdb1):
+    """The README's InfluxQL queries on the ``batch`` measurement, run on a real InfluxDB 1.x
+    holding the batch lines of four records (three of dark-70, one of milk-35)."""
+    import re
+    import time
+    from pathlib import Path
+
+    from batch_samples import record
+    from historian.schema import batch_line
+    from historian.sinks import Influx1Sink
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = next(b for b in re.findall(r"```sql\n(.*?)```", readme, re.S) if 'FROM "batch"' in b)
+    queries = [q for q in block.splitlines() if q.startswith("SELECT")]
+    assert len(queries) == 4
+    day = 86400.0
+    t0 = float(int(time.time() // day) * day) - 3 * day       # midnight, three days ago
+    recs = [record(40, machine="tempering-01", recipe="dark-70", start_s=t0, pouring_share=0.95),
+            record(41, machine="tempering-01", recipe="dark-70", start_s=t0 + 7200, verdict="FAIL",
+                   reasons=("pouring within ±0.5 K for 80 % of the time",), pouring_share=0.8),
+            record(42, machine="tempering-01", recipe="dark-70", start_s=t0 + day, verdict="FAIL",
+                   kg=None, pouring_share=0.7),
+            record(43, machine="tempering-01", recipe="milk-35", start_s=t0 + 2 * day, kg=50.0,
+                   pouring_share=0.99)]
+    sink = Influx1Sink(influxdb1.url, influxdb1.database)
+    sink.write([batch_line(r) for r in recs])
+    sink.close()
+    listed, failed, passed, one = (influxdb1.rows(q) for q in queries)
+    assert sorted((r["recipe"], r["verdict"], r["pouring_in_band_share"]) for r in listed) == [
+        ("dark-70", "FAIL", 0.7), ("dark-70", "FAIL", 0.8), ("dark-70", "PASS", 0.95),
+        ("milk-35", "PASS", 0.99)]
+    assert [(r["recipe"], r["count"]) for r in failed] == [("dark-70", 1), ("dark-70", 1)]   # 2 days
+    assert {r["recipe"]: (r["mean"], r["mean_1"]) for r in passed} == {
+        "dark-70": (12.5 / 40, 0.95), "milk-35": (12.5 / 50, 0.99)}
+    assert len(one) == 1 and one[0]["verdict"] == "FAIL" and one[0]["energy_kwh_per_kg"] is None
+    assert (one[0]["alarms"], one[0]["interruptions"], one[0]["duration_s"]) == (1, 1, 5400)
