@@ -54,6 +54,7 @@ bench: $(STAMP)
 	$(PY) -m bench.opcua
 	$(PY) -m bench.isolation
 	$(PY) -m bench.alarms
+	$(PY) -m bench.batches
 
 clean:
 	rm -rf $(VENV) var
