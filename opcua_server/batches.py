@@ -21,8 +21,8 @@ Rules
 - One record per batch id. A PLC restart during a batch leaves a gap and brings the batch back
   ``interrupted`` (same id, same phase): the record keeps going, with an ``Interruption`` from
   the last snapshot before it to the first snapshot resumed (or the batch's end); the phase's
-  time carries over (``PhaseSpan.duration_s`` is the phase's running time, interruptions left
-  out). Interrupted time counts in no figure.
+  time carries over (``PhaseSpan.duration_s`` is the phase's time, interruptions left out, a
+  hold counted in). Interrupted time counts in no figure.
 - Figures (``BatchRecord.figures``, the measurements ``judge`` reads):
   heating: the longest unbroken time every zone was at or above heating goal - tolerance_k;
   cooling: whether both tank zones came within tolerance_k of the cooling goal, their lowest
@@ -180,7 +180,8 @@ def _crit(criteria: "AcceptanceCriteria | Mapping[str, float]") -> Mapping[str, 
 
 
 def _g(v: float) -> str:
-    return f"{v:.1f}".rstrip("0").rstrip(".") if v == v else "?"
+    """A figure as shown in a text: at most two decimals, no trailing zeros (27.5, 1, 0.25)."""
+    return f"{v:.2f}".rstrip("0").rstrip(".") if v == v else "?"
 
 
 def judge(record: BatchRecord, criteria: "AcceptanceCriteria | Mapping[str, float]"

@@ -11,11 +11,23 @@ from dataclasses import replace
 import pytest
 
 from conftest import MACHINE_FILE
-from opcua_server.batches import (BatchAlarm, BatchRecord, Criterion, Interruption,
-                                  OperatorAction, PhaseSpan, ZonePhaseStats, judge, recipe_hash)
-from plc.config import AcceptanceCriteria, load_recipes
+from opcua_server.batches import (BatchAlarm, BatchRecord, BatchRecorder, Criterion, EnergyModel,
+                                  Interruption, OperatorAction, PhaseSpan, ZonePhaseStats, judge,
+                                  recipe_hash)
+from opcua_server.config import load
+from plc.channel import SnapshotChannel
+from plc.commands import Abort, Resume, SetTrim, StartRecipe, Stop
+from plc.config import AcceptanceCriteria
+from plc.program import Program
+from plc.runtime import Controller, run_virtual
+from plc.state import restored
+from twin import Twin
+from twin.inprocess import InProcessTwinIo
 
-RECIPE = load_recipes(MACHINE_FILE.parent / "recipes.yaml")["dark-70"]
+CFG, BOOK = load(MACHINE_FILE)
+PROGRAM = Program.from_config(CFG, BOOK)
+ZONES = tuple(z.name for z in PROGRAM.zones)
+RECIPE = BOOK["dark-70"]
 CRITERIA = AcceptanceCriteria()
 
 
@@ -121,21 +133,6 @@ def test_record_round_trip_through_json():
 
 
 # --------------------------------------------------------------------------- on the twin
-
-from plc.channel import SnapshotChannel  # noqa: E402
-from plc.commands import Abort, Resume, SetTrim, StartRecipe, Stop  # noqa: E402
-from plc.program import Program  # noqa: E402
-from plc.runtime import Controller, run_virtual  # noqa: E402
-from plc.state import restored  # noqa: E402
-from opcua_server.batches import BatchRecorder, EnergyModel  # noqa: E402
-from opcua_server.config import load  # noqa: E402
-from twin import Twin  # noqa: E402
-from twin.inprocess import InProcessTwinIo  # noqa: E402
-
-CFG, BOOK = load(MACHINE_FILE)
-PROGRAM = Program.from_config(CFG, BOOK)
-ZONES = tuple(z.name for z in PROGRAM.zones)
-
 
 class Line:
     """A machine on the twin in virtual time with a batch recorder fed every snapshot, as the
