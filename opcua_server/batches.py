@@ -387,14 +387,14 @@ class BatchRecorder:
 
     ``program``: the PLC's ``plc.program.Program`` (zones, scan period, phase count);
     ``recipes``: the validated recipes by id (``plc.config.Recipe``: the recipe as run and its
-    ``acceptance``); ``energy``: the rated powers and the charge. ``max_gap_s``: a longer
+    ``acceptance``; a ``RecipeBook`` will do); ``energy``: the rated powers and the charge. ``max_gap_s``: a longer
     silence between two snapshots counts for nothing (default 10 scans, at least 1 s)."""
 
     def __init__(self, machine_id: str, program: "Program", recipes: Mapping[str, "Recipe"],
                  energy: EnergyModel, max_gap_s: float | None = None) -> None:
         self.machine_id = machine_id
         self.program = program
-        self.recipes = recipes
+        self.recipes = _by_id(recipes)
         self.energy = energy
         self.zones = tuple(z.name for z in program.zones)
         self.max_gap_s = max_gap_s if max_gap_s is not None else max(1.0, 10 * program.period_s)
@@ -403,7 +403,7 @@ class BatchRecorder:
 
     def set_recipes(self, recipes: Mapping[str, "Recipe"]) -> None:
         """The recipe book edited at run time (a running batch keeps the recipe it started with)."""
-        self.recipes = recipes
+        self.recipes = _by_id(recipes)
 
     # ------------------------------------------------------------------ feeding
 
@@ -618,6 +618,11 @@ class BatchRecorder:
 
     def _zone_order(self, zone: str) -> int:
         return self.zones.index(zone) if zone in self.zones else len(self.zones)
+
+
+def _by_id(recipes: Any) -> Mapping[str, Any]:
+    """Recipes by id from a mapping or a ``plc.config.RecipeBook``."""
+    return getattr(recipes, "recipes", recipes)
 
 
 def _figures(b: _Batch) -> dict:

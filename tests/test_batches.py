@@ -141,7 +141,7 @@ class Line:
     def __init__(self, **twin_kw):
         self.twin = Twin(CFG.twin, seed=1, **twin_kw)
         self.io = InProcessTwinIo(self.twin)
-        self.recorder = BatchRecorder(PROGRAM.machine_id, PROGRAM, BOOK.recipes,
+        self.recorder = BatchRecorder(PROGRAM.machine_id, PROGRAM, BOOK,
                                       EnergyModel.from_twin(CFG.twin, PROGRAM.limits.phase_count))
         self.records: list[BatchRecord] = []
         self.t = 0.0
