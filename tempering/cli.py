@@ -16,6 +16,7 @@
     tempering batches list [--since T] [--until T] [--verdict PASS|FAIL|INCOMPLETE] [--limit N] [--json]
                     | show ID [--json] | export --csv FILE [--since T] [--until T] [--verdict V]
                                                                   [--config FILE] [--data-dir DIR]
+    tempering batches report ID -o FILE.png|.pdf|.html             [--config FILE] [--data-dir DIR]
 
 ``run`` starts and supervises the PLC process and the plant-window process (``supervisor``)
 and, by default, the twin as a Modbus TCP slave on loopback in a process of its own; ``plc``
@@ -40,8 +41,12 @@ first; the same T, ``--limit N`` the newest N) or ``--json`` one object a line; 
 whole record (header with the verdict and its reasons, the checks, phases, per-zone figures,
 interruptions, alarms, operator actions, energy) or ``--json`` the record; ``export`` one CSV
 row a batch (a header row; UTF-8, ISO 8601 UTC times, the summary and the figures of the
-historian's ``batch`` line), written atomically. Bad arguments (an unknown batch, an empty
-interval, a file that cannot be written): a message, exit code 2, nothing written.
+historian's ``batch`` line), written atomically. ``report`` draws one batch
+(``opcua_server.report``: the zones over time, phases, pouring band, alarms and actions, the
+verdict) from its record and the zone history of the config's historian sink (the local store,
+or InfluxDB), as a PNG, a PDF or an HTML page, and prints the file's path. Bad arguments (an
+unknown batch, an empty interval, a file that cannot be written): a message, exit code 2,
+nothing written.
 """
 
 from __future__ import annotations
@@ -634,6 +639,57 @@ def _batches_parser(sub, where: argparse.ArgumentParser):
     return actions
 
 
+def cmd_batches_report(args) -> int:
+    from opcua_server.report import HistoryUnavailable, history_for, render
+
+    out = Path(args.output)
+    if out.suffix.lower() not in (".png", ".pdf", ".html", ".htm"):
+        print(f"tempering batches report: {out}: the report is a .png, .pdf or .html file",
+              file=sys.stderr)
+        return 2
+    if not out.parent.is_dir():
+        print(f"tempering batches report: {out}: cannot write: no directory {out.parent}",
+              file=sys.stderr)
+        return 2
+    loaded = _load(args.config)
+    records = _records(args)
+    if loaded is None or records is None:
+        return 1
+    try:
+        rec = records.batch(args.id)
+    finally:
+        records.close()
+    if rec is None:
+        print(f"tempering batches report: no batch record {args.id!r} (tempering batches list shows "
+              f"the batches)", file=sys.stderr)
+        return 2
+    history = history_for(loaded[0].historian.sink, rec.machine_id, rec.batch_id)
+    try:
+        render(rec, history, out)
+    except HistoryUnavailable as e:
+        print(f"tempering batches report: the zone history: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"tempering batches report: {out}: cannot write: {e.strerror or e}", file=sys.stderr)
+        return 2
+    finally:
+        for owner in (history, getattr(history, "store", None)):   # a client, a store opened here
+            if hasattr(owner, "close"):
+                owner.close()
+    print(out)
+    return 0
+
+
+def _report_parser(actions, where: argparse.ArgumentParser) -> None:
+    """``tempering batches report ID -o FILE``."""
+    x = actions.add_parser("report", parents=[where],
+                           help="draw one batch: a PNG, PDF or HTML page from its record and zone history")
+    x.add_argument("id", metavar="ID", help="the batch id (e.g. tempering-01-000042)")
+    x.add_argument("-o", "--output", required=True, metavar="FILE",
+                   help="the report to write: FILE.png, FILE.pdf or FILE.html")
+    x.set_defaults(func=cmd_batches_report)
+
+
 async def _export_nodeset(path: Path, cfg, book) -> int:
     from asyncua import Server
 
@@ -791,7 +847,7 @@ def main(argv: list[str] | None = None) -> int:
     x.add_argument("--batch", metavar="ID", help="only the entries of this batch")
     x.add_argument("--limit", type=_positive_int, metavar="N", help="only the newest N entries")
     x.add_argument("--json", action="store_true", help="one JSON object per line, every field")
-    _batches_parser(sub, where)
+    _report_parser(_batches_parser(sub, where), where)
     args = ap.parse_args(argv)
     return args.func(args)
 

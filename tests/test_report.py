@@ -154,3 +154,31 @@ def test_history_for_follows_the_historians_sink(tmp_path):
     h = history_for(SinkSettings(kind="local", path=str(tmp_path / "h.sqlite")), "tm-1")
     assert isinstance(h, StoreHistory) and h.series("pump", "temp_c", T0, T0 + 60) == []
     h.store.close()
+
+
+def test_cli_report_draws_a_stored_batch_from_the_configured_history(sample, tmp_path,
+                                                                     monkeypatch, capsys):
+    from opcua_server.records import Records
+    from tempering.cli import main
+
+    rec, store = sample
+    monkeypatch.chdir(tmp_path)           # the default machine's local store: var/history.sqlite
+    (tmp_path / "var").mkdir()
+    LocalStore(tmp_path / "var" / "history.sqlite", retention_days=36500).write_lines(
+        zone_lines(rec))
+    records = Records(f"sqlite:///{tmp_path / 'opcua' / 'tempering.db'}")
+    records.save_batch(rec)
+    records.close()
+    where = ["--data-dir", str(tmp_path / "opcua")]
+    assert main(["batches", "report", rec.batch_id, "-o", "r.png", *where]) == 0
+    assert capsys.readouterr().out.strip() == "r.png"
+    pixels = imread(tmp_path / "r.png")[..., :3]
+    assert (pixels.min(axis=2) < 0.9).mean() > 0.03
+    assert main(["batches", "report", rec.batch_id, "-o", "r.html", *where]) == 0
+    assert rec.batch_id in (tmp_path / "r.html").read_text(encoding="utf-8")
+
+    assert main(["batches", "report", "tm-1-424242", "-o", "x.png", *where]) == 2
+    assert "no batch record 'tm-1-424242'" in capsys.readouterr().err
+    assert main(["batches", "report", rec.batch_id, "-o", "x.svg", *where]) == 2
+    assert ".png, .pdf or .html" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "x.svg").exists()
