@@ -107,6 +107,12 @@ async def run_window(args, cfg, book) -> int:
         tasks.append(asyncio.create_task(_heartbeat(args.heartbeat_fd, stop)))
         tasks.append(asyncio.create_task(_journal(plc.channel, plc.channel.subscribe(maxlen=4096),
                                                   records, cfg.machine.id, stop)))
+        from opcua_server.batches import BatchRecorder, EnergyModel
+        recorder = BatchRecorder(cfg.machine.id, program,
+                                 opc.book if opc is not None else await asyncio.to_thread(recipe_book, records),
+                                 EnergyModel.from_twin(cfg.twin, program.limits.phase_count))
+        tasks.append(asyncio.create_task(_batches(plc.channel, plc.channel.subscribe(maxlen=4096), recorder,
+                                                  records, history, opc.batches if opc else None, stop)))
         # connect once every observer (publisher, historian, live view) is subscribed: the first
         # snapshot carries the events of the time this window was away (alarms, verdicts)
         tasks.append(asyncio.create_task(plc.run(stop)))
@@ -161,6 +167,55 @@ async def _journal(channel, sub, records, machine: str, stop: asyncio.Event) -> 
                 return
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), JOURNAL_EVERY_S)
+    finally:
+        channel.unsubscribe(sub)
+
+
+BATCHES_EVERY_S = 0.5
+
+
+async def _batches(channel, sub, recorder, records, history, view, stop: asyncio.Event) -> None:
+    """Every snapshot into the batch recorder (``opcua_server.batches``); each finished record
+    judged, stored in the records (on a thread), written to the historian as a ``batch`` line,
+    shown to the OPC UA clients (``view``: Batches/Last and a BatchCompletedEventType event) and
+    printed; the batch in progress in Batches/Current every ``BATCHES_EVERY_S``. A record that
+    cannot be stored is logged and kept for the next round."""
+    from historian.schema import batch_line
+
+    unsaved: list = []
+    try:
+        while True:
+            stopping = stop.is_set()
+            last = None
+            for snap in sub.drain():
+                last = snap
+                try:
+                    record = recorder.feed(snap)
+                except Exception:             # a bad snapshot must not stop the records
+                    log.exception("batch record: snapshot of scan %s", snap.tick)
+                    continue
+                if record is not None:
+                    unsaved.append(record)
+                    print(f"batch {record.batch_id} ({record.recipe_id}) {record.outcome}: {record.verdict}"
+                          + (f": {'; '.join(record.reasons)}" if record.reasons else ""), flush=True)
+                    if history is not None:
+                        history.add_lines([batch_line(record)])
+                    if view is not None:
+                        await view.completed(record)
+            while unsaved:
+                try:
+                    await asyncio.to_thread(records.save_batch, unsaved[0])
+                except Exception:
+                    log.exception("batch record %s: cannot store it (kept for the next round)",
+                                  unsaved[0].batch_id)
+                    break
+                unsaved.pop(0)
+            if view is not None and last is not None:
+                await view.running(recorder.current(), last.time_s)
+            if stopping:
+                return
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), BATCHES_EVERY_S)
     finally:
         channel.unsubscribe(sub)
 
