@@ -74,6 +74,16 @@ def test_check_config_reports_every_problem_and_exits_nonzero(tmp_path):
 
 
 def test_run_stops_cleanly_on_sigterm_with_outputs_safe(tmp_path):
+    from opcua_server.config import load
+    from opcua_server.records import Records
+
+    cfg, _ = load()
+    settings = cfg.opcua.model_copy(update={"data_dir": str(ROOT / cfg.opcua.data_dir)})
+    records = Records(settings.records_url)
+    try:          # a new state file: the batch continues the numbering of the records
+        first = records.next_batch_seq(cfg.machine.id)
+    finally:
+        records.close()
     state = tmp_path / "state.json"
     p = subprocess.Popen([str(BIN / "tempering"), "run", "--state-file", str(state),
                           "--initial-temp-c", "45"], cwd=ROOT, stdout=subprocess.PIPE,
@@ -93,7 +103,7 @@ def test_run_stops_cleanly_on_sigterm_with_outputs_safe(tmp_path):
     assert p.returncode == 0, err
     assert "outputs safe (all off)" in out and "phase stopped" in out
     saved = json.loads(state.read_text())
-    assert saved["phase"] == "stopped" and saved["batch_seq"] == 1
+    assert saved["phase"] == "stopped" and saved["batch_seq"] == first
 
 
 # --------------------------------------------------------------------------- batches
