@@ -112,7 +112,8 @@ async def run_window(args, cfg, book) -> int:
                                  opc.book if opc is not None else await asyncio.to_thread(recipe_book, records),
                                  EnergyModel.from_twin(cfg.twin, program.limits.phase_count))
         tasks.append(asyncio.create_task(_batches(plc.channel, plc.channel.subscribe(maxlen=4096), recorder,
-                                                  records, history, opc.batches if opc else None, stop)))
+                                                  records, history, opc.batches if opc else None, stop,
+                                                  stored=plc.set_batch_floor)))
         # connect once every observer (publisher, historian, live view) is subscribed: the first
         # snapshot carries the events of the time this window was away (alarms, verdicts)
         tasks.append(asyncio.create_task(plc.run(stop)))
@@ -174,13 +175,16 @@ async def _journal(channel, sub, records, machine: str, stop: asyncio.Event) -> 
 BATCHES_EVERY_S = 0.5
 
 
-async def _batches(channel, sub, recorder, records, history, view, stop: asyncio.Event) -> None:
+async def _batches(channel, sub, recorder, records, history, view, stop: asyncio.Event,
+                   stored=lambda seq: None) -> None:
     """Every snapshot into the batch recorder (``opcua_server.batches``); each finished record
     judged, stored in the records (on a thread), written to the historian as a ``batch`` line,
     shown to the OPC UA clients (``view``: Batches/Last and a BatchCompletedEventType event) and
     printed; the batch in progress in Batches/Current every ``BATCHES_EVERY_S``. A record that
-    cannot be stored is logged and kept for the next round."""
+    cannot be stored is logged and kept for the next round. ``stored(seq)``: the number of each
+    record stored (the PLC's batch floor: ``PlcClient.set_batch_floor``)."""
     from historian.schema import batch_line
+    from opcua_server.records import batch_seq_of
 
     unsaved: list = []
     try:
@@ -209,7 +213,9 @@ async def _batches(channel, sub, recorder, records, history, view, stop: asyncio
                     log.exception("batch record %s: cannot store it (kept for the next round)",
                                   unsaved[0].batch_id)
                     break
-                unsaved.pop(0)
+                done = unsaved.pop(0)
+                if (seq := batch_seq_of(done.batch_id, done.machine_id)) is not None:
+                    stored(seq)
             if view is not None and last is not None:
                 await view.running(recorder.current(), last.time_s)
             if stopping:

@@ -147,3 +147,38 @@ def test_a_recipes_acceptance_criteria_are_stored(records):
     book = records.load_recipes()
     assert book["dark"]["acceptance"]["pouring_min_share"] == 0.8
     assert book["milk"]["acceptance"] == Recipe.model_fields["acceptance"].default.model_dump()
+
+
+async def test_the_window_raises_the_plcs_floor_after_each_record_it_stores(tmp_path):
+    """The window's batch task stores each finished record, then hands its number to the PLC
+    (``stored``: ``PlcClient.set_batch_floor``)."""
+    import asyncio
+    from dataclasses import dataclass
+
+    from plc.channel import SnapshotChannel
+    from tempering.window_process import _batches
+
+    @dataclass(frozen=True)
+    class Snap:                          # what the task reads of a plc.channel.Snapshot
+        tick: int
+        time_s: float
+
+    class Recorder:                      # a record at ticks 3 and 5
+        def feed(self, snap):
+            return {3: record(122), 5: record(123, batch_id="tm-1-manual")}.get(snap.tick)
+
+        def current(self):
+            return None
+
+    r = Records(f"sqlite:///{tmp_path / 'tempering.db'}")
+    floors: list[int] = []
+    channel, stop = SnapshotChannel(), asyncio.Event()
+    task = asyncio.create_task(_batches(channel, channel.subscribe(maxlen=64), Recorder(), r, None, None,
+                                        stop, stored=floors.append))
+    for tick in range(6):
+        channel.publish(Snap(tick, T0 + tick))
+    stop.set()
+    await asyncio.wait_for(task, 10)
+    assert floors == [122]               # the manual id is no number of the PLC's
+    assert [s.batch_id for s in r.batches()] == ["tm-1-000122", "tm-1-manual"]
+    r.close()
