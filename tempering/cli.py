@@ -118,10 +118,14 @@ def cmd_window(args) -> int:
     return window_main(args, *loaded)
 
 
+SIMULATE_REPORTS = "var/reports"      # where simulate draws its batch's report (working directory)
+
+
 def cmd_simulate(args) -> int:
     """A whole cycle on the twin in virtual time, its machine time starting now: the batch
     record and verdict go to the records database and the zone history to the historian's local
-    store, as a real batch's would (``--no-record``: neither)."""
+    store, as a real batch's would, and its report is drawn in SIMULATE_REPORTS (``--no-record``:
+    none of them)."""
     from historian.local import LocalStore
     from historian.schema import Sampler
     from opcua_server.batches import BatchRecorder, EnergyModel
@@ -199,7 +203,13 @@ def cmd_simulate(args) -> int:
               + (f": {'; '.join(record.reasons)}" if record.reasons else ""))
         if records is not None:
             records.save_batch(record)
-            print(f"  recorded; report: tempering batches report {record.batch_id} -o {record.batch_id}.png")
+            print(f"  recorded in {cfg.opcua.records_url}")
+        if store is not None:
+            from opcua_server.report import StoreHistory, render
+            Path(SIMULATE_REPORTS).mkdir(parents=True, exist_ok=True)
+            out = render(record, StoreHistory(store, cfg.machine.id, record.batch_id),
+                         Path(SIMULATE_REPORTS) / f"{record.batch_id}.png")
+            print(f"  report: {out} (again: tempering batches report {record.batch_id} -o FILE)")
     if store is not None:
         store.close()
     if records is not None:

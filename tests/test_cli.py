@@ -42,6 +42,9 @@ def test_readme_command_runs(cmd):
         assert result, "the JSON object is empty"
     if "simulate" in cmd:
         assert "pouring_released" in p.stdout and "final phase stopped" in p.stdout
+        verdict = re.search(r"batch (\S+) \(dark-70\) completed: PASS\n.*\n  report: (\S+\.png)", p.stdout)
+        assert verdict, p.stdout                   # its record, its verdict and its report
+        assert (ROOT / verdict.group(2)).stat().st_size > 50_000
     if " run " in cmd:
         assert "outputs safe (all off)" in p.stdout
 
