@@ -551,18 +551,27 @@ def _record_text(rec) -> list[str]:
     return out
 
 
-def cmd_batches_show(args) -> int:
+def _batch_record(args, command: str):
+    """The record ``args.id`` from the records database of the config: (record, exit code) — the
+    record, or None and 1 (no database) or 2 (no such batch, said on stderr)."""
     records = _records(args)
     if records is None:
-        return 1
+        return None, 1
     try:
         rec = records.batch(args.id)
     finally:
         records.close()
     if rec is None:
-        print(f"tempering batches show: no batch record {args.id!r} (tempering batches list shows "
-              f"the batches)", file=sys.stderr)
-        return 2
+        print(f"tempering batches {command}: no batch record {args.id!r} (tempering batches list "
+              f"shows the batches)", file=sys.stderr)
+        return None, 2
+    return rec, 0
+
+
+def cmd_batches_show(args) -> int:
+    rec, code = _batch_record(args, "show")
+    if rec is None:
+        return code
     print(json.dumps(rec.to_dict(), ensure_ascii=False) if args.json else "\n".join(_record_text(rec)))
     return 0
 
@@ -662,17 +671,11 @@ def cmd_batches_report(args) -> int:
               file=sys.stderr)
         return 2
     loaded = _load(args.config)
-    records = _records(args)
-    if loaded is None or records is None:
+    if loaded is None:
         return 1
-    try:
-        rec = records.batch(args.id)
-    finally:
-        records.close()
+    rec, code = _batch_record(args, "report")
     if rec is None:
-        print(f"tempering batches report: no batch record {args.id!r} (tempering batches list shows "
-              f"the batches)", file=sys.stderr)
-        return 2
+        return code
     history = history_for(loaded[0].historian.sink, rec.machine_id, rec.batch_id)
     try:
         render(rec, history, out)
