@@ -300,3 +300,21 @@ def test_readme_batch_queries_answer_the_quality_questions(influxdb1):
         "dark-70": (12.5 / 40, 0.95), "milk-35": (12.5 / 50, 0.99)}
     assert len(one) == 1 and one[0]["verdict"] == "FAIL" and one[0]["energy_kwh_per_kg"] is None
     assert (one[0]["alarms"], one[0]["interruptions"], one[0]["duration_s"]) == (1, 1, 5400)
+
+
+def test_lines_made_elsewhere_go_through_the_spool_to_the_store(tmp_path):
+    """The window's batch records reach the historian as lines (Historian.add_lines): stored
+    with the samples, by the sampler's own thread."""
+    from historian.config import HistorianSettings, SinkSettings
+    from historian.service import Historian
+    from plc.channel import SnapshotChannel
+
+    h = Historian(HistorianSettings(spool_dir="spool", sink=SinkSettings(path="h.sqlite")), "m",
+                  SnapshotChannel(), base_dir=tmp_path)
+    h.add_lines([line("batch", {"machine": "m", "batch": "m-000001", "recipe": "dark-70", "verdict": "PASS"},
+                      {"duration_s": 3060.0}, 1_800_000_000_000_000_000)])
+    assert h.drain() == 1
+    while h.forwarder.step():
+        pass
+    assert h.store.count("batch") == 1
+    h.stop(0.0)
