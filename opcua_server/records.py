@@ -84,6 +84,8 @@ from sqlalchemy.engine import Engine, make_url
 from plc.config import Recipe, RecipeBook
 from plc.configbase import _messages
 
+from .batches import VERDICTS
+
 if TYPE_CHECKING:
     from opcua_server.batches import BatchRecord
 
@@ -262,8 +264,6 @@ batches = Table(            # schema 4
     Index("batches_machine_seq", "machine", "seq"),
 )
 
-#: A batch record's verdicts (``opcua_server.batches.judge``).
-VERDICTS: tuple[str, ...] = ("PASS", "FAIL", "INCOMPLETE")
 
 #: The event kinds that go to the alarm journal.
 JOURNAL_KINDS: frozenset[str] = frozenset({"alarm", "alarm_system"})

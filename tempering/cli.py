@@ -634,7 +634,7 @@ def cmd_batches_export(args) -> int:
 def _batches_parser(sub, where: argparse.ArgumentParser):
     """``tempering batches ...``; returns its subparsers, where each command sets its own
     ``func`` (list, show, export here; more can join, e.g. report)."""
-    from opcua_server.records import VERDICTS
+    from opcua_server.batches import VERDICTS     # pure: the PLC process parses this command line too
 
     b = sub.add_parser("batches", help="the batch records: list, show, export")
     actions = b.add_subparsers(dest="action", required=True)

@@ -169,6 +169,9 @@ async def run_plc(args, cfg, book) -> int:
 
     from .plant import PlantError, start_plant
 
+    # SIGTERM from the start on: a stop that comes while the PLC starts ends it cleanly (its
+    # last scan writes the safe image), never by the signal's default action
+    stop = stop_event(args.duration_s)
     period_s = args.period_ms / 1000.0 if args.period_ms else cfg.period_s
     state_path = Path(args.state_file or cfg.machine.state_file)
     book_file = RecipeBookFile(state_path.with_suffix(".recipes.json"))
@@ -205,7 +208,6 @@ async def run_plc(args, cfg, book) -> int:
     runtime = Runtime(controller, plant.io, MonotonicClock(), WatchdogSettings(
         cfg.scan.watchdog_max_consecutive_overruns, cfg.scan.watchdog_max_cycle_factor),
         after_scan=Heartbeat(args.heartbeat_fd), window=port.status)
-    stop = stop_event(args.duration_s)
     import gc
     gc.collect()
     gc.freeze()        # what exists now lives as long as the process: no full collection over it
