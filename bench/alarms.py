@@ -28,7 +28,7 @@ What runs, on loopback, three processes as ``tempering run`` has them:
 - the plant window (this process): the real TemperingServer (SignAndEncrypt Basic256Sha256,
   users and passwords) on the PLC's snapshots over the bridge (``plc.bridge.PlcClient``), its
   conditions (``opcua_server.conditions``), and the window's alarm journal task
-  (``tempering.window_process._journal``) into the records on SQLite in a temporary directory.
+  (``tempering.window_process.journal_task``) into the records on SQLite in a temporary directory.
   It keeps its priority (``tempering run``'s window lowers its own, ``--window-nice``; the
   clients, children of this process, would inherit that).
 - ``--clients`` (10) asyncua clients (``--clients-worker``, a child, as a SCADA elsewhere would
@@ -96,7 +96,7 @@ from plc.interlocks import condition_ids
 from plc.program import Program
 from plc.runtime import Controller, MonotonicClock, Runtime, WatchdogSettings
 from tempering.plc_process import ScanLog, die_with_parent, raise_priority, read_scan_log
-from tempering.window_process import JOURNAL_EVERY_S, _journal
+from tempering.window_process import JOURNAL_EVERY_S, journal_task
 
 from .common import emit, fmt
 from .opcua import USER, _pct, secure_client, secure_machine
@@ -481,7 +481,7 @@ async def run(cfg, book, tmp: Path, *, seconds: float, clients: int, cycle_s: fl
         journal_sub = plc.channel.subscribe(maxlen=4096)
         events_sub = plc.channel.subscribe(maxlen=4096)
         tasks += [asyncio.create_task(plc.run(stop)),
-                  asyncio.create_task(_journal(plc.channel, journal_sub, records, cfg.machine.id, stop))]
+                  asyncio.create_task(journal_task(plc.channel, journal_sub, records, cfg.machine.id, stop))]
         flooding = False
 
         async def collect() -> None:

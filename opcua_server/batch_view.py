@@ -30,6 +30,9 @@ _V = ua.VariantType
 SEVERITY = {"PASS": 100, "INCOMPLETE": 500, "FAIL": 700}
 
 
+_UNSET = object()
+
+
 def _utc(epoch_s: float | None) -> datetime | None:
     return None if epoch_s is None else datetime.fromtimestamp(epoch_s, timezone.utc)
 
@@ -60,6 +63,7 @@ class BatchView:
         self.records = records
         self.gate = gate
         self.events_sent = 0
+        self._written: dict[ua.NodeId, Any] = {}
 
     def install(self) -> None:
         method = self.nodes.methods.get("GetBatch")
@@ -67,11 +71,13 @@ class BatchView:
             self.server.link_method(method, self.gate.method("GetBatch", "viewer", self._get_batch))
 
     async def _write(self, prefix: str, values: dict[str, tuple[Any, ua.VariantType]]) -> None:
+        """Write the variables whose value changed (a subscriber hears of changes only)."""
         now = datetime.now(timezone.utc)
         for name, (value, vt) in values.items():
             node = self.nodes.batches.get(f"{prefix}.{name}")
-            if node is None:
+            if node is None or self._written.get(node.nodeid, _UNSET) == value:
                 continue
+            self._written[node.nodeid] = value
             dv = ua.DataValue(ua.Variant(value, vt), SourceTimestamp=now, ServerTimestamp=now)
             if value is None:                      # no time yet: null, Good
                 dv = ua.DataValue(SourceTimestamp=now, ServerTimestamp=now)

@@ -73,7 +73,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, NamedTuple
+from typing import Any, Iterable, Mapping, NamedTuple
 
 from pydantic import ValidationError
 from sqlalchemy import (Boolean, Column, Float, Index, Integer, MetaData, String, Table, Text,
@@ -84,10 +84,7 @@ from sqlalchemy.engine import Engine, make_url
 from plc.config import Recipe, RecipeBook
 from plc.configbase import _messages
 
-from .batches import VERDICTS
-
-if TYPE_CHECKING:
-    from opcua_server.batches import BatchRecord
+from .batches import VERDICTS, BatchRecord
 
 #: The roles, each with the rights of the ones before it (security.role_allows).
 ROLES: tuple[str, ...] = ("viewer", "operator", "technician", "admin")
@@ -771,7 +768,7 @@ class Records:
 
     # ----------------------------------------------------------------------- batch records
 
-    def save_batch(self, record: "BatchRecord") -> None:
+    def save_batch(self, record: BatchRecord) -> None:
         """Store ``record`` (an ``opcua_server.batches.BatchRecord``), replacing a stored record
         of the same batch_id, in one transaction."""
         values = _batch_values(record)
@@ -779,11 +776,9 @@ class Records:
             db.execute(delete(batches).where(batches.c.batch_id == values["batch_id"]))
             db.execute(insert(batches).values(**values))
 
-    def batch(self, batch_id: str) -> "BatchRecord | None":
+    def batch(self, batch_id: str) -> BatchRecord | None:
         """The stored record of ``batch_id`` (``BatchRecord.from_dict`` of its JSON), None if
         there is none."""
-        from opcua_server.batches import BatchRecord
-
         with self.engine.connect() as db:
             text = db.scalar(select(batches.c.record).where(batches.c.batch_id == batch_id))
         return None if text is None else BatchRecord.from_dict(json.loads(text))
@@ -858,7 +853,7 @@ def batch_seq_of(batch_id: str, machine: str) -> int | None:
     return int(number) if sep and prefix == machine and number.isdigit() else None
 
 
-def _batch_values(record: "BatchRecord") -> dict[str, Any]:
+def _batch_values(record: BatchRecord) -> dict[str, Any]:
     if record.verdict not in VERDICTS:
         raise ValueError(f"batch {record.batch_id}: verdict must be one of {', '.join(VERDICTS)}, "
                          f"got {record.verdict!r}")

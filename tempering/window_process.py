@@ -105,13 +105,13 @@ async def run_window(args, cfg, book) -> int:
         # the heartbeat once started up: building the address space may hold the loop for
         # seconds (the supervisor gives a start its own, longer, time before the first beat)
         tasks.append(asyncio.create_task(_heartbeat(args.heartbeat_fd, stop)))
-        tasks.append(asyncio.create_task(_journal(plc.channel, plc.channel.subscribe(maxlen=4096),
+        tasks.append(asyncio.create_task(journal_task(plc.channel, plc.channel.subscribe(maxlen=4096),
                                                   records, cfg.machine.id, stop)))
         from opcua_server.batches import BatchRecorder, EnergyModel
         recorder = BatchRecorder(cfg.machine.id, program,
                                  opc.book if opc is not None else await asyncio.to_thread(recipe_book, records),
                                  EnergyModel.from_twin(cfg.twin, program.limits.phase_count))
-        tasks.append(asyncio.create_task(_batches(plc.channel, plc.channel.subscribe(maxlen=4096), recorder,
+        tasks.append(asyncio.create_task(batches_task(plc.channel, plc.channel.subscribe(maxlen=4096), recorder,
                                                   records, history, opc.batches if opc else None, stop,
                                                   stored=plc.set_batch_floor)))
         # connect once every observer (publisher, historian, live view) is subscribed: the first
@@ -140,7 +140,7 @@ JOURNAL_EVERY_S = 0.25
 JOURNAL_MAX_WAITING = 100_000
 
 
-async def _journal(channel, sub, records, machine: str, stop: asyncio.Event) -> None:
+async def journal_task(channel, sub, records, machine: str, stop: asyncio.Event) -> None:
     """Every "alarm" and "alarm_system" event of every snapshot into the records' alarm journal,
     a batch every ``JOURNAL_EVERY_S``, written on a thread (the database may be a PostgreSQL
     across the plant). Events the PLC hands in again (a new window gets those its predecessor did
@@ -175,7 +175,7 @@ async def _journal(channel, sub, records, machine: str, stop: asyncio.Event) -> 
 BATCHES_EVERY_S = 0.5
 
 
-async def _batches(channel, sub, recorder, records, history, view, stop: asyncio.Event,
+async def batches_task(channel, sub, recorder, records, history, view, stop: asyncio.Event,
                    stored=lambda seq: None) -> None:
     """Every snapshot into the batch recorder (``opcua_server.batches``); each finished record
     judged, stored in the records (on a thread), written to the historian as a ``batch`` line,

@@ -16,7 +16,7 @@ from opcua_server.server import TemperingServer
 from plc.bridge import PlcClient, WindowPort
 from plc.program import Program
 from plc.runtime import Controller, MonotonicClock, Runtime, WatchdogSettings
-from tempering.window_process import _journal as journal
+from tempering.window_process import journal_task
 from twin import Twin
 from twin.inprocess import InProcessTwinIo
 
@@ -49,7 +49,7 @@ class InProcessMachine:
 
     async def __aenter__(self):
         await self.port.start()
-        self.tasks = [asyncio.create_task(journal(self.plc.channel, self.plc.channel.subscribe(maxlen=4096),
+        self.tasks = [asyncio.create_task(journal_task(self.plc.channel, self.plc.channel.subscribe(maxlen=4096),
                                                   self.records, self.cfg.machine.id, self.stop)),
                       asyncio.create_task(self.plc.run(self.stop)),
                       asyncio.create_task(self.io.run_realtime(self.stop))]

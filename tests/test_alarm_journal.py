@@ -237,11 +237,11 @@ async def test_the_window_journals_every_alarm_event_of_every_snapshot_once(sqli
     import asyncio
 
     from plc.channel import SnapshotChannel
-    from tempering.window_process import _journal
+    from tempering.window_process import journal_task
 
     channel, stop = SnapshotChannel(), asyncio.Event()
     sub = channel.subscribe(maxlen=4096)
-    task = asyncio.create_task(_journal(channel, sub, sqlite_records, "tm-1", stop))
+    task = asyncio.create_task(journal_task(channel, sub, sqlite_records, "tm-1", stop))
     flood = a_flood(300)
     for i in range(0, 300, 30):          # ten snapshots of thirty transitions, with other events
         channel.publish(Snap((Event("phase", T0, "heating"), *flood[i:i + 30])))
@@ -274,7 +274,7 @@ async def test_the_window_keeps_the_events_while_the_database_fails(sqlite_recor
     channel, stop = SnapshotChannel(), asyncio.Event()
     sub = channel.subscribe()
     records = Failing()
-    task = asyncio.create_task(window_process._journal(channel, sub, records, "tm-1", stop))
+    task = asyncio.create_task(window_process.journal_task(channel, sub, records, "tm-1", stop))
     channel.publish(Snap(tuple(a_flood(10))))
     while records.calls < 4:
         await asyncio.sleep(0.05)

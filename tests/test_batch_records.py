@@ -156,7 +156,7 @@ async def test_the_window_raises_the_plcs_floor_after_each_record_it_stores(tmp_
     from dataclasses import dataclass
 
     from plc.channel import SnapshotChannel
-    from tempering.window_process import _batches
+    from tempering.window_process import batches_task
 
     @dataclass(frozen=True)
     class Snap:                          # what the task reads of a plc.channel.Snapshot
@@ -173,7 +173,7 @@ async def test_the_window_raises_the_plcs_floor_after_each_record_it_stores(tmp_
     r = Records(f"sqlite:///{tmp_path / 'tempering.db'}")
     floors: list[int] = []
     channel, stop = SnapshotChannel(), asyncio.Event()
-    task = asyncio.create_task(_batches(channel, channel.subscribe(maxlen=64), Recorder(), r, None, None,
+    task = asyncio.create_task(batches_task(channel, channel.subscribe(maxlen=64), Recorder(), r, None, None,
                                         stop, stored=floors.append))
     for tick in range(6):
         channel.publish(Snap(tick, T0 + tick))
