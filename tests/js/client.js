@@ -25,15 +25,12 @@
 //   Trim as a viewer; every result as a StatusCode name.
 "use strict";
 
-const { createRequire } = require("node:module");
 const fs = require("node:fs");
 const path = require("node:path");
-const { pathToFileURL } = require("node:url");
 
-// node-opcua logs on the console; stdout carries our one JSON line only
-for (const level of ["log", "info", "warn"]) {
-    console[level] = (...args) => process.stderr.write(args.map(String).join(" ") + "\n");
-}
+const { quietConsole, load, statusName } = require("./common.js");
+
+quietConsole();     // stdout carries our JSON only
 
 const args = JSON.parse(process.argv[2] || "{}");
 const TIME_LIMIT_MS = args.timeLimitMs || 45000;
@@ -45,20 +42,6 @@ function done(result, code = 0) {
 
 setTimeout(() => done({ ok: false, stage: "time", error: `gave up after ${TIME_LIMIT_MS} ms` }, 1),
     TIME_LIMIT_MS).unref();
-
-async function load(toolsDir) {
-    const tools = createRequire(path.join(path.resolve(toolsDir), "package.json"));
-    const clientMain = tools.resolve("node-opcua-client");
-    const client = await import(pathToFileURL(clientMain).href);
-    const beside = createRequire(clientMain);
-    const cm = await import(pathToFileURL(beside.resolve("node-opcua-certificate-manager")).href);
-    return { ...client, OPCUACertificateManager: cm.OPCUACertificateManager };
-}
-
-function statusName(err) {
-    const m = /\b(Bad[A-Za-z]+)\b/.exec(err && (err.message || String(err)));
-    return m ? m[1] : "";
-}
 
 async function makeClient(ua) {
     const manager = new ua.OPCUACertificateManager({
