@@ -269,9 +269,22 @@ def _find(alarms: Mapping[str, Alarm], alarm_id: str | None,
     return a
 
 
-def _disabled(a: Alarm, what: str) -> Refusal | None:
-    return None if a.enabled else Refusal(
-        "BadConditionDisabled", f"{a.id} is disabled (out of service); cannot {what} it")
+def _operable(alarms: Mapping[str, Alarm], alarm_id: str | None, what: str,
+              event_id: bytes | None = None) -> Alarm | Refusal:
+    """The alarm an operator acts on: known, its last event when one is named, in service."""
+    a = _find(alarms, alarm_id, event_id)
+    if isinstance(a, Alarm) and not a.enabled:
+        return Refusal("BadConditionDisabled", f"{a.id} is disabled (out of service); cannot {what} it")
+    return a
+
+
+def _one(alarms: Mapping[str, Alarm], before: Alarm, after: Alarm, kind: str, now: float,
+         user: str, comment: str) -> Change:
+    """The alarms with one alarm changed by an operator, and that transition."""
+    out = dict(alarms)
+    changes: list[AlarmTransition] = []
+    _report(out, changes, before, after, kind, now, user, comment)
+    return out, changes
 
 
 def acknowledge(alarms: Mapping[str, Alarm], alarm_id: str | None, user: str, now: float,
@@ -281,12 +294,9 @@ def acknowledge(alarms: Mapping[str, Alarm], alarm_id: str | None, user: str, no
     if alarm_id is None:
         todo = [a for _, a in sorted(alarms.items()) if a.enabled and not a.acked]
     else:
-        a = _find(alarms, alarm_id, event_id)
+        a = _operable(alarms, alarm_id, "acknowledge", event_id)
         if isinstance(a, Refusal):
             return a
-        refused = _disabled(a, "acknowledge")
-        if refused:
-            return refused
         if a.acked:
             return Refusal("BadConditionBranchAlreadyAcked", f"{alarm_id} is already acknowledged")
         todo = [a]
@@ -301,35 +311,22 @@ def acknowledge(alarms: Mapping[str, Alarm], alarm_id: str | None, user: str, no
 def confirm(alarms: Mapping[str, Alarm], alarm_id: str, user: str, now: float,
             comment: str = "", event_id: bytes | None = None) -> Change | Refusal:
     """Confirm an acknowledged alarm (Part 9 §5.7.4): confirmed True."""
-    a = _find(alarms, alarm_id, event_id)
+    a = _operable(alarms, alarm_id, "confirm", event_id)
     if isinstance(a, Refusal):
         return a
-    refused = _disabled(a, "confirm")
-    if refused:
-        return refused
     if a.confirmed:
         return Refusal("BadConditionBranchAlreadyConfirmed", f"{alarm_id} is already confirmed")
-    out = dict(alarms)
-    changes: list[AlarmTransition] = []
-    _report(out, changes, a, replace(a, confirmed=True, user=user, comment=comment),
-            "confirmed", now, user, comment)
-    return out, changes
+    return _one(alarms, a, replace(a, confirmed=True, user=user, comment=comment), "confirmed",
+                now, user, comment)
 
 
 def add_comment(alarms: Mapping[str, Alarm], alarm_id: str, user: str, now: float,
                 comment: str, event_id: bytes | None = None) -> Change | Refusal:
     """Attach a comment to an alarm (Part 9 §5.5.6 AddComment)."""
-    a = _find(alarms, alarm_id, event_id)
+    a = _operable(alarms, alarm_id, "comment", event_id)
     if isinstance(a, Refusal):
         return a
-    refused = _disabled(a, "comment")
-    if refused:
-        return refused
-    out = dict(alarms)
-    changes: list[AlarmTransition] = []
-    _report(out, changes, a, replace(a, user=user, comment=comment), "comment", now, user,
-            comment)
-    return out, changes
+    return _one(alarms, a, replace(a, user=user, comment=comment), "comment", now, user, comment)
 
 
 def shelve(alarms: Mapping[str, Alarm], alarm_id: str, duration_s: float | None, user: str,
@@ -337,12 +334,9 @@ def shelve(alarms: Mapping[str, Alarm], alarm_id: str, duration_s: float | None,
     """Shelve an alarm: timed for ``duration_s`` (0 < duration <= ``max_shelve_s``, ends at
     ``now + duration_s``), or one-shot (``duration_s`` None: an active alarm, shelved until
     it clears). Part 9 §5.8.10 TimedShelve / OneShotShelve; ISA-18.2 §11.3."""
-    a = _find(alarms, alarm_id)
+    a = _operable(alarms, alarm_id, "shelve")
     if isinstance(a, Refusal):
         return a
-    refused = _disabled(a, "shelve")
-    if refused:
-        return refused
     if a.shelving is not Shelving.UNSHELVED:
         return Refusal("BadConditionAlreadyShelved", f"{alarm_id} is already shelved "
                                                      f"({a.shelving.value})")
@@ -357,11 +351,7 @@ def shelve(alarms: Mapping[str, Alarm], alarm_id: str, duration_s: float | None,
             return Refusal("BadShelvingTimeOutOfRange",
                            f"shelving time must be within 0..{max_shelve_s:g} s (got {duration_s})")
         b = replace(a, shelving=Shelving.TIMED, unshelve_at=now + d)
-    out = dict(alarms)
-    changes: list[AlarmTransition] = []
-    _report(out, changes, a, replace(b, user=user, comment=comment), "shelved", now, user,
-            comment)
-    return out, changes
+    return _one(alarms, a, replace(b, user=user, comment=comment), "shelved", now, user, comment)
 
 
 def unshelve(alarms: Mapping[str, Alarm], alarm_id: str, user: str, now: float,
@@ -372,11 +362,8 @@ def unshelve(alarms: Mapping[str, Alarm], alarm_id: str, user: str, now: float,
         return a
     if a.shelving is Shelving.UNSHELVED:
         return Refusal("BadConditionNotShelved", f"{alarm_id} is not shelved")
-    out = dict(alarms)
-    changes: list[AlarmTransition] = []
     b = _annunciated(a, replace(_unshelved(a), user=user, comment=comment))
-    _report(out, changes, a, b, "unshelved", now, user, comment)
-    return out, changes
+    return _one(alarms, a, b, "unshelved", now, user, comment)
 
 
 def set_enabled(alarms: Mapping[str, Alarm], alarm_id: str, enabled: bool, user: str,
@@ -396,7 +383,4 @@ def set_enabled(alarms: Mapping[str, Alarm], alarm_id: str, enabled: bool, user:
     else:
         b = replace(_unshelved(a), enabled=False, acked=True, confirmed=True, user=user,
                     comment=comment)
-    out = dict(alarms)
-    changes: list[AlarmTransition] = []
-    _report(out, changes, a, b, "enabled" if enabled else "disabled", now, user, comment)
-    return out, changes
+    return _one(alarms, a, b, "enabled" if enabled else "disabled", now, user, comment)
