@@ -1,6 +1,17 @@
 """Control quality on the twin, in virtual time: our controller next to an on/off thermostat.
 
-    python -m bench.control [--config FILE] [--recipe ID] [--json]
+    python -m bench.control [--config FILE] [--recipe ID] [--autotune] [--json]
+    python -m bench.control --family [--full] [--jobs N] [--json]
+
+``--autotune``: the machine is first autotuned on its own twin (``twin.autotune``: every zone,
+each proposal accepted), then the cycle runs with those gains; the JSON has the same keys plus
+``autotune`` (each zone's model and gains). ``--family``: the same on a family of machines of
+the design - chocolate mass 0.5x..2x, heater power 0.7x..1.3x, pump-to-fountain delay 0.5x..2x,
+coolant -3..+3 degC, sensor lag 2..8 s: the 16 corners of a half-fraction two-level design
+(resolution V: every pair of extremes occurs, in four members each) plus the nominal machine;
+``--full``: all 32 corners. Every member is autotuned on its own twin, then run next to the
+thermostat on the same twin; the JSON lists every member and, in ``worst``, the worst figure of
+each target over the family (``targets`` says which are met).
 
 Both runs use the same twin (same parameters, same noise seed), the same sequence and the same
 set-points; only the zone control law differs (and the baseline's phase tolerance, widened to
@@ -22,8 +33,11 @@ quantised sensor reading the PLC sees):
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -138,6 +152,9 @@ def run(cfg, book, recipe_id: str, baseline: bool, seed: int = 7,
                 break
         if phase in ("fault", "stopped", "idle"):
             raise RuntimeError(f"{out.name}: sequence ended in {phase}: {result.state.first_out}")
+    if release_t is None:
+        raise RuntimeError(f"{out.name}: pouring not released within {TIMEOUT_S:g} s "
+                           f"(phase {phase}; the zones never held their goal)")
     out.phases.setdefault("pouring", t - phase_start)
     # overshoot at each phase change: beyond the goal the phase approaches
     heat_tail = trace["heating"] + trace["cooling"][: int(120 / dt)]
@@ -149,6 +166,13 @@ def run(cfg, book, recipe_id: str, baseline: bool, seed: int = 7,
     }
     out.wall_s = time.perf_counter() - t0
     return out, heat_min_s
+
+
+FIGURES = ("heating_time_s", "heating_time_min_s", "heating_time_ratio", "overshoot_c",
+           "overshoot_heating_c", "overshoot_cooling_c", "overshoot_pouring_c", "hold_rms_c",
+           "hold_p95_abs_c", "hold_max_abs_c", "hold_before_disturbance_max_abs_c",
+           "disturbance_max_dev_c", "disturbance_recovery_s", "phase_heating_s",
+           "phase_cooling_s", "phase_pouring_to_hold_end_s", "wall_s")
 
 
 def figures(r: Run, heat_min_s: float, dt: float) -> dict:
@@ -179,24 +203,182 @@ def figures(r: Run, heat_min_s: float, dt: float) -> dict:
     }
 
 
+TARGETS = {  # figure: (limit, "max" = must not exceed / "min" = must reach)
+    "hold_p95_abs_c": (0.1, "max"),
+    "hold_max_abs_c": (0.2, "max"),
+    "overshoot_c": (0.3, "max"),
+    "disturbance_recovery_s": (300.0, "max"),
+    "heating_time_ratio": (1.15, "max"),
+    "hold_rms_ratio_baseline_to_ours": (10.0, "min"),
+}
+FACTORS = {  # name: (low, nominal, high)
+    "mass": (0.5, 1.0, 2.0),
+    "heater": (0.7, 1.0, 1.3),
+    "delay": (0.5, 1.0, 2.0),
+    "coolant_k": (-3.0, 0.0, 3.0),
+    "sensor_lag_s": (2.0, 4.0, 8.0),
+}
+
+
+def family_member(twin_cfg, mass: float = 1.0, heater: float = 1.0, delay: float = 1.0,
+                  coolant_k: float = 0.0, sensor_lag_s: float | None = None):
+    """The twin of a machine of the same design: every zone's chocolate mass and heater power
+    scaled, the riser's transit scaled, the coolant warmer or colder, another sensor lag."""
+    zones = {n: getattr(twin_cfg.zones, n).model_copy(update={
+        "chocolate_mass_kg": getattr(twin_cfg.zones, n).chocolate_mass_kg * mass,
+        "heater_power_w": getattr(twin_cfg.zones, n).heater_power_w * heater})
+        for n in ("tank_bottom", "tank_wall", "pump", "fountain")}
+    c = twin_cfg.circulation
+    return twin_cfg.model_copy(update={
+        "zones": twin_cfg.zones.model_copy(update=zones),
+        "circulation": c.model_copy(update={"transport_delay_s": c.transport_delay_s * delay}),
+        "cooling": twin_cfg.cooling.model_copy(update={
+            "coolant_temp_c": twin_cfg.cooling.coolant_temp_c + coolant_k}),
+        "sensors": twin_cfg.sensors.model_copy(update={
+            "lag_s": twin_cfg.sensors.lag_s if sensor_lag_s is None else sensor_lag_s})})
+
+
+def family(full: bool = False) -> list[dict[str, float]]:
+    """The members: the nominal machine, then the corners (all 32, or the half fraction whose
+    levels multiply to +1: I = ABCDE)."""
+    names = list(FACTORS)
+    members = [{n: FACTORS[n][1] for n in names}]
+    for signs in itertools.product((-1, 1), repeat=len(names)):
+        if full or math.prod(signs) == 1:
+            members.append({n: FACTORS[n][0 if sg < 0 else 2] for n, sg in zip(names, signs)})
+    return members
+
+
+def evaluate(cfg, book, recipe_id: str, autotune: bool, twin_cfg=None) -> dict:
+    """One machine: (autotune on its twin,) our cycle and the thermostat's, and the figures."""
+    from twin.autotune import autotune as tune_on_twin
+    twin_cfg = twin_cfg or cfg.twin
+    cfg = cfg.model_copy(update={"twin": twin_cfg})
+    program = Program.from_config(cfg, book)
+    tuned = None
+    if autotune:
+        t0 = time.perf_counter()
+        outcomes, program = tune_on_twin(program, twin_cfg, recipe_id=recipe_id)
+        tuned = {z: {"status": o.status, "message": o.message,
+                     **({"model": o.model.as_dict(), "kp": o.gains.kp, "ki": o.gains.ki,
+                         "predicted": o.prediction.as_dict()} if o.gains else {})}
+                 for z, o in outcomes.items()}
+        tuned["wall_s"] = time.perf_counter() - t0
+    ours, heat_min = run(cfg, book, recipe_id, baseline=False, program=program)
+    dt = cfg.period_s
+    fo = figures(ours, heat_min, dt)
+    try:
+        base, _ = run(cfg, book, recipe_id, baseline=True)
+    except RuntimeError as e:   # a thermostat that cannot run the cycle on this machine at all
+        fb = {"error": str(e)}
+    else:
+        fb = figures(base, heat_min, dt)
+    result = {**fo, "recipe": recipe_id, "period_s": dt,
+              "hold_rms_ratio_baseline_to_ours": fb["hold_rms_c"] / fo["hold_rms_c"]
+              if fo["hold_rms_c"] and "error" not in fb else None,
+              "baseline": fb}
+    if tuned is not None:
+        result["autotune"] = tuned
+    return result
+
+
+def _member(args: tuple) -> dict:
+    config, recipe_id, factors = args
+    cfg, book = load(config)
+    try:
+        r = evaluate(cfg, book, recipe_id or cfg.machine.default_recipe, True,
+                     family_member(cfg.twin, **factors))
+    except Exception as e:  # a member that fails is reported, not hidden
+        r = {"error": f"{type(e).__name__}: {e}"}
+    return {"factors": factors, **r}
+
+
+def worst(members: list[dict]) -> dict:
+    """The worst figure of each target over the members that ran; None where a member never
+    reached it (e.g. never recovered). The rms ratio skips members whose thermostat could not
+    run the cycle at all (``baselines_failed``); ``members_failed`` counts members of ours that
+    failed (then every target is missed)."""
+    ran = [m for m in members if "error" not in m]
+    out: dict = {}
+    for k, (_, sense) in TARGETS.items():
+        vals = [m.get(k) for m in ran
+                if not (k == "hold_rms_ratio_baseline_to_ours" and "error" in m["baseline"])]
+        out[k] = None if (not vals or any(v is None for v in vals)) else (
+            max(vals) if sense == "max" else min(vals))
+    out["members_failed"] = len(members) - len(ran)
+    out["baselines_failed"] = sum(1 for m in ran if "error" in m["baseline"])
+    return out
+
+
+def met(figs: dict) -> dict[str, bool]:
+    return {k: figs.get(k) is not None and not figs.get("members_failed") and (
+        figs[k] <= lim if sense == "max" else figs[k] >= lim) for k, (lim, sense) in TARGETS.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", help="machine configuration file (default: the embedded machine)")
     ap.add_argument("--recipe", help="recipe id (default: the machine's default recipe)")
+    ap.add_argument("--autotune", action="store_true",
+                    help="autotune every zone on the machine's twin first, then run the cycle")
+    ap.add_argument("--family", action="store_true",
+                    help="the family of machines of the design, each autotuned on its own twin")
+    ap.add_argument("--full", action="store_true", help="with --family: all 32 corners")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                    help="with --family: members run in parallel (default: one per core)")
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = ap.parse_args(argv)
+    if args.family:
+        return _family(args)
     cfg, book = load(args.config)
     recipe_id = args.recipe or cfg.machine.default_recipe
-    ours, heat_min = run(cfg, book, recipe_id, baseline=False)
-    base, _ = run(cfg, book, recipe_id, baseline=True)
-    dt = cfg.period_s
-    fo, fb = figures(ours, heat_min, dt), figures(base, heat_min, dt)
-    result = {**fo, "recipe": recipe_id, "period_s": dt,
-              "hold_rms_ratio_baseline_to_ours": fb["hold_rms_c"] / fo["hold_rms_c"] if fo["hold_rms_c"] else None,
-              "baseline": fb}
-    rows = [(k, fmt(fo[k]), fmt(fb[k])) for k in fo if k != "wall_s"]
+    result = evaluate(cfg, book, recipe_id, args.autotune)
+    fb = result["baseline"]
+    if "error" in fb:
+        print(f"baseline: {fb['error']}")
+    rows = [(k, fmt(result[k]), fmt(fb.get(k))) for k in FIGURES if k != "wall_s"]
+    if args.autotune:
+        for z, o in result["autotune"].items():
+            if isinstance(o, dict):
+                print(f"autotune {z}: {o['status']}: {o['message']}")
     print(f"Control quality on the twin, recipe {recipe_id}, true pouring-point temperature")
     emit(rows, ("figure", "PID", "on/off 0.5 degC"), result, args.json)
+    return 0
+
+
+def _family(args) -> int:
+    members = family(args.full)
+    t0 = time.perf_counter()
+    jobs = [(args.config, args.recipe, f) for f in members]
+    with ProcessPoolExecutor(max(1, args.jobs)) as ex:
+        results = list(ex.map(_member, jobs))
+    wall = time.perf_counter() - t0
+    w = worst([r for r in results])
+    ok = met(w)
+    short = ("hold_p95_abs_c", "hold_max_abs_c", "overshoot_c", "disturbance_recovery_s",
+             "heating_time_ratio", "hold_rms_ratio_baseline_to_ours")
+    rows = []
+    for r in results:
+        f = r["factors"]
+        name = " ".join(f"{v:g}" for v in f.values())
+        if "error" in r:
+            rows.append((name, *(["ERROR"] * len(short))))
+            continue
+        rows.append((name, *(fmt(r.get(k)) for k in short)))
+    rows.append(("worst", *(fmt(w[k]) for k in short)))
+    if w["members_failed"] or w["baselines_failed"]:
+        print(f"{w['members_failed']} member(s) failed; the thermostat could not run the cycle on "
+              f"{w['baselines_failed']} member(s) (their rms ratio is left out)")
+    rows.append(("target", *(("<= " if TARGETS[k][1] == "max" else ">= ") + f"{TARGETS[k][0]:g}"
+                             for k in short)))
+    rows.append(("met", *("yes" if ok[k] else "NO" for k in short)))
+    print(f"Control quality over {len(members)} machines of the family (factors: "
+          f"{', '.join(FACTORS)}), each autotuned on its own twin; {wall:.0f} s")
+    result = {"members": results, "worst": w, "targets": {k: {"limit": lim, "sense": sense,
+              "met": ok[k]} for k, (lim, sense) in TARGETS.items()},
+              "factors": {k: list(v) for k, v in FACTORS.items()}, "wall_s": wall}
+    emit(rows, ("mass heater delay coolant lag", "p95", "max", "overshoot", "recovery_s",
+                "heat_ratio", "rms_ratio"), result, args.json)
     return 0
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Mapping
 
 from .alarms import Alarm
+from .autotune import View as AutotuneView
 from .commands import Event
 from .image import ProcessImage
 from .scan import ZoneView
@@ -40,6 +41,7 @@ class Snapshot:
     events: tuple[Event, ...]
     stats: Mapping[str, float]
     settings: Mapping[str, Mapping[str, float]] = None  # zone -> Trim, Kp, Ki, Kd[, ManualOutput]
+    autotune: Mapping[str, AutotuneView] = None          # zone -> its autotune (every zone)
 
     def with_events(self, events: tuple[Event, ...]) -> "Snapshot":
         """This snapshot carrying ``events`` instead of its own (a latest-wins channel that

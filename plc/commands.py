@@ -130,18 +130,45 @@ class SetTuning(Command):
 
 
 @dataclass(frozen=True, slots=True)
+class StartAutotune(Command):
+    """Identify a zone and propose PI gains (``plc.autotune``): technician, while heating.
+    ``amplitude_pct``: the relay's and the step's output amplitude (None: the machine's)."""
+    zone: str
+    amplitude_pct: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AbortAutotune(Command):
+    """End the running autotune now; the zone returns to closed loop without a bump."""
+    zone: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptTuning(Command):
+    """Apply a zone's autotune proposal: its gains, bumpless, persisted like SetTuning."""
+    zone: str
+
+
+@dataclass(frozen=True, slots=True)
+class RejectTuning(Command):
+    """Discard a zone's autotune proposal; the gains stay as they are."""
+    zone: str
+
+
+@dataclass(frozen=True, slots=True)
 class Shutdown(Command):
     """The controller is stopping cleanly (Ctrl-C): end any batch, outputs safe."""
 
 
 MAX_TRIM_K = 2.0
+AMPLITUDE_PCT = (5.0, 100.0)     # the autotune amplitude a technician may ask for
 MAX_GAIN = 1000.0
 
 
 @dataclass(frozen=True, slots=True)
 class Event:
     kind: str            # phase | batch_start | batch_end | alarm | alarm_system | trip |
-                         # pouring_released | command_accepted | command_refused
+                         # pouring_released | command_accepted | command_refused | autotune
     time_s: float
     message: str
     data: tuple[tuple[str, object], ...] = ()

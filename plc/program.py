@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Mapping
 
+from .autotune import Settings as AutotuneSettings
 from .contract import TANK_ZONES, ZONES
 from .pid import PidTuning
 
@@ -51,6 +52,11 @@ class ZoneProgram:
     heating_outputs: tuple[str, ...]
     cool1_outputs: tuple[str, ...]
     cool2_outputs: tuple[str, ...]
+
+    @property
+    def out_min_pct(self) -> float:
+        """The lowest output that acts: a zone without cooling outputs can only stop heating."""
+        return self.tuning.out_min if (self.cool1_outputs or self.cool2_outputs) else 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +121,7 @@ class Program:
     sequence: Sequence
     recipes: Mapping[str, RecipeProgram]
     default_recipe: str
+    autotune: AutotuneSettings = AutotuneSettings()
 
     def with_recipes(self, recipes: Mapping[str, Any]) -> "Program":
         """The same program with another recipe book (validated ``Recipe`` models by id): how

@@ -30,6 +30,8 @@ from typing import Callable, Iterable, Protocol
 
 import numpy as np
 
+from .autotune import View as AutotuneView
+from .autotune import view as autotune_view
 from .channel import Snapshot, SnapshotChannel
 from .commands import Command
 from .image import ProcessImage
@@ -192,7 +194,7 @@ class Controller:
         return Snapshot(self.tick, now_s, s.phase.value, s.held, s.interrupted, s.recipe_id,
                         s.batch_id, s.phase_time_s, s.tempered, s.pouring_released, r.zones,
                         inputs, r.outputs, alarms, tuple(sorted(s.trips)), s.first_out, r.events,
-                        self._stats_summary(), self._settings(s))
+                        self._stats_summary(), self._settings(s), self._autotune(s))
 
     def _settings(self, s: PlcState) -> dict[str, dict[str, float]]:
         """The writable settings as the scan has them now: trim, gains, manual output."""
@@ -205,6 +207,12 @@ class Controller:
                 values["ManualOutput"] = s.manual[z.name]
             out[z.name] = values
         return out
+
+    def _autotune(self, s: PlcState) -> dict[str, AutotuneView]:
+        """Each zone's autotune as observers see it (stage, progress, the last outcome)."""
+        cfg = self.program.autotune
+        return {z.name: autotune_view(z.name, s.autotune, s.autotune_outcomes.get(z.name), cfg)
+                for z in self.program.zones}
 
     def _stats_summary(self) -> dict[str, float]:
         """Scan statistics for observers, recomputed every STATS_EVERY scans (percentiles over

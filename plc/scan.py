@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from typing import Iterable
 
 from . import alarms as alarm_mod
+from . import autotune as tune_mod
 from . import interlocks, sequencer
 from .commands import Command, Event
 from .image import Point, ProcessImage, Quality
@@ -135,12 +136,28 @@ def scan(p: Program, s: PlcState, inputs: ProcessImage, commands: Iterable[Comma
     for z in p.zones:
         zs = zones[z.name]
         manual = s.manual.get(z.name)
-        if demands.control and demands.heaters_enabled and sps[z.name] is not None:
-            gains = s.tuning.get(z.name)
-            tuning = replace(z.tuning, **gains) if gains else z.tuning
+        controlled = demands.control and demands.heaters_enabled and sps[z.name] is not None
+        if controlled:
+            tuning = replace(z.tuning, **sequencer.gains_of(p, s, z.name)) \
+                if z.name in s.tuning else z.tuning
             u, pid = pid_update(tuning, zs.pid, sps[z.name], pv[z.name], dt, manual)
         else:
             u, pid = 0.0, PidState(manual=manual is not None)
+        x = s.autotune
+        if x is not None and x.zone == z.name:
+            stop = _autotune_stop(s, z.name, controlled)
+            x2, imposed = tune_mod.step(
+                x, p.autotune, now_s=now, dt_s=dt, sp=sps[z.name], pv=pv[z.name], u_pid=u,
+                out_min=z.out_min_pct, out_max=z.tuning.out_max, max_temp_c=z.max_temp_c,
+                stop=stop)
+            if isinstance(x2, tune_mod.Outcome):
+                s, ev = sequencer.end_autotune(p, s, x2)
+                events += ev
+            else:
+                s = replace(s, autotune=x2)
+            if imposed is not None:  # the PID tracks what the experiment drives: bumpless after
+                u, pid = pid_update(tuning, zs.pid, sps[z.name], pv[z.name], dt, imposed)
+                pid = replace(pid, manual=False)
         zones[z.name] = replace(zs, pid=pid)
         split = split_range(u, z.fc_threshold_pct)
         if f"zone.{z.name}.above_working_max" in active:
@@ -173,3 +190,18 @@ def scan(p: Program, s: PlcState, inputs: ProcessImage, commands: Iterable[Comma
 
 
 _PWM0 = PwmState()
+
+
+def _autotune_stop(s: PlcState, zone: str, controlled: bool) -> str:
+    """Why the running autotune must end now ('' if it may go on)."""
+    if s.phase is not Phase.HEATING or s.tempered:
+        return f"the batch left heating (phase {s.phase.value})"
+    if s.trips:
+        return f"a trip latched ({s.first_out})"
+    if s.interrupted:
+        return "the batch was interrupted"
+    if zone in s.manual:
+        return "the zone was put in manual"
+    if not controlled:
+        return "the zone's loop is not active"
+    return ""

@@ -23,9 +23,11 @@ from dataclasses import dataclass, replace
 from typing import Mapping
 
 from . import alarms as alarm_mod
-from .commands import (MAX_GAIN, MAX_TRIM_K, Abort, Acknowledge, AddComment, Command, Confirm,
-                       Event, Hold, Reset, Resume, SetAlarmEnabled, SetManual, SetTrim, SetTuning,
-                       Shelve, Shutdown, StartRecipe, Stop, Unshelve)
+from . import autotune as tune_mod
+from .commands import (AMPLITUDE_PCT, MAX_GAIN, MAX_TRIM_K, Abort, AbortAutotune, AcceptTuning,
+                       Acknowledge, AddComment, Command, Confirm, Event, Hold, RejectTuning, Reset,
+                       Resume, SetAlarmEnabled, SetManual, SetTrim, SetTuning, Shelve, Shutdown,
+                       StartAutotune, StartRecipe, Stop, Unshelve)
 from .interlocks import TIME_EPS_S
 from .pid import reset as pid_reset
 from .contract import TANK_ZONES
@@ -134,6 +136,39 @@ def check_command(p: Program, s: PlcState, cmd: Command) -> str:
         if isinstance(cmd, SetTrim) and not -MAX_TRIM_K <= cmd.trim_k <= MAX_TRIM_K:
             return f"trim must be within -{MAX_TRIM_K}..{MAX_TRIM_K} K (got {cmd.trim_k})"
         return ""
+    if isinstance(cmd, (StartAutotune, AcceptTuning, RejectTuning)) or (
+            isinstance(cmd, AbortAutotune) and cmd.zone is not None):
+        if cmd.zone not in {z.name for z in p.zones}:
+            return f"unknown zone {cmd.zone!r}"
+    if isinstance(cmd, StartAutotune):
+        x = s.autotune
+        if x is not None:
+            return f"an autotune of zone {x.zone} is running; abort it first"
+        if s.phase is not Phase.HEATING or s.tempered:
+            return (f"an autotune runs only while a batch is heating (before tempering); in phase "
+                    f"{s.phase.value} it would spoil the batch")
+        if s.interrupted:
+            return "the batch is interrupted; resume it first"
+        if s.trips:
+            return "a trip is latched (first-out: %s); reset first" % s.first_out
+        if cmd.zone in s.manual:
+            return f"zone {cmd.zone} is in manual; put it in auto first"
+        amp = cmd.amplitude_pct
+        lo, hi = AMPLITUDE_PCT
+        if amp is not None and not (math.isfinite(amp) and lo <= amp <= hi):
+            return f"amplitude must be within {lo:g}..{hi:g} % (got {amp})"
+        return ""
+    if isinstance(cmd, AbortAutotune):
+        x = s.autotune
+        if x is None or (cmd.zone is not None and x.zone != cmd.zone):
+            return "no autotune is running" + (f" on zone {cmd.zone}" if cmd.zone else "")
+        return ""
+    if isinstance(cmd, (AcceptTuning, RejectTuning)):
+        o = s.autotune_outcomes.get(cmd.zone)
+        if o is None or o.status != tune_mod.PROPOSED:
+            return f"zone {cmd.zone} has no autotune proposal" + (
+                f" (its last autotune: {o.status})" if o else "")
+        return ""
     if isinstance(cmd, Shutdown):
         return ""
     return f"unknown command {cmd.name}"
@@ -221,7 +256,57 @@ def apply_command(p: Program, s: PlcState, cmd: Command, now_s: float,
         gains = dict(s.tuning.get(cmd.zone, {}))
         gains.update({g: float(v) for g in ("kp", "ki", "kd") if (v := getattr(cmd, g)) is not None})
         s = replace(s, tuning={**s.tuning, cmd.zone: gains})
+    elif isinstance(cmd, StartAutotune):
+        amp = p.autotune.amplitude_pct if cmd.amplitude_pct is None else float(cmd.amplitude_pct)
+        s = replace(s, autotune=tune_mod.start(cmd.zone, cmd.user, now_s, amp))
+        ev.append(autotune_event(now_s, cmd.zone, "started", f"zone {cmd.zone}: autotune started "
+                                 f"by {cmd.user or '?'} (amplitude {amp:g} %)", cmd.user))
+    elif isinstance(cmd, AbortAutotune):
+        s, e = end_autotune(p, s, tune_mod.Outcome(s.autotune.zone, tune_mod.ABORTED,
+                                                   f"aborted by {cmd.user or '?'}", now_s, cmd.user))
+        ev += e
+    elif isinstance(cmd, AcceptTuning):
+        o = s.autotune_outcomes[cmd.zone]
+        m, g = o.model, o.gains
+        gains = {**s.tuning.get(cmd.zone, {}), "kp": g.kp, "ki": g.ki, "kd": g.kd,
+                 "model_gain_k_per_pct": m.gain_k_per_pct, "model_tau_s": m.tau_s,
+                 "model_dead_s": m.dead_s}
+        s = replace(s, tuning={**s.tuning, cmd.zone: gains}, autotune_outcomes={
+            **s.autotune_outcomes, cmd.zone: replace(o, status=tune_mod.ACCEPTED)})
+        ev.append(autotune_event(now_s, cmd.zone, tune_mod.ACCEPTED,
+                                 f"zone {cmd.zone}: tuning accepted by {cmd.user or '?'}: kp "
+                                 f"{g.kp:.4g} (was {o.previous.get('kp', 0):.4g}), ki {g.ki:.4g} "
+                                 f"(was {o.previous.get('ki', 0):.4g})", cmd.user))
+    elif isinstance(cmd, RejectTuning):
+        o = s.autotune_outcomes[cmd.zone]
+        s = replace(s, autotune_outcomes={**s.autotune_outcomes,
+                                          cmd.zone: replace(o, status=tune_mod.REJECTED)})
+        ev.append(autotune_event(now_s, cmd.zone, tune_mod.REJECTED,
+                                 f"zone {cmd.zone}: tuning proposal rejected by {cmd.user or '?'}",
+                                 cmd.user))
     return s, ev
+
+
+def gains_of(p: Program, s: PlcState, zone: str) -> dict[str, float]:
+    """The PID gains a zone runs with now: the configured ones, changed at run time."""
+    z = p.zone(zone)
+    g = s.tuning.get(zone, {})
+    return {k: float(g.get(k, getattr(z.tuning, k))) for k in ("kp", "ki", "kd")}
+
+
+def autotune_event(now_s: float, zone: str, status: str, message: str, user: str = "") -> Event:
+    """Kind ``autotune``: data zone, status (started | proposed | accepted | rejected | aborted |
+    failed), user."""
+    return Event("autotune", now_s, message, (("zone", zone), ("status", status), ("user", user)))
+
+
+def end_autotune(p: Program, s: PlcState, o: "tune_mod.Outcome") -> tuple[PlcState, list[Event]]:
+    """The running experiment ends with ``o``: kept as the zone's last outcome, with the gains
+    the zone had (what a proposal would replace)."""
+    o = replace(o, previous=gains_of(p, s, o.zone))
+    s = replace(s, autotune=None, autotune_outcomes={**s.autotune_outcomes, o.zone: o})
+    return s, [autotune_event(o.time_s, o.zone, o.status, f"zone {o.zone}: autotune {o.status}: "
+                              f"{o.message}", o.user)]
 
 
 def alarm_event(c: alarm_mod.AlarmTransition, s: PlcState) -> Event:
@@ -291,7 +376,7 @@ def step(p: Program, s: PlcState, pv: Mapping[str, float | None], pedal: bool | 
     deciding = TANK_ZONES if s.phase is Phase.COOLING else tuple(z.name for z in p.zones)
     all_at = all(pv.get(n) is not None and sps[n] is not None and abs(pv[n] - sps[n]) <= seq.tolerance_k
                  for n in deciding)
-    held = s.held
+    held = s.held or s.autotune is not None     # an autotune holds the sequence's timers
     s = replace(s, zones=zones,
                 phase_time_s=s.phase_time_s + (0.0 if held else dt_s),
                 dwell_s=(s.dwell_s + dt_s if all_at else 0.0) if not held else s.dwell_s)

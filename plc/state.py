@@ -3,7 +3,8 @@
 ``PlcState`` is a frozen value; the scan returns a new one each cycle (its dict fields are never
 mutated after construction). ``persistent()`` extracts what must survive a restart or a power
 loss — active recipe and phase, batch, latched trips and first-out, operator trims and manual
-outputs, PID gains changed at run time, and every alarm's lifecycle (active, acknowledged,
+outputs, PID gains changed at run time (by hand or an accepted autotune, with the model it
+identified), and every alarm's lifecycle (active, acknowledged,
 confirmed, enabled, shelving and its end, suppression, last message, user, comment, seq and
 times: an unacknowledged alarm stays unacknowledged and a shelve stays shelved across a kill -9)
 — and ``restored()`` builds the state the PLC comes up in: outputs safe, the last state
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from .alarms import Alarm, Priority, Shelving
+from .autotune import Experiment, Outcome
 from .pid import PidState, PwmState
 
 
@@ -65,7 +67,9 @@ class PlcState:
     pwm: Mapping[str, PwmState] = field(default_factory=dict)
     manual: Mapping[str, float] = field(default_factory=dict)
     trims: Mapping[str, float] = field(default_factory=dict)
-    tuning: Mapping[str, Mapping[str, float]] = field(default_factory=dict)   # zone -> {kp, ki, kd}
+    tuning: Mapping[str, Mapping[str, float]] = field(default_factory=dict)   # zone -> TUNING_KEYS
+    autotune: Experiment | None = None                 # the running experiment (one zone at a time)
+    autotune_outcomes: Mapping[str, Outcome] = field(default_factory=dict)   # zone -> the last
     alarms: Mapping[str, Alarm] = field(default_factory=dict)
     trips: frozenset[str] = frozenset()
     first_out: str | None = None
@@ -93,6 +97,8 @@ class PlcState:
 
 
 VERSION = 2
+# a zone's run-time tuning: the gains, and the model an accepted autotune identified
+TUNING_KEYS = ("kp", "ki", "kd", "model_gain_k_per_pct", "model_tau_s", "model_dead_s")
 _ALARM_FIELDS = ("active", "acked", "confirmed", "enabled", "suppressed", "unshelve_at",
                  "message", "trip", "active_since", "changed", "user", "comment", "seq")
 
@@ -142,7 +148,7 @@ def _restored(data: Mapping, recipes: Mapping[str, object], zones: tuple[str, ..
         trips=frozenset(data.get("trips", ())), first_out=data.get("first_out"),
         trims={k: float(v) for k, v in dict(data.get("trims", {})).items() if k in zones},
         manual={k: float(v) for k, v in dict(data.get("manual", {})).items() if k in zones},
-        tuning={z: {k: float(v) for k, v in dict(g).items() if k in ("kp", "ki", "kd")}
+        tuning={z: {k: float(v) for k, v in dict(g).items() if k in TUNING_KEYS}
                 for z, g in dict(data.get("tuning", {})).items() if z in zones},
         alarms={k: _alarm(k, d) for k, d in dict(data.get("alarms", {})).items()
                 if not k.startswith("zone.") or k.split(".")[1] in zones})

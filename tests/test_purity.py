@@ -30,6 +30,7 @@ from plc.commands import (Abort, Acknowledge, Hold, Reset, Resume, SetManual, Se
 from plc.image import bad
 
 PURE = ("plc.image", "plc.pid", "plc.alarms", "plc.commands", "plc.state", "plc.contract",
+        "plc.tuning", "plc.autotune",
         "plc.program", "plc.interlocks", "plc.sequencer", "plc.scan", "plc.configbase",
         "plc.modbus.pdu", "plc.modbus.codec", "plc.modbus.regmap", "plc.modbus.legacy",
         "opcua_server.batches")
