@@ -7,7 +7,8 @@ change nothing. The checks, in order, for each written value or method call:
    refused with ``BadUserAccessDenied``.
 2. Type: the Variant must carry the variable's type (Double, String, Boolean);
    ``BadTypeMismatch``.
-3. Range: ``BadOutOfRange`` (trim ±2 K, outputs ±100 %, gains 0..1000, recipe rules).
+3. Range: ``BadOutOfRange`` (trim ±2 K, outputs ±100 %, gains 0..1000, recipe rules, an
+   autotune's amplitude 0 or 5..100 %).
 4. State: the scan's own verdict. The command goes to the PLC process (``plc.bridge``) with
    an id, the user and the origin, and the gate waits for the scan's answer: refused is
    ``BadInvalidState`` with the scan's reason; no PLC connected ``BadNoCommunication``; no
@@ -39,8 +40,9 @@ from asyncua import ua
 from asyncua.crypto.permission_rules import UserRole
 
 from plc.bridge import PlcTimeout, PlcUnavailable
-from plc.commands import (Abort, Acknowledge, Command, Hold, Reset, Resume, SetManual, SetTrim,
-                          SetTuning, StartRecipe, Stop)
+from plc.commands import (AMPLITUDE_PCT, Abort, AbortAutotune, AcceptTuning, Acknowledge, Command,
+                          Hold, RejectTuning, Reset, Resume, SetManual, SetTrim, SetTuning,
+                          StartAutotune, StartRecipe, Stop)
 
 from .security import current_user as session_user
 from .security import role_allows
@@ -259,12 +261,9 @@ class Gate:
         return callback
 
     def command_method(self, target: str, role: str, make: Callable[..., Command]) -> Callable:
-        """A method that sends one command, after checking its arguments, and returns the
-        scan's verdict."""
+        """A method that sends one command, made from its arguments by ``make`` (which raises
+        Refused for a bad one: type, then range), and returns the scan's verdict."""
         async def handler(user: str, *args):
-            for a in args:
-                if not isinstance(a, str):
-                    raise Refused(SC.BadTypeMismatch, f"{target}: expected a String argument")
             return await self.submit(replace(make(*args), user=user, origin="opcua",
                                              id=self.plc.new_id()))
         return self.method(target, role, handler)
@@ -291,8 +290,15 @@ def _arguments(cmd: Command) -> str:
     return ", ".join(f"{f}={getattr(cmd, f)!r}" for f in cmd.__slots__ if f not in skip)
 
 
+def _string(v: Any, target: str) -> str:
+    if not isinstance(v, str):
+        raise Refused(SC.BadTypeMismatch, f"{target}: expected a String argument")
+    return v
+
+
+# the sequencer's methods: (least role, the command from the arguments)
 COMMANDS = {
-    "StartRecipe": ("operator", lambda rid: StartRecipe(rid)),
+    "StartRecipe": ("operator", lambda rid: StartRecipe(_string(rid, "StartRecipe"))),
     "Stop": ("operator", lambda: Stop()),
     "Hold": ("operator", lambda: Hold()),
     "Resume": ("operator", lambda: Resume()),
@@ -300,6 +306,27 @@ COMMANDS = {
     "ResetTrips": ("operator", lambda: Reset()),
     "AcknowledgeAll": ("operator", lambda: Acknowledge(None)),
 }
+
+
+def amplitude_pct(v: Any) -> float | None:
+    """Autotune Start's AmplitudePct: a Double, 0 for the machine's default (None) or within
+    ``plc.commands.AMPLITUDE_PCT``."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise Refused(SC.BadTypeMismatch, f"AmplitudePct takes a Double, got {type(v).__name__}")
+    x = _number(v)
+    lo, hi = AMPLITUDE_PCT
+    if x != 0.0 and not lo <= x <= hi:
+        raise Refused(SC.BadOutOfRange, f"AmplitudePct must be 0 (the machine's default) or within "
+                                        f"{lo:g}..{hi:g} % (got {x:g})")
+    return x or None
+
+
+def autotune_commands(zone: str) -> dict[str, tuple[str, Callable[..., Command]]]:
+    """The methods of a zone's Autotune object: (least role, the command from the arguments)."""
+    return {"Start": ("technician", lambda amplitude: StartAutotune(zone, amplitude_pct(amplitude))),
+            "Abort": ("technician", lambda: AbortAutotune(zone)),
+            "Accept": ("technician", lambda: AcceptTuning(zone)),
+            "Reject": ("technician", lambda: RejectTuning(zone))}
 
 
 def zone_rules(zone: str, plc) -> dict[str, WriteRule]:

@@ -2,7 +2,8 @@
 from the configuration.
 
     nodesets/Tempering.Types.NodeSet2.xml   the types (urn:open-tempering:types): load_types
-    build_machine                           one TemperingMachineType instance with a RecipeType
+    build_machine                           one TemperingMachineType instance (each zone with its
+                                            ZoneAutotuneType Autotune) with a RecipeType
                                             per recipe, an AlarmType per interlock condition and
                                             a LinkDiagnosticsType per Modbus link, in the namespace
                                             urn:open-tempering:machine:<machine id>
@@ -63,7 +64,7 @@ TYPE_IDS: Mapping[str, int] = MappingProxyType({
     # the alarm condition types (subtypes of the OPC UA Part 9 alarm types); 1007 and 1012 retired
     "TemperatureLevelAlarmType": 1013, "TemperatureDeviationAlarmType": 1014,
     "MachineOffNormalAlarmType": 1015, "MachineDiscreteAlarmType": 1016,
-    "BatchRecordType": 1017, "BatchCompletedEventType": 1019})
+    "BatchRecordType": 1017, "BatchCompletedEventType": 1019, "ZoneAutotuneType": 1020})
 DATA_TYPE_IDS: Mapping[str, int] = MappingProxyType({"PhaseEnum": 3001})   # 3003 retired
 
 # the Int32 values of PhaseEnum: the members' order, which the type keeps
@@ -166,6 +167,7 @@ class MachineNodes:
     types_namespace_index: int
     points: dict[str, Node]                # process-image point -> variable (POINT_PATHS)
     zones: dict[str, dict[str, Node]]      # plc zone name -> Temperature, Setpoint, ..., Heater
+    autotune: dict[str, dict[str, Node]]   # plc zone name -> its Autotune's Stage, ..., Start, Accept, ...
     motors: dict[str, dict[str, Node]]     # plc motor name -> Running, Current
     sequencer: dict[str, Node]             # Phase, PhaseTime, ..., and its methods by name
     recipes_folder: Node
@@ -252,6 +254,7 @@ def _machine_plan(cfg: Any, program: Program, book: Any, conditions: Sequence[st
         ramp = (f"ramped at most {z.tuning.ramp_k_per_min:g} K/min" if z.tuning.ramp_k_per_min
                 else "not ramp-limited")
         plan.prefixes[zid] = label
+        plan.prefixes[f"{zid}.Autotune"] = f"{label} autotune"
         plan.descriptions |= {
             zid: f"{label}: heating outputs {heat}; cooling: {cool}.",
             f"{zid}.Temperature": f"{label}: chocolate temperature (input temp_{z.name}); trips above "
@@ -769,7 +772,7 @@ async def build_machine(server: Server, cfg: Any, book: Any, condition_ids: Sequ
         node = server.get_node
         nodes = MachineNodes(
             machine=node(ua.NodeId(ROOT, ns)), namespace_index=ns, types_namespace_index=types_ns,
-            points={}, zones={}, motors={}, sequencer={},
+            points={}, zones={}, autotune={}, motors={}, sequencer={},
             recipes_folder=node(ua.NodeId(f"{ROOT}.Recipes", ns)), recipes={},
             alarms_folder=node(ua.NodeId(f"{ROOT}.Alarms", ns)), conditions={}, alarms_summary={},
             alarm_performance={}, batches={}, diagnostics={}, methods={}, objects={}, writable={}, variant_types={}, _builder=builder)
@@ -864,7 +867,8 @@ def _index(server: Server, nodes: MachineNodes, start: ua.NodeId, start_path: tu
         nodes.recipes[start_path[1]] = below(*start_path)
         return
     nodes.points.update({p: by_path[tuple(path.split("."))] for p, path in POINT_PATHS.items()})
-    nodes.zones.update({z: below("Zones", n) for z, n in ZONE_NODES.items()})
+    nodes.zones.update({z: below("Zones", n, nclass=ua.NodeClass.Variable) for z, n in ZONE_NODES.items()})
+    nodes.autotune.update({z: below("Zones", n, "Autotune") for z, n in ZONE_NODES.items()})
     nodes.motors.update({m: below("Motors", n) for m, n in MOTOR_NODES.items()})
     nodes.sequencer.update(below("Sequencer"))
     nodes.recipes.update({rid: below("Recipes", rid) for rid in below("Recipes", nclass=ua.NodeClass.Object)})

@@ -32,6 +32,10 @@ BadWaitingForInitialData). Where the scan has no number to give, the status says
                             of an empty window)
     Diagnostics.Historian.* no historian (``--no-history``): State "disabled", Sink "none", the
                             counters 0, LastError ""
+    Zones.*.Autotune.*      no autotune since the PLC started: Stage "idle", Message "", the
+                            figures 0, ModelIntegrating False (Good); an outcome without a model,
+                            gains or prediction (failed, aborted): those 0; a prediction that
+                            never settles: PredictedSettlingTime null, BadNoData
 
 One writer per node: each variable is written at most once per publication, from one fact of
 the snapshot. A zone's Temperature is the scan's verdict on the zone (``snap.zones``: the
@@ -51,6 +55,7 @@ from typing import Any, Callable, Mapping
 from asyncua import ua
 
 from plc.alarms import Priority
+from plc.autotune import View as AutotuneView
 from plc.channel import SnapshotChannel
 from plc.image import Point, Quality
 from plc.state import Phase
@@ -167,6 +172,9 @@ class Publisher:
         for z in snap.zones:
             if z.name in n.zones:
                 await self._zone(n.zones[z.name], z, snap, settings.get(z.name, {}))
+        autotune = snap.autotune or {}
+        for zone, nodes in n.autotune.items():
+            await self._autotune(nodes, autotune.get(zone) or AutotuneView(zone, "idle", 0.0, "", None), t)
         for motor, nodes in n.motors.items():
             if motor in snap.outputs and "Running" in nodes:
                 await self._set(nodes["Running"], bool(snap.outputs[motor].value),
@@ -218,6 +226,39 @@ class Publisher:
         for browse in ("Trim", "Kp", "Ki", "Kd"):
             if browse in settings and browse in nodes:
                 await self._set(nodes[browse], float(settings[browse]), ua.VariantType.Double, None, t)
+
+    async def _autotune(self, nodes, v: AutotuneView, t: float) -> None:
+        """A zone's autotune (``snap.autotune``): its stage and, once it ended, its outcome."""
+        o = v.outcome
+        model, gains, pred = (o.model, o.gains, o.prediction) if o is not None else (None, None, None)
+        previous = o.previous if o is not None else {}
+        settling = None if pred is None else pred.settling_s
+        D = ua.VariantType.Double
+        for key, value, vtype in (
+                ("Stage", v.stage, ua.VariantType.String),
+                ("Progress", float(v.progress_pct), D),
+                ("Message", v.message, ua.VariantType.String),
+                ("ModelGain", model.gain_k_per_pct if model else 0.0, D),
+                ("ModelTimeConstant", model.tau_s if model else 0.0, D),
+                ("ModelDeadTime", model.dead_s if model else 0.0, D),
+                ("ModelIntegrating", bool(model.integrating) if model else False, ua.VariantType.Boolean),
+                ("ProposedKp", gains.kp if gains else 0.0, D),
+                ("ProposedKi", gains.ki if gains else 0.0, D),
+                ("ProposedKd", gains.kd if gains else 0.0, D),
+                ("PreviousKp", previous.get("kp", 0.0), D),
+                ("PreviousKi", previous.get("ki", 0.0), D),
+                ("PreviousKd", previous.get("kd", 0.0), D),
+                ("PredictedOvershoot", pred.overshoot_k if pred else 0.0, D),
+                ("PredictedMaxSensitivity", pred.ms if pred else 0.0, D),
+                ("PredictedGainMargin", pred.gain_margin if pred else 0.0, D),
+                ("PredictedPhaseMargin", pred.phase_margin_deg if pred else 0.0, D)):
+            if key in nodes:
+                await self._set(nodes[key], float(value) if vtype is D else value, vtype, None, t)
+        if "PredictedSettlingTime" in nodes:
+            if pred is not None and settling is None:     # it does not settle in the simulated time
+                await self._set(nodes["PredictedSettlingTime"], None, D, _NO_DATA, t)
+            else:
+                await self._set(nodes["PredictedSettlingTime"], float(settling or 0.0), D, None, t)
 
     async def _alarms(self, snap) -> None:
         if self.conditions is not None:
@@ -288,6 +329,8 @@ class Publisher:
             for key in ("Temperature", "Setpoint", "Output", "Mode", "Heater", "ManualOutput"):
                 if key in nodes:
                     yield nodes[key]
+        for nodes in n.autotune.values():
+            yield from nodes.values()
         for nodes in n.motors.values():
             yield from nodes.values()
         yield from n.sequencer.values()

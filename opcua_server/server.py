@@ -32,7 +32,7 @@ from plc.state import RUNNING, Phase
 from .alarm_performance import AlarmPerformance
 from .batch_view import BatchView
 from .conditions import ConditionServer
-from .gate import COMMANDS, Gate, Refused, WriteRule, zone_rules
+from .gate import COMMANDS, Gate, Refused, WriteRule, autotune_commands, zone_rules
 from .model import (RECIPE_FIELDS, add_recipe_nodes, build_machine, load_types, recipe_value,
                     remove_recipe_nodes, with_recipe_value)
 from .notifiers import SERVER, new_event, notify
@@ -79,6 +79,7 @@ class TemperingServer:
         self.book: dict[str, Recipe] = {}
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        self._method_nodes: dict[str, Any] = {}    # audit target -> method node (beyond nodes.methods)
 
     # -- set-up ----------------------------------------------------------------------------
 
@@ -104,6 +105,12 @@ class TemperingServer:
             self._recipe_rules(rid)
         for name, (role, make) in COMMANDS.items():
             self.server.link_method(self.nodes.methods[name], self.gate.command_method(name, role, make))
+        for zone, methods in self.nodes.autotune.items():     # Zones.<Zone>.Autotune.Start, ...
+            for name, (role, make) in autotune_commands(zone).items():
+                if name in methods:
+                    target = f"{zone}.Autotune.{name}"
+                    self._method_nodes[target] = methods[name]
+                    self.server.link_method(methods[name], self.gate.command_method(target, role, make))
         for name, handler in (("AddRecipe", self._add_recipe), ("UpdateRecipe", self._update_recipe),
                               ("DeleteRecipe", self._delete_recipe),
                               ("DuplicateRecipe", self._duplicate_recipe)):
@@ -191,7 +198,7 @@ class TemperingServer:
             etype = _CONDITION_AUDIT.get(type(cmd).__name__) if condition is not None else None
             ev = new_event(etype or ua.ObjectIds.AuditUpdateMethodEventType,
                            condition.nodeid if etype else machine, target)
-            method = self.nodes.methods.get(target)
+            method = self.nodes.methods.get(target) or self._method_nodes.get(target)
             ev.MethodId = method.nodeid if method is not None else None
             ev.StatusCodeId = ua.StatusCode(getattr(SC, result.split(":")[0], SC.BadUnexpectedError))
             if etype is not None:           # Part 9 §5.10: the condition's own audit events

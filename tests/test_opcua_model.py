@@ -61,6 +61,13 @@ EXPECTED_UNIT = {
     **dict.fromkeys(("AcceptanceCoolingUndershoot", "AcceptancePouringBand", "AcceptanceTolerance"), "KEL"),
     "AcceptancePouringMinShare": "P1",
     **dict.fromkeys(("LogicP50", "LogicP99", "LateP50", "LateP99", "LateMax", "RttP50", "RttP99"), "C26"),
+    # a zone's Autotune (ZoneAutotuneType); K/% has no UNECE code (KEL), Ms and the gain margin are ratios
+    **dict.fromkeys(("Progress", "ProposedKp", "ProposedKi", "ProposedKd", "PreviousKp", "PreviousKi",
+                     "PreviousKd"), "P1"),
+    **dict.fromkeys(("ModelGain", "PredictedOvershoot"), "KEL"),
+    **dict.fromkeys(("ModelTimeConstant", "ModelDeadTime", "PredictedSettlingTime"), "SEC"),
+    **dict.fromkeys(("PredictedMaxSensitivity", "PredictedGainMargin"), "C62"),
+    "PredictedPhaseMargin": "DD",
 }
 CONTRACT_RANGES = {"Temperature": (-20, 70), "Output": (-100, 100), "Trim": (-2, 2),
                    "ManualOutput": (-100, 100), "Current": (0, 20), "VoltageL1": (0, 300),
