@@ -47,6 +47,7 @@ from plc.commands import StartRecipe
 from plc.image import Point, ProcessImage, Quality
 from plc.program import Program
 from plc.runtime import Controller
+from plc.state import PlcState
 from twin import Twin
 from twin.inprocess import InProcessTwinIo
 
@@ -103,7 +104,8 @@ class Run:
 
 
 def run(cfg, book, recipe_id: str, baseline: bool, seed: int = 7,
-        program: Program | None = None) -> tuple[Run, float]:
+        program: Program | None = None, tuning=None) -> tuple[Run, float]:
+    """One cycle; ``tuning``: the run-time tuning the PLC starts with (an autotune's)."""
     p = program or Program.from_config(cfg, book)
     if baseline:  # a thermostat cycles +-hysteresis plus its lag: it never dwells within 0.3 K
         p = replace(p, sequence=replace(p.sequence, tolerance_k=max(
@@ -111,7 +113,7 @@ def run(cfg, book, recipe_id: str, baseline: bool, seed: int = 7,
     recipe = p.recipes[recipe_id]
     twin = Twin(cfg.twin, seed=seed)
     io = InProcessTwinIo(twin)
-    c = Controller(p)
+    c = Controller(p, state=PlcState(tuning=tuning or {}))
     thermo = Thermostat(p) if baseline else None
     out = Run("on/off thermostat" if baseline else "PID (this controller)")
     tol = p.sequence.tolerance_k
@@ -180,7 +182,7 @@ def figures(r: Run, heat_min_s: float, dt: float) -> dict:
     k = int(round(SEED_AT_S / dt))
     after = err[k:]
     outside = np.nonzero(after > BAND_C)[0]
-    recovery = 0.0 if outside.size == 0 else (outside[-1] + 1) * dt
+    recovery = 0.0 if outside.size == 0 else float((outside[-1] + 1) * dt)
     complete = len(r.hold_err) * dt >= HOLD_S - dt
     return {
         "heating_time_s": r.heating_time_s,
@@ -255,16 +257,18 @@ def evaluate(cfg, book, recipe_id: str, autotune: bool, twin_cfg=None) -> dict:
     twin_cfg = twin_cfg or cfg.twin
     cfg = cfg.model_copy(update={"twin": twin_cfg})
     program = Program.from_config(cfg, book)
-    tuned = None
+    tuned = tuning = None
     if autotune:
         t0 = time.perf_counter()
-        outcomes, program = tune_on_twin(program, twin_cfg, recipe_id=recipe_id)
+        stats: dict = {}
+        outcomes, tuning = tune_on_twin(program, twin_cfg, recipe_id=recipe_id, stats=stats)
         tuned = {z: {"status": o.status, "message": o.message,
                      **({"model": o.model.as_dict(), "kp": o.gains.kp, "ki": o.gains.ki,
                          "predicted": o.prediction.as_dict()} if o.gains else {})}
                  for z, o in outcomes.items()}
         tuned["wall_s"] = time.perf_counter() - t0
-    ours, heat_min = run(cfg, book, recipe_id, baseline=False, program=program)
+        tuned["scans"] = stats
+    ours, heat_min = run(cfg, book, recipe_id, baseline=False, program=program, tuning=tuning)
     dt = cfg.period_s
     fo = figures(ours, heat_min, dt)
     try:
@@ -311,8 +315,8 @@ def worst(members: list[dict]) -> dict:
 
 
 def met(figs: dict) -> dict[str, bool]:
-    return {k: figs.get(k) is not None and not figs.get("members_failed") and (
-        figs[k] <= lim if sense == "max" else figs[k] >= lim) for k, (lim, sense) in TARGETS.items()}
+    return {k: bool(figs.get(k) is not None and not figs.get("members_failed") and (
+        figs[k] <= lim if sense == "max" else figs[k] >= lim)) for k, (lim, sense) in TARGETS.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -339,8 +343,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = [(k, fmt(result[k]), fmt(fb.get(k))) for k in FIGURES if k != "wall_s"]
     if args.autotune:
         for z, o in result["autotune"].items():
-            if isinstance(o, dict):
+            if isinstance(o, dict) and "status" in o:
                 print(f"autotune {z}: {o['status']}: {o['message']}")
+        st = result["autotune"]["scans"]
+        print(f"autotune: {st['virtual_s'] / 60:.0f} min of virtual time, {st['scans']} scans, "
+              f"logic time p50 {st['scan_p50_ms']:.2f} ms, longest {st['scan_max_ms']:.1f} ms "
+              f"(the identification) against a period of {cfg.period_s * 1e3:.0f} ms")
     print(f"Control quality on the twin, recipe {recipe_id}, true pouring-point temperature")
     emit(rows, ("figure", "PID", "on/off 0.5 degC"), result, args.json)
     return 0

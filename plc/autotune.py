@@ -45,6 +45,8 @@ SETTLE_BAND_K = 0.3
 LOW_SHARE = 0.67            # the relay's low side, as a share of its amplitude
 HIGH_LIMIT_MARGIN_K = 2.0
 SAMPLE_S = 1.0
+STUCK_OFF_MIN_S = 120.0     # the relay's low side ends after this long ...
+STUCK_OFF_FACTOR = 3.0      # ... and this many times the last high side, crossing or not
 MIN_ROOM_PCT = 10.0
 
 # stages of a running experiment, then the outcomes
@@ -80,6 +82,7 @@ class Experiment:
     u_low: float = 0.0
     relay_on: bool = True
     rises: tuple[float, ...] = ()        # times the relay switched up
+    falls: tuple[float, ...] = ()        # times the relay switched down
     period_s: float = 0.0
     samples: tuple[tuple[float, float, float], ...] = ()
     next_sample_s: float = 0.0
@@ -168,13 +171,27 @@ def step(x: Experiment, cfg: Settings, *, now_s: float, dt_s: float, sp: float |
 
     if x.stage == RELAY:
         on = True if err > cfg.hysteresis_k else False if err < -cfg.hysteresis_k else x.relay_on
+        if not on and not x.relay_on and x.falls and now_s - x.falls[-1] > max(
+                STUCK_OFF_MIN_S, STUCK_OFF_FACTOR * (x.falls[-1] - x.rises[-1])):
+            on = True       # the zone does not come back below sp - h on the low side: go on
+        if on and x.relay_on and now_s - x.rises[-1] > max(
+                STUCK_OFF_MIN_S, STUCK_OFF_FACTOR * ((x.rises[-1] - x.falls[-1]) if x.falls
+                                                     else cfg.settle_s)):
+            if x.u_high >= out_max - 1e-9:
+                return end(FAILED, f"the zone does not rise {cfg.hysteresis_k:g} K above its "
+                                   f"set-point even at {out_max:.0f} %: it has no heat to spare "
+                                   f"at this working point")
+            # the high side does not lift the zone: the zone's whole range, from now on
+            x = replace(x, u_high=out_max, rises=x.rises[:-1] + (now_s,))
         rises = x.rises + (now_s,) if (on and not x.relay_on) else x.rises
-        x = replace(x, relay_on=on, rises=rises)
+        falls = x.falls + (now_s,) if (x.relay_on and not on) else x.falls
+        x = replace(x, relay_on=on, rises=rises, falls=falls)
         if len(rises) >= cfg.cycles + 2:    # the first rise starts the relay; cycles + 1 more
             period = (rises[-1] - rises[1]) / cfg.cycles
             x = replace(x, stage=STEP, stage_since_s=now_s, period_s=period)
         elif now_s - x.stage_since_s > cfg.max_duration_s / 2 and len(rises) < 2:
-            return end(FAILED, "the relay does not make the zone oscillate")
+            return end(FAILED, f"the relay does not make the zone oscillate (between "
+                               f"{x.u_low:.0f} and {x.u_high:.0f} %)")
 
     if x.stage == STEP:
         if now_s - x.stage_since_s >= max(3.0 * x.period_s, 60.0) or -err >= cfg.step_limit_k:
@@ -196,9 +213,12 @@ def _analyse(x: Experiment, now_s: float) -> tuple[Outcome, None]:
     pred = predict(model, gains)
     kind = "integrating, " if model.integrating else ""
     msg = (f"model: {kind}K {model.gain_k_per_pct:.4g} K/%, tau {model.tau_s:.1f} s, "
-           f"dead time {model.dead_s:.1f} s (fit {model.rms_k:.3f} K); proposed kp "
-           f"{gains.kp:.3g} %/K, ki {gains.ki:.3g} %/(K*s); predicted overshoot "
-           f"{pred.overshoot_k:.2f} K on a 1 K step, Ms {pred.ms:.2f}")
+           f"dead time {model.dead_s:.1f} s (fit {model.rms_k:.3f} K)")
+    if model.lag_s > 0:
+        msg += (f", read as a lag of {model.lag_s:.1f} s and a dead time of "
+                f"{model.lag_dead_s:.1f} s")
+    msg += (f"; proposed kp {gains.kp:.3g} %/K, ki {gains.ki:.3g} %/(K*s), kd {gains.kd:.3g} "
+            f"%*s/K; predicted overshoot {pred.overshoot_k:.2f} K on a 1 K step, Ms {pred.ms:.2f}")
     return Outcome(x.zone, PROPOSED, msg, now_s, x.user, model, gains, pred), None
 
 

@@ -157,6 +157,10 @@ class MachineParams(_Frozen):
     set_temp3: Number
     set_temp4: Number
     phase_tolerance: Annotated[Number, Field(gt=0)]     # K band of "at goal"
+    # the phase goals' own ramps (K/min, 0 = a step): how fast cooling brings the goal down
+    # from the heating goal, and how gently pouring re-heats from the cooling goal
+    cooling_ramp_k_per_min: Annotated[Number, Field(ge=0)] = 0.0
+    reheat_ramp_k_per_min: Annotated[Number, Field(ge=0)] = 1.0
 
     @model_validator(mode="after")
     def _limits(self) -> MachineParams:

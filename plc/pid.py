@@ -25,6 +25,12 @@ Why each piece (the ISA/"textbook" improvements, cf. simple-pid, Åström & Häg
   tracks it (I = u_manual - P - D), so switching back to auto continues from the same output.
 - **Bad measurement**: the block holds its last output and freezes its integral (the
   interlocks decide what the outputs do).
+- **Feed-forward** (``ff``, % of output): what the zone is known to need beyond the feedback -
+  the output a moving phase goal asks for (rate / the zone's identified slope), see
+  ``plc.scan`` - added to P + I + D inside the band and counted by the anti-windup, so the
+  integral carries only what the model does not know. A ramp followed by the integral alone
+  ends in an overshoot as large as the integral's charge; followed by its feed-forward, the
+  integral stays put and the zone stops at the goal.
 - **Independent of the scan period**: ki, kd, the filter and the ramp are per second / minute,
   so the same tuning gives the same response at 10 ms and at 100 ms.
 
@@ -75,8 +81,9 @@ def ramp(sp_prev: float | None, sp: float, pv: float, rate_k_per_min: float, dt_
 
 
 def pid_update(t: PidTuning, s: PidState, sp: float, pv: float | None, dt_s: float,
-               manual_output: float | None = None) -> tuple[float, PidState]:
-    """One step of the block. ``pv`` None means a bad measurement. Returns (output %, state)."""
+               manual_output: float | None = None, ff: float = 0.0) -> tuple[float, PidState]:
+    """One step of the block. ``pv`` None means a bad measurement; ``ff``: a feed-forward
+    output (%) added to P + I + D inside the band. Returns (output %, state)."""
     if pv is None or dt_s <= 0.0:
         return s.output, s
     # derivative on measurement, first-order filter (exact discretisation of 1/(Tf s + 1))
@@ -92,7 +99,7 @@ def pid_update(t: PidTuning, s: PidState, sp: float, pv: float | None, dt_s: flo
         u = _clamp(manual_output, t.out_min, t.out_max)
         sp_r = pv if t.ramp_k_per_min > 0 else sp
         p_term = t.kp * (sp_r - pv)
-        integral = _clamp(u - p_term - d_term, t.out_min, t.out_max)
+        integral = _clamp(u - p_term - d_term - ff, t.out_min, t.out_max)
         return u, PidState(integral, pv, d_f, sp_r, u, True)
 
     sp_r = ramp(None if s.manual else s.sp_ramped, sp, pv, t.ramp_k_per_min, dt_s)
@@ -109,12 +116,22 @@ def pid_update(t: PidTuning, s: PidState, sp: float, pv: float | None, dt_s: flo
 
     integral = s.integral
     candidate = integral + t.ki * e * dt_s
-    unsat = p_term + candidate + d_term
+    unsat = p_term + candidate + d_term + ff
     # conditional integration: do not wind further into a saturated output
     if not ((unsat > t.out_max and e > 0) or (unsat < t.out_min and e < 0)):
         integral = _clamp(candidate, t.out_min, t.out_max)
-    u = _clamp(p_term + integral + d_term, t.out_min, t.out_max)
+    u = _clamp(p_term + integral + d_term + ff, t.out_min, t.out_max)
     return u, PidState(integral, pv, d_f, sp_r, u, False)
+
+
+def retune(s: PidState, old: PidTuning, new: PidTuning) -> PidState:
+    """The state under ``new`` gains that gives the output ``old`` gave (bumpless gain change):
+    the integral takes up what P and D change at the last error and derivative."""
+    if s.pv_prev is None or s.sp_ramped is None or s.manual:
+        return s
+    e = s.sp_ramped - s.pv_prev
+    shift = (old.kp - new.kp) * e + (old.kd - new.kd) * s.d_filtered
+    return replace(s, integral=_clamp(s.integral + shift, new.out_min, new.out_max))
 
 
 def reset(s: PidState) -> PidState:

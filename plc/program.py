@@ -16,6 +16,12 @@ Interpretation of the legacy fields (documented again in the README, Configurati
 - ``heating_delay`` / ``cooling_delay`` / ``pouring_delay``: dwell times all zones must stay
   within ``phase_tolerance`` of the phase goal before the phase completes (pouring: before
   pouring is released).
+- ``cooling_ramp_k_per_min`` / ``reheat_ramp_k_per_min`` (not in the legacy data): the goal of
+  cooling moves from the heating goal down, and the goal of pouring from the cooling goal up, at
+  this rate (0: a step), landing softly on the final goal (``sequencer.LANDING_S``); the dwell
+  starts once the goal is final. The re-heat is gentle (1
+  K/min by default) as tempering wants - it melts the unstable crystals without the overshoot a
+  step would give - and it keeps every zone's loop out of saturation on any machine.
 - Per zone ``kp`` (%/K), ``ki`` (%/(K·s)), ``kd`` (%·s/K); ``kl`` = set-point ramp limit (K/min);
   ``heat_control_range`` = control band (K); ``fc_threshold`` = split-range threshold (%).
 - Current limits: ``i_motor1`` of tank_bottom / pump / fountain guard the mixer / pump /
@@ -109,6 +115,8 @@ class Sequence:
     cooling_dwell_s: float
     pouring_dwell_s: float
     tolerance_k: float
+    cooling_ramp_k_per_min: float = 0.0     # the cooling goal approached from the heating goal
+    reheat_ramp_k_per_min: float = 0.0      # the pouring goal approached from the cooling goal
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +178,9 @@ class Program:
             pump_min_c=mc.pump_min_heat, pump_start_c=mc.pump_min_heat + mc.pre_heating_temp,
             pump_delay_s=mc.pump_delay, mixer_delay_s=mc.mixer_delay,
             heating_dwell_s=mc.heating_delay, cooling_dwell_s=mc.cooling_delay,
-            pouring_dwell_s=mc.pouring_delay, tolerance_k=mc.phase_tolerance)
+            pouring_dwell_s=mc.pouring_delay, tolerance_k=mc.phase_tolerance,
+            cooling_ramp_k_per_min=mc.cooling_ramp_k_per_min,
+            reheat_ramp_k_per_min=mc.reheat_ramp_k_per_min)
         recipes = {rid: _recipe(rid, r) for rid, r in _items(book)}
         window = max(1, round(cfg.scan.pwm_period_s / period))
         return cls(machine_id=cfg.machine.id, period_s=period, pwm_window_ticks=window,

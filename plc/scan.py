@@ -130,6 +130,7 @@ def scan(p: Program, s: PlcState, inputs: ProcessImage, commands: Iterable[Comma
     sps = sequencer.setpoints(p, s)
 
     duties: dict[str, float] = {}
+    rate = sequencer.goal_rate_k_per_s(p, s)
     forced_off: set[str] = set()     # off in this very scan, whatever the PWM window says
     zones = dict(s.zones)
     views = []
@@ -140,14 +141,16 @@ def scan(p: Program, s: PlcState, inputs: ProcessImage, commands: Iterable[Comma
         if controlled:
             tuning = replace(z.tuning, **sequencer.gains_of(p, s, z.name)) \
                 if z.name in s.tuning else z.tuning
-            u, pid = pid_update(tuning, zs.pid, sps[z.name], pv[z.name], dt, manual)
+            u, pid = pid_update(tuning, zs.pid, sps[z.name], pv[z.name], dt, manual,
+                                _feed_forward(s, z.name, rate))
         else:
             u, pid = 0.0, PidState(manual=manual is not None)
         x = s.autotune
         if x is not None and x.zone == z.name:
             stop = _autotune_stop(s, z.name, controlled)
             x2, imposed = tune_mod.step(
-                x, p.autotune, now_s=now, dt_s=dt, sp=sps[z.name], pv=pv[z.name], u_pid=u,
+                x, p.autotune, now_s=now, dt_s=dt, sp=sps[z.name], pv=pv[z.name],
+                u_pid=max(z.out_min_pct, u),
                 out_min=z.out_min_pct, out_max=z.tuning.out_max, max_temp_c=z.max_temp_c,
                 stop=stop)
             if isinstance(x2, tune_mod.Outcome):
@@ -190,6 +193,18 @@ def scan(p: Program, s: PlcState, inputs: ProcessImage, commands: Iterable[Comma
 
 
 _PWM0 = PwmState()
+
+
+def _feed_forward(s: PlcState, zone: str, rate_k_per_s: float) -> float:
+    """The output (%) a moving phase goal asks of a zone: the rate over the zone's slope per %
+    (K/(%*s), from the model its accepted autotune identified; none without a model)."""
+    if rate_k_per_s == 0.0:
+        return 0.0
+    g = s.tuning.get(zone)
+    if not g or "model_gain_k_per_pct" not in g or g.get("model_tau_s", 0.0) <= 0.0:
+        return 0.0
+    slope = g["model_gain_k_per_pct"] / g["model_tau_s"]
+    return rate_k_per_s / slope if slope > 0 else 0.0
 
 
 def _autotune_stop(s: PlcState, zone: str, controlled: bool) -> str:

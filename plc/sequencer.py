@@ -30,6 +30,7 @@ from .commands import (AMPLITUDE_PCT, MAX_GAIN, MAX_TRIM_K, Abort, AbortAutotune
                        StartAutotune, StartRecipe, Stop, Unshelve)
 from .interlocks import TIME_EPS_S
 from .pid import reset as pid_reset
+from .pid import retune
 from .contract import TANK_ZONES
 from .program import Program, RecipeProgram
 from .state import RUNNING, Phase, PlcState, ZoneState
@@ -153,6 +154,9 @@ def check_command(p: Program, s: PlcState, cmd: Command) -> str:
             return "a trip is latched (first-out: %s); reset first" % s.first_out
         if cmd.zone in s.manual:
             return f"zone {cmd.zone} is in manual; put it in auto first"
+        recipe = p.recipes[s.recipe_id]
+        if recipe.mixer and s.mixer_run_s < p.sequence.mixer_delay_s - TIME_EPS_S:
+            return "the heaters are not enabled yet (the mixer runs its delay first)"
         amp = cmd.amplitude_pct
         lo, hi = AMPLITUDE_PCT
         if amp is not None and not (math.isfinite(amp) and lo <= amp <= hi):
@@ -255,7 +259,7 @@ def apply_command(p: Program, s: PlcState, cmd: Command, now_s: float,
     elif isinstance(cmd, SetTuning):
         gains = dict(s.tuning.get(cmd.zone, {}))
         gains.update({g: float(v) for g in ("kp", "ki", "kd") if (v := getattr(cmd, g)) is not None})
-        s = replace(s, tuning={**s.tuning, cmd.zone: gains})
+        s = _retuned(p, s, cmd.zone, gains)
     elif isinstance(cmd, StartAutotune):
         amp = p.autotune.amplitude_pct if cmd.amplitude_pct is None else float(cmd.amplitude_pct)
         s = replace(s, autotune=tune_mod.start(cmd.zone, cmd.user, now_s, amp))
@@ -269,9 +273,9 @@ def apply_command(p: Program, s: PlcState, cmd: Command, now_s: float,
         o = s.autotune_outcomes[cmd.zone]
         m, g = o.model, o.gains
         gains = {**s.tuning.get(cmd.zone, {}), "kp": g.kp, "ki": g.ki, "kd": g.kd,
-                 "model_gain_k_per_pct": m.gain_k_per_pct, "model_tau_s": m.tau_s,
-                 "model_dead_s": m.dead_s}
-        s = replace(s, tuning={**s.tuning, cmd.zone: gains}, autotune_outcomes={
+                 "d_filter_s": g.d_filter_s, "model_gain_k_per_pct": m.gain_k_per_pct,
+                 "model_tau_s": m.tau_s, "model_dead_s": m.dead_s}
+        s = replace(_retuned(p, s, cmd.zone, gains), autotune_outcomes={
             **s.autotune_outcomes, cmd.zone: replace(o, status=tune_mod.ACCEPTED)})
         ev.append(autotune_event(now_s, cmd.zone, tune_mod.ACCEPTED,
                                  f"zone {cmd.zone}: tuning accepted by {cmd.user or '?'}: kp "
@@ -287,11 +291,23 @@ def apply_command(p: Program, s: PlcState, cmd: Command, now_s: float,
     return s, ev
 
 
+def _retuned(p: Program, s: PlcState, zone: str, tuning: dict[str, float]) -> PlcState:
+    """``s`` with a zone's run-time tuning replaced, bumpless: the zone's PID state is moved so
+    that the new gains give the output the old ones gave."""
+    old = replace(p.zone(zone).tuning, **gains_of(p, s, zone))
+    s = replace(s, tuning={**s.tuning, zone: tuning})
+    new = replace(p.zone(zone).tuning, **gains_of(p, s, zone))
+    zs = s.zones.get(zone)
+    if zs is None:
+        return s
+    return replace(s, zones={**s.zones, zone: replace(zs, pid=retune(zs.pid, old, new))})
+
+
 def gains_of(p: Program, s: PlcState, zone: str) -> dict[str, float]:
     """The PID gains a zone runs with now: the configured ones, changed at run time."""
     z = p.zone(zone)
     g = s.tuning.get(zone, {})
-    return {k: float(g.get(k, getattr(z.tuning, k))) for k in ("kp", "ki", "kd")}
+    return {k: float(g.get(k, getattr(z.tuning, k))) for k in ("kp", "ki", "kd", "d_filter_s")}
 
 
 def autotune_event(now_s: float, zone: str, status: str, message: str, user: str = "") -> Event:
@@ -340,10 +356,57 @@ def goal_c(recipe: RecipeProgram, phase: Phase) -> float | None:
             Phase.POURING: recipe.pouring_goal_c}.get(phase)
 
 
+LANDING_S = 30.0            # a moving goal lands on the final one with this time constant
+LANDED_K = 0.05             # ... and is final once this close
+
+
+def _moving(start: float, final: float, rate_k_per_s: float, t_s: float) -> tuple[float, float]:
+    """A goal moving from ``start`` to ``final`` at ``rate`` that lands softly: a ramp until
+    rate x LANDING_S from the final goal, then an exponential approach with that time constant
+    (the rate is continuous, so the zones' feed-forward fades instead of stopping). Returns
+    (goal, its rate K/s, signed)."""
+    span = abs(final - start)
+    sign = 1.0 if final > start else -1.0
+    land = rate_k_per_s * LANDING_S
+    t_ramp = max(0.0, (span - land) / rate_k_per_s)
+    if t_s < t_ramp:
+        return start + sign * rate_k_per_s * t_s, sign * rate_k_per_s
+    left = min(land, span) * math.exp(-(t_s - t_ramp) / LANDING_S)
+    return final - sign * left, sign * left / LANDING_S
+
+
+def phase_goal(p: Program, s: PlcState, recipe: RecipeProgram) -> tuple[float | None, bool]:
+    """The goal of the running phase now, and whether it is the phase's final goal: cooling
+    and pouring move their goal from the previous phase's at the configured ramp."""
+    goal, rate = _phase_goal(p, s, recipe)
+    return goal, rate == 0.0
+
+
+def _phase_goal(p: Program, s: PlcState, recipe: RecipeProgram) -> tuple[float | None, float]:
+    goal = goal_c(recipe, s.phase)
+    seq = p.sequence
+    if s.phase is Phase.COOLING and seq.cooling_ramp_k_per_min > 0:
+        start, ramp = recipe.heating_goal_c, seq.cooling_ramp_k_per_min
+    elif s.phase is Phase.POURING and seq.reheat_ramp_k_per_min > 0 and not s.pouring_released:
+        start, ramp = recipe.cooling_goal_c, seq.reheat_ramp_k_per_min
+    else:
+        return goal, 0.0
+    moving, rate = _moving(start, goal, ramp / 60.0, s.phase_time_s)
+    return (moving, rate) if abs(moving - goal) > LANDED_K else (goal, 0.0)
+
+
+def goal_rate_k_per_s(p: Program, s: PlcState) -> float:
+    """How fast the running phase's goal moves now (K/s, signed; 0 once it is final)."""
+    recipe = p.recipes.get(s.recipe_id) if s.recipe_id else None
+    if recipe is None or s.phase not in RUNNING or s.held:
+        return 0.0
+    return _phase_goal(p, s, recipe)[1]
+
+
 def setpoints(p: Program, s: PlcState) -> dict[str, float | None]:
     """Zone set-points of the current phase: goal + offset + operator trim, within ceilings."""
     recipe = p.recipes.get(s.recipe_id) if s.recipe_id else None
-    goal = goal_c(recipe, s.phase) if recipe and s.phase in RUNNING else None
+    goal = phase_goal(p, s, recipe)[0] if recipe and s.phase in RUNNING else None
     out: dict[str, float | None] = {}
     for z in p.zones:
         if goal is None:
@@ -374,7 +437,7 @@ def step(p: Program, s: PlcState, pv: Mapping[str, float | None], pedal: bool | 
         if at and not zs.reached:
             zones[z.name] = replace(zs, reached=True)
     deciding = TANK_ZONES if s.phase is Phase.COOLING else tuple(z.name for z in p.zones)
-    all_at = all(pv.get(n) is not None and sps[n] is not None and abs(pv[n] - sps[n]) <= seq.tolerance_k
+    all_at = phase_goal(p, s, recipe)[1] and all(pv.get(n) is not None and sps[n] is not None and abs(pv[n] - sps[n]) <= seq.tolerance_k
                  for n in deciding)
     held = s.held or s.autotune is not None     # an autotune holds the sequence's timers
     s = replace(s, zones=zones,

@@ -98,7 +98,8 @@ class PlcState:
 
 VERSION = 2
 # a zone's run-time tuning: the gains, and the model an accepted autotune identified
-TUNING_KEYS = ("kp", "ki", "kd", "model_gain_k_per_pct", "model_tau_s", "model_dead_s")
+TUNING_KEYS = ("kp", "ki", "kd", "d_filter_s", "model_gain_k_per_pct", "model_tau_s",
+               "model_dead_s")
 _ALARM_FIELDS = ("active", "acked", "confirmed", "enabled", "suppressed", "unshelve_at",
                  "message", "trip", "active_since", "changed", "user", "comment", "seq")
 

@@ -2,7 +2,9 @@
 
 There is no plant: the ``rig`` fixture (conftest) scans hand-made input images and the test
 sets the zone temperatures directly. Times are checked to within a scan or two, since the delays
-are sums of ``dt``.
+are sums of ``dt``. The transitions and dwells are tested with step goals (the machine's goal
+ramps set to 0 in this module's ``program``); the ramps, their soft landing and the feed-forward
+rate have their own tests at the end.
 """
 
 from __future__ import annotations
@@ -19,10 +21,31 @@ from plc.alarms import Alarm
 from plc.image import bad
 from plc.contract import OUTPUT_SPECS, TANK_ZONES, ZONES
 from plc.program import Program
-from plc.sequencer import check_command, setpoints
+from plc.sequencer import check_command, goal_rate_k_per_s, setpoints
 from plc.state import Phase, PlcState
 
 HEATERS = tuple(f"heater_{z}" for z in ZONES)
+
+
+@pytest.fixture(scope="module")
+def machine_program() -> Program:
+    """The machine's own program, goal ramps included."""
+    from conftest import MACHINE_FILE
+    from plc.config import load_all
+    return Program.from_config(*load_all(MACHINE_FILE))
+
+
+@pytest.fixture(scope="module")
+def program(machine_program) -> Program:
+    """The machine's program with step goals: the dwell logic on its own."""
+    return replace(machine_program, sequence=replace(
+        machine_program.sequence, cooling_ramp_k_per_min=0.0, reheat_ramp_k_per_min=0.0))
+
+
+@pytest.fixture(scope="module")
+def rig(program):
+    from conftest import Rig
+    return lambda p=None, **kw: Rig(p or program, **kw)
 ALL_OFF = {n: False for n in OUTPUT_SPECS}
 SLACK = 0.25  # s: delays are sums of dt; allow a scan or two
 
@@ -757,3 +780,45 @@ def test_a_floor_below_the_plcs_own_count_changes_nothing(rig):
     r = rig(state=with_batch_floor(PlcState(batch_seq=3), 122))
     start(r)
     assert r.state.batch_id == "tempering-01-000123"
+
+
+# --- the phase goals' ramps ---------------------------------------------------------------------
+
+def test_cooling_and_reheat_goals_move_and_land_softly(machine_program):
+    p = machine_program
+    seq = p.sequence
+    assert seq.cooling_ramp_k_per_min > 0 and seq.reheat_ramp_k_per_min > 0
+    g = p.recipes["dark-70"]
+    cooling = PlcState(phase=Phase.COOLING, recipe_id="dark-70")
+    sp = lambda s: setpoints(p, s)["tank_bottom"]  # noqa: E731
+    assert sp(cooling) == pytest.approx(g.heating_goal_c)
+    assert goal_rate_k_per_s(p, cooling) == pytest.approx(-seq.cooling_ramp_k_per_min / 60)
+    one_min = replace(cooling, phase_time_s=60.0)
+    assert sp(one_min) == pytest.approx(g.heating_goal_c - seq.cooling_ramp_k_per_min)
+    # the landing: continuous, slower and slower, then final (rate 0)
+    goals = [sp(replace(cooling, phase_time_s=float(t))) for t in range(0, 3600, 5)]
+    assert all(b <= a for a, b in zip(goals, goals[1:]))
+    assert goals[-1] == pytest.approx(g.cooling_goal_c)
+    assert goal_rate_k_per_s(p, replace(cooling, phase_time_s=3600.0)) == 0.0
+    pouring = PlcState(phase=Phase.POURING, recipe_id="dark-70", tempered=True)
+    assert sp(pouring) == pytest.approx(g.cooling_goal_c)
+    assert goal_rate_k_per_s(p, pouring) == pytest.approx(seq.reheat_ramp_k_per_min / 60)
+    # held: the goal stays and no feed-forward is asked
+    assert goal_rate_k_per_s(p, replace(pouring, held=True)) == 0.0
+
+
+def test_the_dwell_waits_for_the_final_goal(machine_program):
+    from conftest import Rig
+    r = Rig(machine_program)
+    start(r)
+    to_cooling(r)
+    g = r.p.recipes["dark-70"]
+    # zones that follow the moving goal exactly are at goal, but the dwell does not run
+    for _ in range(300):
+        r.set_all(setpoints(r.p, r.state)["tank_bottom"])
+        r.run(1)
+        assert r.state.dwell_s == 0.0 or goal_rate_k_per_s(r.p, r.state) == 0.0
+    assert r.state.phase is Phase.COOLING
+    r.set_all(g.cooling_goal_c)
+    r.run(2000, until=lambda x: x.state.phase is Phase.POURING)
+    assert r.state.phase is Phase.POURING

@@ -13,7 +13,8 @@ stay in closed loop. The very scan code of the PLC runs (``plc.runtime.Controlle
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import time
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from plc import autotune as tune_mod
@@ -44,6 +45,7 @@ class Session:
     io: InProcessTwinIo
     t: float = 0.0
     last: ScanResult | None = None
+    scan_s: list = field(default_factory=list)      # each scan's logic time (wall, s)
 
     @classmethod
     def start(cls, program: Program, twin_config: TwinConfig, seed: int = 7) -> "Session":
@@ -57,7 +59,10 @@ class Session:
         end = self.t + timeout_s
         dt = self.controller.program.period_s
         while self.t < end:
-            r = self.controller.cycle(self.io.read_inputs(), self.t)
+            inputs = self.io.read_inputs()
+            t0 = time.perf_counter()
+            r = self.controller.cycle(inputs, self.t)
+            self.scan_s.append(time.perf_counter() - t0)
             self.io.write_outputs(r.outputs)
             self.twin.step(dt, self.io.outputs)
             self.t += dt
@@ -92,10 +97,12 @@ def _warm(session: Session, recipe_id: str) -> None:
 
 def autotune(program: Program, twin_config: TwinConfig, zones: Iterable[str] | None = None, *,
              recipe_id: str | None = None, accept: bool = True, seed: int = 7,
-             amplitude_pct: float | None = None,
-             ) -> tuple[dict[str, tune_mod.Outcome], Program]:
+             amplitude_pct: float | None = None, stats: dict | None = None,
+             ) -> tuple[dict[str, tune_mod.Outcome], dict[str, dict[str, float]]]:
     """Autotune ``zones`` (default: all, pump and fountain first) on a twin of ``twin_config``.
-    Returns each zone's outcome and ``program`` with the accepted gains in its zones."""
+    Returns each zone's outcome and the run-time tuning the PLC ends with (zone -> gains and
+    model, as ``PlcState.tuning`` persists it: a controller started from
+    ``PlcState(tuning=...)`` runs as the tuned machine would)."""
     names = list(zones) if zones is not None else ["pump", "fountain", "tank_bottom", "tank_wall"]
     unknown = [n for n in names if n not in {z.name for z in program.zones}]
     if unknown:
@@ -111,14 +118,8 @@ def autotune(program: Program, twin_config: TwinConfig, zones: Iterable[str] | N
             session.run(lambda r: True, 1.0, AcceptTuning(name, user=USER))
             o = session.last.state.autotune_outcomes[name]
         outcomes[name] = o
-    return outcomes, with_tuning(program, session.controller.state.tuning)
-
-
-def with_tuning(program: Program, tuning) -> Program:
-    """``program`` whose zones run the given run-time gains (zone -> {kp, ki, kd, ...})."""
-    zones = []
-    for z in program.zones:
-        g = tuning.get(z.name, {})
-        zones.append(replace(z, tuning=replace(z.tuning, **{k: float(g[k]) for k in ("kp", "ki", "kd")
-                                                            if k in g})))
-    return replace(program, zones=tuple(zones))
+    if stats is not None:   # the scans' logic time: the identification runs in one of them
+        times = sorted(session.scan_s)
+        stats.update(scans=len(times), scan_p50_ms=1e3 * times[len(times) // 2],
+                     scan_max_ms=1e3 * times[-1], virtual_s=session.t)
+    return outcomes, {z: dict(g) for z, g in session.controller.state.tuning.items()}
