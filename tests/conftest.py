@@ -15,6 +15,7 @@ And for the loopback tests of the Modbus face (real processes, real sockets, a r
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 import shutil
 import socket
 import subprocess
@@ -62,8 +63,13 @@ def inputs_image(temps: Mapping[str, float] | None = None, timestamp_s: float = 
 
 @pytest.fixture(scope="session")
 def program() -> Program:
+    """The machine's program with step phase goals: the rig's tests set the temperatures by
+    hand and expect a phase's goal at once (the goal ramps are tested in test_sequencer and, on
+    the twin, in test_cycle and the autotune tests)."""
     cfg, book = load_all(MACHINE_FILE)
-    return Program.from_config(cfg, book)
+    p = Program.from_config(cfg, book)
+    return replace(p, sequence=replace(p.sequence, cooling_ramp_k_per_min=0.0,
+                                       reheat_ramp_k_per_min=0.0))
 
 
 @pytest.fixture(scope="session")

@@ -211,7 +211,10 @@ def test_same_digest_across_interpreters_and_hash_seeds(program):
             "from plc.config import load_all; from plc.program import Program; "
             "import test_purity as t; cfg, book = load_all(MACHINE_FILE); "
             "print(t.digest(t.scripted_run(Program.from_config(cfg, book))))")
-    here = digest(scripted_run(program))
+    from plc.config import load_all
+    from plc.program import Program
+    from conftest import MACHINE_FILE
+    here = digest(scripted_run(Program.from_config(*load_all(MACHINE_FILE))))   # as the children
     for seed in ("1", "4242"):
         env = {**os.environ, "PYTHONHASHSEED": seed}
         out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True,

@@ -2,9 +2,9 @@
 
 There is no plant: the ``rig`` fixture (conftest) scans hand-made input images and the test
 sets the zone temperatures directly. Times are checked to within a scan or two, since the delays
-are sums of ``dt``. The transitions and dwells are tested with step goals (the machine's goal
-ramps set to 0 in this module's ``program``); the ramps, their soft landing and the feed-forward
-rate have their own tests at the end.
+are sums of ``dt``. The transitions and dwells are tested with step goals (the rig's ``program``
+has the goal ramps set to 0); the ramps, their soft landing and the feed-forward rate have their
+own tests at the end, on the machine's own program.
 """
 
 from __future__ import annotations
@@ -35,17 +35,7 @@ def machine_program() -> Program:
     return Program.from_config(*load_all(MACHINE_FILE))
 
 
-@pytest.fixture(scope="module")
-def program(machine_program) -> Program:
-    """The machine's program with step goals: the dwell logic on its own."""
-    return replace(machine_program, sequence=replace(
-        machine_program.sequence, cooling_ramp_k_per_min=0.0, reheat_ramp_k_per_min=0.0))
 
-
-@pytest.fixture(scope="module")
-def rig(program):
-    from conftest import Rig
-    return lambda p=None, **kw: Rig(p or program, **kw)
 ALL_OFF = {n: False for n in OUTPUT_SPECS}
 SLACK = 0.25  # s: delays are sums of dt; allow a scan or two
 
