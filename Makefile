@@ -49,6 +49,7 @@ test: $(STAMP) system-deps js-deps
 bench: $(STAMP)
 	$(PY) -m bench.scan
 	$(PY) -m bench.control
+	$(PY) -m bench.control --family
 	$(PY) -m bench.modbus
 	$(PY) -m bench.historian
 	$(PY) -m bench.opcua

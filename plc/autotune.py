@@ -19,9 +19,10 @@ The experiment, on the zone's own output ``u`` (%) and measurement ``y``:
    is ``step_limit_k`` above its set-point: the low-frequency part of the response, which fixes
    the static gain the relay alone leaves loose.
 
-The record (one sample per second: time, output, measurement) is then fitted by
-``plc.tuning.identify`` (first order plus dead time), SIMC gives the PI gains and
-``plc.tuning.predict`` the closed-loop figures: the *proposal*. Nothing changes until the
+4. **analyse** - the zone is back in closed loop; the record (one sample per second: time,
+   output, measurement) is fitted by ``plc.tuning.fit_step``, one step per scan (some ms each,
+   so no scan misses its deadline), SIMC gives the gains and ``plc.tuning.predict`` the
+   closed-loop figures: the *proposal*. Nothing changes until the
 technician accepts it (``AcceptTuning``, bumpless like any gain change, persisted, audited) or
 rejects it. While the relay or the step drives the output, the PID tracks it as it tracks a
 manual output, so the zone returns to closed loop without a bump - after the experiment, after
@@ -39,7 +40,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Mapping
 
-from .tuning import Gains, IdentificationError, Model, Prediction, identify, predict, simc
+from .tuning import (Fitting, Gains, IdentificationError, Model, Prediction, fit_step, predict,
+                     simc)
 
 SETTLE_BAND_K = 0.3
 LOW_SHARE = 0.67            # the relay's low side, as a share of its amplitude
@@ -50,9 +52,9 @@ STUCK_OFF_FACTOR = 3.0      # ... and this many times the last high side, crossi
 MIN_ROOM_PCT = 10.0
 
 # stages of a running experiment, then the outcomes
-SETTLE, RELAY, STEP = "settle", "relay", "step"
+SETTLE, RELAY, STEP, ANALYSE = "settle", "relay", "step", "analyse"
 PROPOSED, ACCEPTED, REJECTED, ABORTED, FAILED = "proposed", "accepted", "rejected", "aborted", "failed"
-RUNNING_STAGES = (SETTLE, RELAY, STEP)
+RUNNING_STAGES = (SETTLE, RELAY, STEP, ANALYSE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +89,7 @@ class Experiment:
     samples: tuple[tuple[float, float, float], ...] = ()
     next_sample_s: float = 0.0
     output: float = 0.0                  # what the experiment drives (relay, step)
+    fitting: Fitting | None = None       # the identification, one step per scan (analyse)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +126,8 @@ def progress(x: Experiment, cfg: Settings) -> float:
         return 10.0 * min(1.0, x.settled_s / max(cfg.settle_s, 1e-9))
     if x.stage == RELAY:
         return 10.0 + 60.0 * min(1.0, max(0, len(x.rises) - 1) / (cfg.cycles + 1))
+    if x.stage == ANALYSE:
+        return 95.0
     return 70.0
 
 
@@ -138,6 +143,8 @@ def step(x: Experiment, cfg: Settings, *, now_s: float, dt_s: float, sp: float |
 
     if stop:
         return end(ABORTED if stop.startswith("aborted") else FAILED, stop)
+    if x.stage == ANALYSE:      # the zone is back in closed loop; the record is complete
+        return _analyse(x, now_s), None
     if pv is None or sp is None:
         return end(FAILED, "the zone's measurement or set-point is lost")
     if now_s - x.started_s > cfg.max_duration_s:
@@ -195,7 +202,10 @@ def step(x: Experiment, cfg: Settings, *, now_s: float, dt_s: float, sp: float |
 
     if x.stage == STEP:
         if now_s - x.stage_since_s >= max(3.0 * x.period_s, 60.0) or -err >= cfg.step_limit_k:
-            return _analyse(replace(x, samples=x.samples + ((now_s, x.u_high, pv),)), now_s)
+            # the record is complete: the PID takes the zone back (bumpless, it tracked the
+            # experiment) while the next scans identify the model, one step each
+            return replace(x, stage=ANALYSE, stage_since_s=now_s, fitting=Fitting(),
+                           samples=x.samples + ((now_s, x.u_high, pv),)), None
 
     u = x.u_high if (x.stage == STEP or x.relay_on) else x.u_low
     x = replace(x, output=u)
@@ -204,11 +214,15 @@ def step(x: Experiment, cfg: Settings, *, now_s: float, dt_s: float, sp: float |
     return x, u
 
 
-def _analyse(x: Experiment, now_s: float) -> tuple[Outcome, None]:
+def _analyse(x: Experiment, now_s: float) -> Experiment | Outcome:
+    """One step of the identification; the proposal once the model is known."""
     try:
-        model = identify(x.samples)
+        f = fit_step(x.samples, x.fitting)
     except IdentificationError as e:
-        return Outcome(x.zone, FAILED, f"identification failed: {e}", now_s, x.user), None
+        return Outcome(x.zone, FAILED, f"identification failed: {e}", now_s, x.user)
+    if isinstance(f, Fitting):
+        return replace(x, fitting=f)
+    model = f
     gains = simc(model)
     pred = predict(model, gains)
     kind = "integrating, " if model.integrating else ""
@@ -219,13 +233,14 @@ def _analyse(x: Experiment, now_s: float) -> tuple[Outcome, None]:
                 f"{model.lag_dead_s:.1f} s")
     msg += (f"; proposed kp {gains.kp:.3g} %/K, ki {gains.ki:.3g} %/(K*s), kd {gains.kd:.3g} "
             f"%*s/K; predicted overshoot {pred.overshoot_k:.2f} K on a 1 K step, Ms {pred.ms:.2f}")
-    return Outcome(x.zone, PROPOSED, msg, now_s, x.user, model, gains, pred), None
+    return Outcome(x.zone, PROPOSED, msg, now_s, x.user, model, gains, pred)
 
 
 def view(zone: str, x: Experiment | None, outcome: Outcome | None, cfg: Settings) -> View:
     if x is not None and x.zone == zone:
         msg = {SETTLE: "settling at the set-point", RELAY: f"relay, {max(0, len(x.rises) - 1)} "
-               f"of {cfg.cycles + 1} periods", STEP: "step response"}[x.stage]
+               f"of {cfg.cycles + 1} periods", STEP: "step response",
+               ANALYSE: "identifying the model"}[x.stage]
         return View(zone, x.stage, progress(x, cfg), msg, outcome)
     if outcome is None:
         return View(zone, "idle", 0.0, "", None)

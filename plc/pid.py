@@ -14,7 +14,11 @@ Why each piece (the ISA/"textbook" improvements, cf. simple-pid, Åström & Häg
   and the 0.1 °C quantisation of the sensor is not amplified into output chatter.
 - **Anti-windup by conditional integration**: the integral does not grow while the output is
   saturated in the direction of the error, and is itself clamped to the output range, so a long
-  heat-up at full power does not leave a charge that overshoots the goal.
+  heat-up at full power does not leave a charge that overshoots the goal. For a zone without
+  cooling the saturation below is ``act_min`` = 0 %: while such a zone is cooled by its
+  neighbours (the cooling phase) its integral does not wind down for nothing and unwind late
+  (an undershoot at the end of cooling); its output range stays -100..100 so that the integral
+  can still offset the heater's one-sided response to noise in the hold.
 - **Control band** (the seed's ``heat_control_range``, K): outside ±band around the set-point
   the loop saturates (full heat below, full cooling above) and the integral is conditioned to
   the value that makes the output continuous at the band edge (never of the opposite sign of
@@ -55,6 +59,7 @@ class PidTuning:
     control_band_k: float = math.inf
     out_min: float = -100.0
     out_max: float = 100.0
+    act_min: float | None = None    # the lowest output that acts (a zone without cooling: 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,8 +122,10 @@ def pid_update(t: PidTuning, s: PidState, sp: float, pv: float | None, dt_s: flo
     integral = s.integral
     candidate = integral + t.ki * e * dt_s
     unsat = p_term + candidate + d_term + ff
-    # conditional integration: do not wind further into a saturated output
-    if not ((unsat > t.out_max and e > 0) or (unsat < t.out_min and e < 0)):
+    # conditional integration: do not wind further into a saturated output (below act_min the
+    # output no longer acts: a zone without cooling that is too warm waits for its losses)
+    low = t.out_min if t.act_min is None else t.act_min
+    if not ((unsat > t.out_max and e > 0) or (unsat < low and e < 0)):
         integral = _clamp(candidate, t.out_min, t.out_max)
     u = _clamp(p_term + integral + d_term + ff, t.out_min, t.out_max)
     return u, PidState(integral, pv, d_f, sp_r, u, False)

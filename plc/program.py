@@ -62,7 +62,7 @@ class ZoneProgram:
     @property
     def out_min_pct(self) -> float:
         """The lowest output that acts: a zone without cooling outputs can only stop heating."""
-        return self.tuning.out_min
+        return self.tuning.out_min if self.tuning.act_min is None else self.tuning.act_min
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,8 +150,8 @@ class Program:
         zones = []
         for name in ZONES:
             z = cfg.zones[name]
-            # a zone without cooling outputs can only stop heating: its loop's range is 0..100 %
-            # (below 0 its integral would wind up with no effect, and unwind late)
+            # a zone without cooling outputs can only stop heating: its output acts from 0 %
+            # (below, its integral would wind up with no effect, and unwind late; plc.pid)
             cools = bool(z.first_cooling_outputs or z.second_cooling_outputs)
             offset = getattr(mc, f"set_temp{z.number}")
             ceiling = mc.pump_max_heat if name == "pump" else (
@@ -160,7 +160,7 @@ class Program:
                 name=name, number=z.number,
                 tuning=PidTuning(kp=z.kp, ki=z.ki, kd=z.kd, ramp_k_per_min=z.kl,
                                  control_band_k=z.heat_control_range,
-                                 out_min=-100.0 if cools else 0.0),
+                                 act_min=None if cools else 0.0),
                 max_temp_c=z.max_temp, min_temp_c=z.min_temp, fc_threshold_pct=z.fc_threshold,
                 setpoint_offset_k=offset, setpoint_max_c=ceiling,
                 heating_outputs=tuple(z.heating_outputs),

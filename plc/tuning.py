@@ -21,8 +21,9 @@ the model's response to the recorded input is linear in ``K``, ``y_ref`` and the
 initial state, which least squares give in closed form; the best pair is refined once on a finer
 grid. Fitting the simulated response (not the one-step prediction of an ARX model) keeps the
 estimate unbiased by the sensor's noise and its 0.1 degC quantisation (Ljung, *System
-Identification*, 2nd ed., §7.3 and §16.4). The grid is evaluated for all pairs at once: the
-whole fit costs some tens of milliseconds and runs in the scan that ends the experiment.
+Identification*, 2nd ed., §7.3 and §16.4). The grid is evaluated a chunk at a time
+(``fit_step``: a few milliseconds each), so the scan spreads the fit over some fifteen scans and
+none of them misses its deadline; ``identify`` runs the same steps at once.
 
 **Two readings of the dead time.** A zone loop has no transport: what the fit calls dead time
 is mostly the heater element's and the thermowell's lags. With the sensor's noise a record
@@ -193,46 +194,85 @@ def _fit(u: np.ndarray, y: np.ndarray, step: float, thetas: np.ndarray, taus: np
     return np.maximum(rss, 0.0) / n, p
 
 
-def identify(samples: Sequence[tuple[float, float, float]]) -> Model:
-    """Fit a FOPDT model to ``samples`` = ((t_s, u_pct, y_c), ...), in time order."""
+COARSE_CHUNK = 5            # theta values of the coarse grid per fitting step
+LAG_STEPS = 7               # lags the lag reading tries, one per fitting step
+
+
+@dataclass(frozen=True, slots=True)
+class Fitting:
+    """Where an identification spread over several calls of ``fit_step`` has got to (a plain
+    value: the scan keeps it in its state and does one step per scan)."""
+    step: int = 0
+    coarse: tuple[float, float, float] = (math.inf, 0.0, 0.0)   # mse, theta, tau
+    model: Model | None = None
+    lag: tuple[float, float, float, float, float] = (math.inf, 0.0, 0.0, 0.0, 0.0)
+
+
+def _grid(step: float, n: int) -> tuple[np.ndarray, np.ndarray, float]:
+    span = step * (n - 1)
+    theta_max = min(THETA_MAX_S, span / 3)
+    coarse = max(step, theta_max / 24)
+    return (np.arange(0.0, theta_max + coarse / 2, coarse),
+            np.geomspace(max(step, 1.0), TAU_MAX_S, 32), coarse)
+
+
+def fit_step(samples: Sequence[tuple[float, float, float]], f: Fitting) -> Fitting | Model:
+    """One step of the fit (a few ms): a chunk of the coarse grid, the refinement, or one lag of
+    the lag reading. Returns the next ``Fitting``, or the ``Model`` once done; raises
+    IdentificationError for a record that determines none."""
     u, y, step = _resample(samples)
     if float(np.ptp(u)) < 1.0:
         raise IdentificationError("the output hardly moved (< 1 %): nothing to identify")
-    span = step * (len(y) - 1)
-    theta_max = min(THETA_MAX_S, span / 3)
-    coarse = max(step, theta_max / 24)
-    thetas = np.arange(0.0, theta_max + coarse / 2, coarse)
-    taus = np.geomspace(max(step, 1.0), TAU_MAX_S, 32)
-    mse, _ = _fit(u, y, step, thetas, taus)
-    i, j = np.unravel_index(int(np.argmin(mse)), mse.shape)
-    # refine both around the best: theta at the step's resolution, tau on a fine scale
-    near = np.arange(max(0.0, thetas[i] - coarse), thetas[i] + coarse + step / 2, step)
-    fine = np.geomspace(taus[max(0, j - 1)], taus[min(len(taus) - 1, j + 1)], 16)
-    mse2, p2 = _fit(u, y, step, near, fine)
-    i2, j2 = np.unravel_index(int(np.argmin(mse2)), mse2.shape)
-    gain, tau = float(p2[i2, j2, 1]), float(fine[j2])
-    if not (math.isfinite(gain) and gain > 0):
-        raise IdentificationError(f"no positive gain fits the record (got {gain:.4g} K/%)")
-    theta, best = float(near[i2]), float(mse2[i2, j2])
-    model = Model(gain, tau, theta, math.sqrt(best), len(y), step)
-    if theta < 2 * step:
-        return model
+    thetas, taus, coarse = _grid(step, len(y))
+    chunks = math.ceil(len(thetas) / COARSE_CHUNK)
+    if f.step < chunks:
+        part = thetas[f.step * COARSE_CHUNK:(f.step + 1) * COARSE_CHUNK]
+        mse, _ = _fit(u, y, step, part, taus)
+        i, j = np.unravel_index(int(np.argmin(mse)), mse.shape)
+        best = (float(mse[i, j]), float(part[i]), float(taus[j]))
+        return replace(f, step=f.step + 1, coarse=min(f.coarse, best))
+    if f.step == chunks:
+        # refine both around the best: theta at the step's resolution, tau on a fine scale
+        _, theta0, tau0 = f.coarse
+        j = int(np.argmin(np.abs(np.log(taus / tau0))))
+        near = np.arange(max(0.0, theta0 - coarse), theta0 + coarse + step / 2, step)
+        fine = np.geomspace(taus[max(0, j - 1)], taus[min(len(taus) - 1, j + 1)], 16)
+        mse2, p2 = _fit(u, y, step, near, fine)
+        i2, j2 = np.unravel_index(int(np.argmin(mse2)), mse2.shape)
+        gain = float(p2[i2, j2, 1])
+        if not (math.isfinite(gain) and gain > 0):
+            raise IdentificationError(f"no positive gain fits the record (got {gain:.4g} K/%)")
+        model = Model(gain, float(fine[j2]), float(near[i2]), math.sqrt(float(mse2[i2, j2])),
+                      len(y), step)
+        if model.dead_s < 2 * step:
+            return model
+        return replace(f, step=f.step + 1, model=model)
     # the lag reading: most of that dead time a first-order lag (heater element, thermowell)
-    # in series, a short dead time left (the scan, the PWM window)
-    dead = np.arange(0.0, theta / 2 + step / 2, step)
-    around = np.geomspace(tau * 0.5, tau * 1.5, 12)
-    lag_best = (math.inf, 0.0, 0.0, 0.0, 0.0)
-    for lag in np.linspace(0.5 * theta, 1.5 * theta, 7):
-        mse3, p3 = _fit(u, y, step, dead, around, float(lag))
+    # in series, a short dead time left (the scan, the PWM window); one lag per step
+    m = f.model
+    k = f.step - chunks - 1
+    if k < LAG_STEPS:
+        lag = float(np.linspace(0.5 * m.dead_s, 1.5 * m.dead_s, LAG_STEPS)[k])
+        dead = np.arange(0.0, m.dead_s / 2 + step / 2, step)
+        around = np.geomspace(m.tau_s * 0.5, m.tau_s * 1.5, 12)
+        mse3, p3 = _fit(u, y, step, dead, around, lag)
         i3, j3 = np.unravel_index(int(np.argmin(mse3)), mse3.shape)
-        if mse3[i3, j3] < lag_best[0]:
-            lag_best = (float(mse3[i3, j3]), float(lag), float(dead[i3]), float(around[j3]),
-                        float(p3[i3, j3, 1]))
-    err, lag, lag_dead, lag_tau, lag_gain = lag_best
-    if err <= LAG_READING_TOLERANCE * best and lag_gain > 0:
-        return replace(model, lag_s=lag, lag_dead_s=lag_dead, lag_tau_s=lag_tau,
+        cand = (float(mse3[i3, j3]), lag, float(dead[i3]), float(around[j3]), float(p3[i3, j3, 1]))
+        return replace(f, step=f.step + 1, lag=min(f.lag, cand))
+    err, lag, lag_dead, lag_tau, lag_gain = f.lag
+    if err <= LAG_READING_TOLERANCE * m.rms_k ** 2 and lag_gain > 0:
+        return replace(m, lag_s=lag, lag_dead_s=lag_dead, lag_tau_s=lag_tau,
                        lag_gain_k_per_pct=lag_gain)
-    return model
+    return m
+
+
+def identify(samples: Sequence[tuple[float, float, float]]) -> Model:
+    """Fit the model to ``samples`` = ((t_s, u_pct, y_c), ...), in time order, at once (the
+    scan spreads the same steps over several scans, ``fit_step``)."""
+    f: Fitting | Model = Fitting()
+    while isinstance(f, Fitting):
+        f = fit_step(samples, f)
+    return f
 
 
 def simc(model: Model, tau_c_s: float | None = None, max_gain: float = 1000.0) -> Gains:

@@ -80,6 +80,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from opcua_server.config import DEFAULT_CONFIG, load
+from plc.autotune import RUNNING_STAGES
 from plc.commands import StartRecipe, Stop
 from plc.config import ConfigError
 
@@ -762,7 +763,6 @@ AUTOTUNE_COLUMNS = ("zone", "status", "K K/%", "tau s", "dead s", "kp %/K", "(wa
 GAINS = ("kp", "ki", "kd")
 CLI_URI = "urn:open-tempering:cli"          # the command line's OPC UA application
 CLI_PKI = "cli"                             # its certificate: <opcua.data_dir>/cli/own
-RUNNING_STAGES = ("settle", "relay", "step")
 
 
 def _zone(text: str) -> str:
