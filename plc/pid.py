@@ -15,10 +15,10 @@ Why each piece (the ISA/"textbook" improvements, cf. simple-pid, Åström & Häg
 - **Anti-windup by conditional integration**: the integral does not grow while the output is
   saturated in the direction of the error, and is itself clamped to the output range, so a long
   heat-up at full power does not leave a charge that overshoots the goal. For a zone without
-  cooling the saturation below is ``act_min`` = 0 %: while such a zone is cooled by its
-  neighbours (the cooling phase) its integral does not wind down for nothing and unwind late
-  (an undershoot at the end of cooling); its output range stays -100..100 so that the integral
-  can still offset the heater's one-sided response to noise in the hold.
+  cooling the integral stops at ``act_min`` = 0 %: while such a zone is cooled by its
+  neighbours (the cooling phase) it does not wind down for nothing and unwind late (an
+  undershoot at the end of cooling). P and D keep the whole -100..100 range: clipped at 0 they
+  would turn the measurement's noise into a one-sided heat the integral could not take back.
 - **Control band** (the seed's ``heat_control_range``, K): outside ±band around the set-point
   the loop saturates (full heat below, full cooling above) and the integral is conditioned to
   the value that makes the output continuous at the band edge (never of the opposite sign of
@@ -59,7 +59,8 @@ class PidTuning:
     control_band_k: float = math.inf
     out_min: float = -100.0
     out_max: float = 100.0
-    act_min: float | None = None    # the lowest output that acts (a zone without cooling: 0)
+    act_min: float | None = None    # the lowest output that acts (a zone without cooling: 0):
+                                    # the integral's floor
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +75,11 @@ class PidState:
 
 def _clamp(x: float, lo: float, hi: float) -> float:
     return lo if x < lo else hi if x > hi else x
+
+
+def _floor(t: PidTuning) -> float:
+    """The integral's lower bound: the output range's, or ``act_min`` (see the module doc)."""
+    return t.out_min if t.act_min is None else t.act_min
 
 
 def ramp(sp_prev: float | None, sp: float, pv: float, rate_k_per_min: float, dt_s: float) -> float:
@@ -104,7 +110,7 @@ def pid_update(t: PidTuning, s: PidState, sp: float, pv: float | None, dt_s: flo
         u = _clamp(manual_output, t.out_min, t.out_max)
         sp_r = pv if t.ramp_k_per_min > 0 else sp
         p_term = t.kp * (sp_r - pv)
-        integral = _clamp(u - p_term - d_term - ff, t.out_min, t.out_max)
+        integral = _clamp(u - p_term - d_term - ff, _floor(t), t.out_max)
         return u, PidState(integral, pv, d_f, sp_r, u, True)
 
     sp_r = ramp(None if s.manual else s.sp_ramped, sp, pv, t.ramp_k_per_min, dt_s)
@@ -117,16 +123,14 @@ def pid_update(t: PidTuning, s: PidState, sp: float, pv: float | None, dt_s: flo
         # already saturates at the edge and the integral starts from zero)
         edge = math.copysign(t.control_band_k, e)
         integral = max(0.0, u - t.kp * edge) if e > 0 else min(0.0, u - t.kp * edge)
-        return u, PidState(integral, pv, d_f, sp_r, u, False)
+        return u, PidState(max(integral, _floor(t)), pv, d_f, sp_r, u, False)
 
     integral = s.integral
     candidate = integral + t.ki * e * dt_s
     unsat = p_term + candidate + d_term + ff
-    # conditional integration: do not wind further into a saturated output (below act_min the
-    # output no longer acts: a zone without cooling that is too warm waits for its losses)
-    low = t.out_min if t.act_min is None else t.act_min
-    if not ((unsat > t.out_max and e > 0) or (unsat < low and e < 0)):
-        integral = _clamp(candidate, t.out_min, t.out_max)
+    # conditional integration: do not wind further into a saturated output
+    if not ((unsat > t.out_max and e > 0) or (unsat < t.out_min and e < 0)):
+        integral = _clamp(candidate, _floor(t), t.out_max)
     u = _clamp(p_term + integral + d_term + ff, t.out_min, t.out_max)
     return u, PidState(integral, pv, d_f, sp_r, u, False)
 

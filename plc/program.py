@@ -150,8 +150,8 @@ class Program:
         zones = []
         for name in ZONES:
             z = cfg.zones[name]
-            # a zone without cooling outputs can only stop heating: its output acts from 0 %
-            # (below, its integral would wind up with no effect, and unwind late; plc.pid)
+            # a zone without cooling outputs can only stop heating: its output acts from 0 %,
+            # its integral stops there (below, it would wind up with no effect; plc.pid)
             cools = bool(z.first_cooling_outputs or z.second_cooling_outputs)
             offset = getattr(mc, f"set_temp{z.number}")
             ceiling = mc.pump_max_heat if name == "pump" else (

@@ -362,3 +362,18 @@ def test_pwm_state_is_not_mutated():
     s = PwmState()
     _, s2 = pwm_step(s, 0.5, 4)
     assert s == PwmState() and s2 is not s and replace(s2) == s2
+
+
+# --- a zone without cooling: the integral stops at act_min -------------------------------------
+
+def test_integral_of_a_zone_without_cooling_stops_at_zero_while_p_keeps_its_range():
+    t = PidTuning(kp=50.0, ki=1.0, act_min=0.0)
+    u, s = run_const(t, sp=27.5, pv=28.5, dt=0.1, n=6000)   # cooled by its neighbours for 10 min
+    assert s.integral == 0.0 and u == pytest.approx(-50.0)   # P below 0, the integral not
+    # back at the set-point the output is the integral's at once: no wound-down charge to undo
+    u, s = pid_update(t, s, 27.5, 27.5, 0.1)
+    assert u == pytest.approx(0.0, abs=0.5)
+    # the same without act_min winds down to the range's end and starts from there
+    free = PidTuning(kp=50.0, ki=1.0)
+    _, s2 = run_const(free, sp=27.5, pv=28.5, dt=0.1, n=6000)
+    assert s2.integral < -40.0
