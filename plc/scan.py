@@ -13,8 +13,10 @@ Order within a scan (IEC 61131-3 style read -> logic -> write; the runtime does 
 2. read the zone sensors and evaluate the interlocks (``interlocks``); update the alarms
    (ISA-18.2, ``alarms``); latch trips and record the first-out;
 3. a latched trip puts the sequence into Fault; the outputs of this very scan are safe;
-4. otherwise advance the sequence and run one PID per zone, split into heater and cooling duties,
-   time-proportioned into on/off outputs;
+4. otherwise advance the sequence and run one PID per zone (with the feed-forward of a moving
+   phase goal), split into heater and cooling duties, time-proportioned into on/off outputs; a
+   zone under autotune takes the experiment's output instead (``plc.autotune``), its PID
+   tracking it;
 5. return the output image, the new state, the events and a view of the zones.
 
 No clock, no I/O, no randomness: the same arguments always give the same result.

@@ -13,6 +13,10 @@ resuming heating by itself). The runtime marks the state it starts from ``restar
 first scan reports the alarm system (event ``alarm_system``) and Reset waits for that scan's
 evaluation of the conditions.
 
+A running autotune and the last autotune outcomes are not persisted: a restart ends the
+experiment (the batch comes back interrupted anyway) and drops a proposal nobody accepted yet;
+what an accepted autotune changed is in ``tuning``.
+
 File versions: 2 (alarms added); version 1 files (no alarms) are read as before.
 """
 
