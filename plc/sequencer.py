@@ -428,16 +428,19 @@ def step(p: Program, s: PlcState, pv: Mapping[str, float | None], pedal: bool | 
         return s, IDLE_DEMANDS, []
     ev: list[Event] = []
     sps = setpoints(p, s)
-    # zones at goal; the dwell timer runs while every zone that decides the phase is at goal
+    final = phase_goal(p, s, recipe)[1]
+    # zones at goal; the dwell timer runs while every zone that decides the phase is at goal.
+    # A zone has reached its goal (its deviation alarms apply from then on) only at the final
+    # one: a zone without cooling trails a moving cooling goal by design
     zones = dict(s.zones)
     for z in p.zones:
         v, sp = pv.get(z.name), sps[z.name]
-        at = v is not None and sp is not None and abs(v - sp) <= seq.tolerance_k
+        at = final and v is not None and sp is not None and abs(v - sp) <= seq.tolerance_k
         zs = zones.get(z.name, ZoneState())
         if at and not zs.reached:
             zones[z.name] = replace(zs, reached=True)
     deciding = TANK_ZONES if s.phase is Phase.COOLING else tuple(z.name for z in p.zones)
-    all_at = phase_goal(p, s, recipe)[1] and all(pv.get(n) is not None and sps[n] is not None and abs(pv[n] - sps[n]) <= seq.tolerance_k
+    all_at = final and all(pv.get(n) is not None and sps[n] is not None and abs(pv[n] - sps[n]) <= seq.tolerance_k
                  for n in deciding)
     held = s.held or s.autotune is not None     # an autotune holds the sequence's timers
     s = replace(s, zones=zones,

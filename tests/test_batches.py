@@ -204,7 +204,8 @@ def test_normal_batch_passes():
     assert f["heating_held_s"] >= CRITERIA.heating_dwell_s + 15
     assert CRITERIA.cooling_undershoot_k - (27.5 - f["cooling_min_c"]) >= 0.5
     assert f["pouring_in_band_share"] >= 0.99 and f["pouring_max_dev_k"] <= CRITERIA.pouring_band_k
-    assert f["above_working_max_s"] == 0.0 and f["pouring_s"] == pytest.approx(900.2, abs=0.2)
+    # released somewhere in run_until's last 10 s step, then 900 s and the Stop
+    assert f["above_working_max_s"] == 0.0 and 900.0 <= f["pouring_s"] <= 910.4
     assert [p.phase for p in rec.phases] == ["heating", "cooling", "pouring"]
     assert rec.started_at == 0.0 and rec.ended_at == pytest.approx(rec.phases[-1].end)
     assert sum(p.duration_s for p in rec.phases) == pytest.approx(rec.ended_at - rec.started_at)
