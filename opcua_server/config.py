@@ -129,5 +129,30 @@ class AppConfig(MachineConfig):
 
 
 def load(path: str | Path | None = None) -> tuple[AppConfig, RecipeBook]:
-    """Load and validate the machine file (default: the embedded default machine)."""
-    return load_all(path or DEFAULT_CONFIG, model=AppConfig)
+    """Load and validate the machine file (default: the embedded default machine). With
+    ``machine.work_dir`` set, the run-time paths given relative (``machine.state_file``,
+    ``opcua.data_dir``, ``historian.spool_dir``, ``historian.sink.path``) come back as paths
+    under that directory (``work_dir`` itself relative to the machine file)."""
+    path = path or DEFAULT_CONFIG
+    cfg, book = load_all(path, model=AppConfig)
+    return with_work_dir(cfg, Path(path).resolve().parent), book
+
+
+def with_work_dir(cfg: AppConfig, machine_dir: Path) -> AppConfig:
+    """``cfg`` with its relative run-time paths under ``machine.work_dir`` (relative to
+    ``machine_dir``, the machine file's directory); ``cfg`` itself without a work_dir."""
+    if cfg.machine.work_dir is None:
+        return cfg
+    base = machine_dir / cfg.machine.work_dir
+
+    def under(value: str) -> str:
+        return value if Path(value).is_absolute() else str(base / value)
+
+    sink = cfg.historian.sink
+    return cfg.model_copy(update={
+        "machine": cfg.machine.model_copy(update={"state_file": under(cfg.machine.state_file)}),
+        "opcua": cfg.opcua.model_copy(update={"data_dir": under(cfg.opcua.data_dir)}),
+        "historian": cfg.historian.model_copy(update={
+            "spool_dir": under(cfg.historian.spool_dir),
+            "sink": sink.model_copy(update={"path": under(sink.path)})}),
+    })

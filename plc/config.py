@@ -133,9 +133,14 @@ class MachineSection(_Frozen):
 
     id: Text
     name: Text
-    state_file: Text                  # relative to the working directory
+    state_file: Text                  # relative to the working directory (or work_dir)
     recipes_file: Text                # relative to the machine file
     default_recipe: Slug              # must exist in the recipes file (checked by load_all)
+    #: The directory the machine's run-time paths are relative to (state_file, and in the
+    #: application's sections opcua.data_dir, historian.spool_dir, historian.sink.path),
+    #: itself relative to the machine file; None: the working directory. ``"."`` keeps a
+    #: machine's data next to its file (a migrated or restored machine directory).
+    work_dir: Text | None = None
 
 
 class MachineParams(_Frozen):

@@ -688,3 +688,27 @@ def test_inline_points_are_validated_like_a_map_file(tmp_path, machine_data):
 def test_map_file_and_inline_points_together(tmp_path, machine_data):
     data = patched(machine_data, {"fieldbus.points": inline_points()})
     assert machine_errors(tmp_path, data) == ["fieldbus: give either map_file or points, not both"]
+
+
+def test_work_dir_puts_the_run_time_paths_next_to_the_machine_file(tmp_path):
+    """machine.work_dir: the relative run-time paths resolve under it (itself relative to the
+    machine file); absolute ones and the machine without a work_dir stay as they are."""
+    from opcua_server.config import DEFAULT_CONFIG, load
+
+    text = DEFAULT_CONFIG.read_text()
+    machine = tmp_path / "m1"
+    machine.mkdir()
+    for name in ("recipes.yaml", "register-map.yaml"):
+        (machine / name).write_text((DEFAULT_CONFIG.parent / name).read_text())
+    (machine / "tempering-machine.yaml").write_text(text.replace(
+        "  default_recipe: dark-70\n", "  default_recipe: dark-70\n  work_dir: data\n").replace(
+        "spool_dir: var/spool", "spool_dir: /srv/spool"))
+    cfg, _ = load(machine / "tempering-machine.yaml")
+    base = machine.resolve() / "data"
+    assert cfg.machine.state_file == str(base / "var/plc-state.json")
+    assert cfg.opcua.data_dir == str(base / "var/opcua")
+    assert cfg.opcua.records_url == f"sqlite:///{base / 'var/opcua/tempering.db'}"
+    assert cfg.historian.sink.path == str(base / "var/history.sqlite")
+    assert cfg.historian.spool_dir == "/srv/spool"
+    default, _ = load()
+    assert default.machine.work_dir is None and default.opcua.data_dir == "var/opcua"
