@@ -879,6 +879,8 @@ def main(argv: list[str] | None = None) -> int:
     _report_parser(_batches_parser(sub, where), where)
     from .autotune_cli import add_parser as _autotune_parser   # its module imports this one
     _autotune_parser(sub, where)
+    from .migrate import add_parser as _migrate_parser
+    _migrate_parser(sub, where)
     args = ap.parse_args(argv)
     return args.func(args)
 

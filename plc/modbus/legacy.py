@@ -26,7 +26,7 @@ IsActive            0 or 1; rows with 0 are skipped                             
 Link (optional)     link name; empty or absent: the ``default_link``            ``link``
 UnitId (optional)   unit id 1..247; empty or absent: the ``default_unit``       ``unit``
 WordOrder (opt.)    ABCD, CDAB, BADC, DCBA; empty or absent: ABCD               ``order``
-Scale, Offset (o.)  numbers; empty or absent: 1 and 0                           ``scale``, ``offset``
+Scale, Offset (o.)  numbers (decimal point or comma); empty or absent: 1 and 0                          ``scale``, ``offset``
 Unit (optional)     engineering unit                                            ``eu``
 ==================  ==========================================================  =============
 
@@ -106,6 +106,8 @@ class _Row:
         text = self.text(column)
         if not text:
             return default
+        if re.match(r"^[+-]?[0-9]*,[0-9]+$", text):
+            text = text.replace(",", ".")           # a decimal comma (a ';'-separated export)
         try:
             value = float(text)
         except ValueError:
