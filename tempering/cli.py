@@ -330,8 +330,9 @@ def cmd_users(args) -> int:
     try:
         if args.action == "list":
             users = records.list_users()
+            pending = records.must_change_users()
             for name, role in users:
-                print(f"{name:<32} {role}")
+                print(f"{name:<32} {role}" + ("  (must set a new password)" if name in pending else ""))
             if not users:
                 print("no users yet (tempering users add NAME --role admin)")
             return 0
@@ -350,7 +351,7 @@ def cmd_users(args) -> int:
                 records.add_user(args.name, password, args.role)
                 print(f"user {args.name} added (role {args.role})")
             else:
-                records.set_password(args.name, password)
+                records.set_password(args.name, password)     # and no new one is asked for any more
                 print(f"password of {args.name} changed")
         elif args.action == "role":
             records.set_role(args.name, args.role)
@@ -844,8 +845,10 @@ def main(argv: list[str] | None = None) -> int:
     x.add_argument("name")
     x.add_argument("--role", required=True, help=roles)
     x.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
-    us.add_parser("list", parents=[where], help="list the users and their roles")
-    x = us.add_parser("passwd", parents=[where], help="change a user's password")
+    us.add_parser("list", parents=[where], help="list the users and their roles, and who must set a new "
+                  "password at the next login")
+    x = us.add_parser("passwd", parents=[where], help="change a user's password (a new one is then no "
+                      "longer asked of the user)")
     x.add_argument("name")
     x.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     x = us.add_parser("role", parents=[where], help="change a user's role")
@@ -881,6 +884,8 @@ def main(argv: list[str] | None = None) -> int:
     _autotune_parser(sub, where)
     from .migrate import add_parser as _migrate_parser
     _migrate_parser(sub, where)
+    from .export_legacy import add_parser as _export_legacy_parser
+    _export_legacy_parser(sub, where)
     args = ap.parse_args(argv)
     return args.func(args)
 

@@ -49,6 +49,7 @@ from __future__ import annotations
 import copy
 import ctypes
 import ctypes.util
+import math
 import os
 import re
 import shutil
@@ -86,7 +87,7 @@ PARITY = {"0": "none", "1": "odd", "2": "even"}
 PEDAL = {"0": "manual", "1": "auto"}
 #: Screen.csv columns of the old panel's display: read, not carried over.
 DISPLAY_COLUMNS = ("Brightness", "DimTimeout", "ScreenOffTimeout")
-_LEGACY_ID = re.compile(r"^\s*# legacy Recipe\.csv Id (\d+)")
+_LEGACY_ID = re.compile(r"^\s*# legacy Recipe\.csv Id (\d+)(?:: (.*))?$")
 
 
 class MigrationError(Exception):
@@ -346,6 +347,9 @@ def plan(legacy_dir: str | Path, *, machine_id: str, fieldbus: str = "rtu",
                 values[fname] = text.lower()
                 continue
             values[fname] = reader.value(row, key, fname, kind, default[section].get(fname), where)
+        if row.problems:                 # the default machine's section stands in, unreported
+            _forget(origin, section)
+            continue
         machine[section] = values
         for column in extra:
             if column in DISPLAY_COLUMNS and key_of(column) in row.names:
@@ -384,6 +388,9 @@ def plan(legacy_dir: str | Path, *, machine_id: str, fieldbus: str = "rtu",
                     values[fname] = number
                     continue
                 values[fname] = reader.value(row, key, fname, kind, default["zones"][zone][fname], where)
+            if row.problems:
+                _forget(origin, f"zones.{zone}")
+                continue
             zones[zone] = values
             origin[f"zones.{zone}"] = (t.file, row.line, "row")
         for row in t.rows:
@@ -393,7 +400,7 @@ def plan(legacy_dir: str | Path, *, machine_id: str, fieldbus: str = "rtu",
                 if zone not in zones:
                     problems.append(message(t.file, None, "ZoneNumber", f"no active record for "
                                             f"zone {number} ({zone.replace('_', ' ')})"))
-        machine["zones"] = zones
+        machine["zones"] = {**default["zones"], **zones}
 
     # ---- Recipe.csv
     recipe_fields = _fields(Recipe, skip=("acceptance",))
@@ -458,8 +465,11 @@ def plan(legacy_dir: str | Path, *, machine_id: str, fieldbus: str = "rtu",
                     m.defaults.append(f"{t.file}:{row.line}: WorkingMax: absent -> recipes.{code}."
                                       f"working_max {_show(wm)} (the pouring goal + "
                                       f"{_show(WORKING_MAX_MARGIN_K)} K, at most the heating goal)")
-            recipes[code] = values
             recipe_rows[code] = row
+            if row.problems:
+                _forget(origin, f"recipes.{code}")
+                continue
+            recipes[code] = values
             if legacy_id is not None:
                 legacy_ids[code] = legacy_id
             origin[f"recipes.{code}"] = (t.file, row.line, "row")
@@ -530,7 +540,7 @@ def plan(legacy_dir: str | Path, *, machine_id: str, fieldbus: str = "rtu",
 
     # ---- Users.csv
     t = table("Users.csv", {}, "Username", "Password", "Role", "FullName", "Email",
-              required=("id", "username", "password", "role"))
+              "MustChangePassword", required=("id", "username", "password", "role"))
     if t is not None and not t.problems:
         rows = _active(m, t, lambda row: f"user {row.text('username')!r}")
         names: dict[str, int] = {}
@@ -544,15 +554,17 @@ def plan(legacy_dir: str | Path, *, machine_id: str, fieldbus: str = "rtu",
             names.setdefault(name, row.line)
             if role not in ROLES:
                 row.problem("role", f"must be one of {', '.join(ROLES)}", row.text("role"))
+            must_change = row.has("mustchangepassword") and row.flag("mustchangepassword")
             if row.problems:
                 continue
             password = row.cells.get("password", "")
             if password.startswith("scrypt$") and records_module.hash_cost(password) is not None:
-                plan_ = UserPlan(row.line, name, role, "scrypt", password, False,
-                                 "scrypt hash of this program, kept")
+                plan_ = UserPlan(row.line, name, role, "scrypt", password, bool(must_change),
+                                 "scrypt hash of this program, kept" +
+                                 (" (must set a new password)" if must_change else ""))
             else:
                 legacy_pw = records_module.legacy_password(password)
-                must = legacy_pw.password_hash is None or legacy_pw.must_change
+                must = legacy_pw.password_hash is None or legacy_pw.must_change or bool(must_change)
                 plan_ = UserPlan(row.line, name, role, legacy_pw.scheme, legacy_pw.password_hash,
                                  must, legacy_pw.note)
             if row.text("role") != role:
@@ -573,23 +585,43 @@ def plan(legacy_dir: str | Path, *, machine_id: str, fieldbus: str = "rtu",
         m.counts.append((name, used, len(t.rows) - used,
                          f"{t.encoding}, '{t.delimiter}' separated"))
 
-    if problems:
-        raise MigrationError(problems)
-
-    # ---- the staged files, through the loaders of a hand-written machine
+    # ---- the staged files, through the loaders of a hand-written machine. Where a file or a
+    # row could not be read, the default machine's part stands in so the rest is checked too;
+    # messages about what stood in are left out.
     m.machine_yaml = _machine_text(machine, m.legacy_dir)
     m.recipes_yaml = _recipes_text(recipes, legacy_ids, recipe_rows, m.legacy_dir)
-    m.recipes = recipes
-    with tempfile.TemporaryDirectory(prefix="tempering-migrate-") as stage:
-        files = {MACHINE_FILE: m.machine_yaml, MAP_FILE: m.map_yaml, RECIPES_FILE: m.recipes_yaml}
-        for fname, text in files.items():
-            Path(stage, fname).write_text(text, encoding="utf-8")
-        try:
-            _, book = load(Path(stage) / MACHINE_FILE)
-        except ConfigError as exc:
-            raise MigrationError([_back(msg, stage, origin) for msg in exc.messages]) from None
+    book = None
+    if recipes:
+        with tempfile.TemporaryDirectory(prefix="tempering-migrate-") as stage:
+            files = {MACHINE_FILE: m.machine_yaml, RECIPES_FILE: m.recipes_yaml,
+                     MAP_FILE: m.map_yaml or (DEFAULT_CONFIG.parent / MAP_FILE).read_text()}
+            for fname, text in files.items():
+                Path(stage, fname).write_text(text, encoding="utf-8")
+            try:
+                _, book = load(Path(stage) / MACHINE_FILE)
+            except ConfigError as exc:
+                for msg in exc.messages:
+                    mapped = _back(msg, stage, origin)
+                    if mapped is not None or not problems:
+                        problems.append(mapped or msg.replace(stage + os.sep, ""))
+    if problems:
+        raise MigrationError(sorted(problems, key=_file_order))
     m.recipes = {rid: r.model_dump() for rid, r in book.recipes.items()}
     return m
+
+
+def _forget(origin: dict, prefix: str) -> None:
+    for key in [k for k in origin if k == prefix or k.startswith(prefix + ".")]:
+        del origin[key]
+
+
+def _file_order(problem: str) -> tuple[int, float]:
+    """Problems by legacy file (in FILES order), then line."""
+    match = re.match(r"^([A-Za-z]+\.csv)(?::(\d+))?", problem)
+    if not match:
+        return (len(FILES), 0)
+    index = FILES.index(match.group(1)) if match.group(1) in FILES else len(FILES)
+    return (index, int(match.group(2)) if match.group(2) else math.inf)
 
 
 def _active_silently(t: LegacyTable) -> list[Row]:
@@ -665,25 +697,37 @@ def _recipes_text(recipes: dict, legacy_ids: dict[str, int], rows: dict[str, Row
     return "\n".join(lines)
 
 
-def _back(msg: str, stage: str, origin: dict[str, tuple[str, int, str]]) -> str:
-    """A loader's message about a staged file, as ``<csv>:<line>: <column>: ...``."""
+def _back(msg: str, stage: str, origin: dict[str, tuple[str, int, str]]) -> str | None:
+    """A loader's message about a staged file, as ``<csv>:<line>: <column>: ...``; None when
+    it is about no field read from a legacy file."""
     text = msg.replace(stage + os.sep, "")
     match = re.match(r"^([^:]+): ([A-Za-z0-9_.\-\[\]() ]+): (.*)$", text)
     if not match:
-        return text
+        return None
     path, rest = match.group(2), match.group(3)
     probe = path
     while probe:
         if probe in origin:
             file, line, column = origin[probe]
             where = f"{file}:{line}" if line else file
+            rest = re.sub(r"(machine_config\.[a-z0-9_]+) of " + re.escape(MACHINE_FILE),
+                          lambda found: _origin_name(found.group(1), origin), rest)
             return f"{where}: {column or path}: {rest}" if probe == path else f"{where}: {path}: {rest}"
         probe = probe.rpartition(".")[0]
-    return text
+    return None
 
 
-def legacy_ids_of(recipes_text: str) -> dict[str, int]:
-    """Recipe id -> its legacy Recipe.csv Id, from the comments a migration writes."""
+def _origin_name(path: str, origin: dict[str, tuple[str, int, str]]) -> str:
+    """``Machine.csv TankMaxHeat`` for ``machine_config.tank_max_heat``."""
+    if path in origin:
+        file, _line, column = origin[path]
+        return f"{file} {column}"
+    return path
+
+
+def legacy_ids_of(recipes_text: str) -> dict[str, tuple[int, str]]:
+    """Recipe id -> (its legacy Recipe.csv Id, Description), from the comments a migration
+    writes into the recipes file."""
     out, current = {}, None
     for line in recipes_text.splitlines():
         match = re.match(r"^  ([a-z0-9-]+):\s*$", line)
@@ -692,7 +736,7 @@ def legacy_ids_of(recipes_text: str) -> dict[str, int]:
             continue
         legacy = _LEGACY_ID.match(line)
         if legacy and current:
-            out[current] = int(legacy.group(1))
+            out[current] = (int(legacy.group(1)), legacy.group(2) or "")
     return out
 
 

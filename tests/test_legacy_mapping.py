@@ -17,7 +17,8 @@ import pytest
 
 from plc.config import ConfigError
 from plc.contract import INPUT_SPECS, OUTPUT_SPECS
-from plc.modbus.legacy import COLUMNS, OPTIONAL_COLUMNS, dump_register_map, import_mapping, parse_mapping
+from plc.modbus.legacy import (COLUMNS, OPTIONAL_COLUMNS, dump_register_map, import_mapping, legacy_rows,
+                               parse_mapping)
 from plc.modbus.regmap import PointMap, load_register_map
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,14 +30,7 @@ LINE = {p.name: i + 2 for i, p in enumerate(DEFAULT_MAP)}     # the header is li
 
 
 def legacy_row(i: int, p: PointMap) -> dict[str, str]:
-    return {
-        "Id": str(i), "Name": p.name, "ModbusAddress": str(p.address),
-        "IsReadOperation": "0" if p.is_output else "1",
-        "BitNumbers": "|".join(map(str, p.bits)), "FunctionCode": str(p.function),
-        "DataType": p.type.value, "Description": p.description, "IsActive": "1",
-        "Link": p.link, "UnitId": str(p.unit), "WordOrder": p.order.value,
-        "Scale": repr(p.scale), "Offset": repr(p.offset), "Unit": p.eu,
-    }
+    return {**legacy_rows([p])[0], "Id": str(i)}
 
 
 def csv_text(rows: list[dict[str, str]], header=HEADER, delimiter=",", spelled=None) -> str:

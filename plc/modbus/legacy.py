@@ -54,7 +54,8 @@ from . import pdu
 from .codec import DataType, WordOrder
 from .regmap import PointMap, _check_map
 
-__all__ = ["COLUMNS", "OPTIONAL_COLUMNS", "dump_register_map", "import_mapping", "parse_mapping"]
+__all__ = ["COLUMNS", "OPTIONAL_COLUMNS", "dump_register_map", "import_mapping", "legacy_rows",
+           "parse_mapping"]
 
 #: Required columns, in their canonical spelling (matched case-insensitively).
 COLUMNS = ("Id", "Name", "ModbusAddress", "IsReadOperation", "BitNumbers", "FunctionCode",
@@ -281,6 +282,19 @@ def import_mapping(csv_path: str | Path, default_link: str = "io",
     without a Link / UnitId get ``default_link`` / ``default_unit``. Raises ConfigError."""
     return parse_mapping(_read_text(csv_path, "utf-8"), str(csv_path), default_link,
                          default_unit)
+
+
+def legacy_rows(points: Sequence[PointMap]) -> list[dict[str, str]]:
+    """The Mapping.csv rows (column -> cell, every column of COLUMNS and OPTIONAL_COLUMNS) of
+    ``points``, Ids from 1: what ``parse_mapping`` reads back to the same points."""
+    return [{
+        "Id": str(i), "Name": p.name, "ModbusAddress": str(p.address),
+        "IsReadOperation": "0" if p.is_output else "1",
+        "BitNumbers": "|".join(map(str, p.bits)), "FunctionCode": str(p.function),
+        "DataType": p.type.value, "Description": p.description, "IsActive": "1",
+        "Link": p.link, "UnitId": str(p.unit), "WordOrder": p.order.value,
+        "Scale": repr(p.scale), "Offset": repr(p.offset), "Unit": p.eu,
+    } for i, p in enumerate(points, start=1)]
 
 
 # --------------------------------------------------------------------------- register-map YAML
