@@ -130,6 +130,9 @@ def export(config: str | Path | None, out: str | Path, *, force: bool = False,
     from opcua_server import records as records_module
     from opcua_server.config import DEFAULT_CONFIG, load
 
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise FileExistsError(f"{out}: exists and is not empty (--force replaces its legacy files)")
     path = Path(config or DEFAULT_CONFIG)
     cfg, book = load(path)
     settings = cfg.opcua.model_copy(update={"data_dir": data_dir}) if data_dir else cfg.opcua
@@ -148,9 +151,6 @@ def export(config: str | Path | None, out: str | Path, *, force: bool = False,
     recipes_text = (path.parent / cfg.machine.recipes_file).read_text(encoding="utf-8")
     rows, notes = tables(cfg, recipes, recipes_text, users)
 
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise FileExistsError(f"{out}: exists and is not empty (--force replaces its legacy files)")
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
     try:
