@@ -3,6 +3,12 @@
 One job: turn OPC UA requests into PLC commands, or refuse them with the right StatusCode and
 change nothing. The checks, in order, for each written value or method call:
 
+0. Password change (``opcua_server.security.password_change_pending``): a session whose user
+   must set a new password first (OPC UA Part 18 §5.2.8) may write nothing and call nothing but
+   ``security.callable_before_change`` (ChangePassword, ConditionRefresh): every other write or
+   call, to any node or method, with or without a rule, is refused with ``BadUserAccessDenied``,
+   "password change required", and recorded. Checked here only, for the whole Write or Call
+   request (``write``, ``call``).
 1. Role (``opcua_server.security.role_allows``): viewer < operator < technician < admin;
    refused with ``BadUserAccessDenied``.
 2. Type: the Variant must carry the variable's type (Double, String, Boolean);
@@ -24,7 +30,8 @@ the one path for every command of the window: OPC UA, the live view's keys, the 
 asyncua 2.1 gives a method callback no session: the caller comes from
 ``opcua_server.security.current_user`` (set by the service ruleset before each request).
 ``install`` replaces the attribute service's ``write`` so that writes pass through
-``Gate.write``; the server's own internal writes go the usual way.
+``Gate.write``, and the method service's ``call`` (``Gate.call``: check 0, then asyncua's own
+call of each method); the server's own internal writes go the usual way.
 """
 
 from __future__ import annotations
@@ -44,8 +51,8 @@ from plc.commands import (AMPLITUDE_PCT, Abort, AbortAutotune, AcceptTuning, Ack
                           Hold, RejectTuning, Reset, Resume, SetManual, SetTrim, SetTuning,
                           StartAutotune, StartRecipe, Stop)
 
+from .security import PASSWORD_CHANGE_REQUIRED, callable_before_change, password_change_pending, role_allows
 from .security import current_user as session_user
-from .security import role_allows
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +108,7 @@ class Gate:
         self.wall = wall
         self.rules: dict[ua.NodeId, WriteRule] = {}
         self._original_write = None
+        self._original_call = None
 
     # -- users ------------------------------------------------------------------------------
 
@@ -170,6 +178,13 @@ class Gate:
         if _internal(user):    # the server's own writes (status, diagnostics): asyncua's path
             return await self._original_write(params, user=user)
         results: list[ua.StatusCode] = []
+        if password_change_pending(user):
+            for wv in params.NodesToWrite:
+                rule = self.rules.get(wv.NodeId)
+                value = wv.Value.Value.Value if wv.Value is not None and wv.Value.Value is not None else None
+                results.append(await self._before_password_change(
+                    user, "write", rule.target if rule is not None else str(wv.NodeId), value))
+            return results
         for wv in params.NodesToWrite:
             rule = self.rules.get(wv.NodeId)
             if rule is None or wv.AttributeId != ua.AttributeIds.Value:
@@ -221,7 +236,40 @@ class Gate:
         await self._audit(name, "write", rule.target, old, value, "Good", cmd)
         return ua.StatusCode(SC.Good)
 
+    async def _before_password_change(self, user, action: str, target: str, new: Any) -> ua.StatusCode:
+        """Check 0's refusal of one write or call, recorded."""
+        name, _ = self.role_of(user)
+        await self._audit(name, action, target, None, new, f"BadUserAccessDenied: {PASSWORD_CHANGE_REQUIRED}")
+        log.info("%s of %s by %s refused: %s", action, target, name, PASSWORD_CHANGE_REQUIRED)
+        return ua.StatusCode(SC.BadUserAccessDenied)
+
     # -- methods -----------------------------------------------------------------------------
+
+    async def call(self, methods: list[ua.CallMethodRequest]) -> list[ua.CallMethodResult]:
+        """The method service's ``call``: check 0, then asyncua's own call of each method (whose
+        callbacks check the role: ``method``)."""
+        user = session_user()
+        if not password_change_pending(user):
+            return await self._original_call(methods)
+        results = []
+        for m in methods:
+            if callable_before_change(m.MethodId):
+                results.extend(await self._original_call([m]))
+                continue
+            values = [a.Value if isinstance(a, ua.Variant) else a for a in m.InputArguments or []]
+            code = await self._before_password_change(user, "call", await self._method_name(m), values)
+            results.append(ua.CallMethodResult(StatusCode=code, OutputArguments=[]))
+        return results
+
+    async def _method_name(self, m: ua.CallMethodRequest) -> str:
+        """``<object>.<method>`` by their browse names (the NodeIds where unknown)."""
+        names = []
+        for nodeid in (m.ObjectId, m.MethodId):
+            try:
+                names.append((await self.server.get_node(nodeid).read_browse_name()).Name)
+            except Exception:
+                names.append(str(nodeid))
+        return ".".join(names)
 
     def method(self, target: str | Callable[[ua.NodeId], str], role: str, handler: Callable[..., Any],
                *, with_object: bool = False) -> Callable:
@@ -275,6 +323,10 @@ class Gate:
         if self._original_write is None:
             self._original_write = attr.write
         attr.write = self.write
+        methods = self.server.iserver.method_service
+        if self._original_call is None:
+            self._original_call = methods.call
+        methods.call = self.call
 
 
 def _internal(user) -> bool:

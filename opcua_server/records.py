@@ -6,14 +6,22 @@ One job: keep what must survive a restart and be shared by the OPC UA server and
 plant (``postgresql+psycopg://user:password@host/db``); the same code and the same tests run
 against both. Tables (created on first use):
 
-- ``users``: name, role (one of ROLES), password hash. Passwords are never stored: only
-  ``scrypt$<n>$<r>$<p>$<salt>$<key>`` (hashlib.scrypt, RFC 7914, a random 16-byte salt per user
-  and per password change, base64); a check derives the key again and compares it in constant
-  time (``hmac.compare_digest``). An unknown user costs the same derivation, so the time of a
-  refusal does not tell whether the name exists. New hashes use SCRYPT_COST (OWASP Password
-  Storage Cheat Sheet minimum: N=2^17, r=8, p=1: 128 MiB, about 0.5 s on a small CPU); a hash
-  made with other parameters (the earlier N=2^14) still verifies, and is made again with
-  SCRYPT_COST at the user's next successful login.
+- ``users``: name, role (one of ROLES), password hash, must_change. Passwords are never
+  stored: only ``scrypt$<n>$<r>$<p>$<salt>$<key>`` (hashlib.scrypt, RFC 7914, a random 16-byte
+  salt per user and per password change, base64); a check derives the key again and compares it
+  in constant time (``hmac.compare_digest``). An unknown user costs the same derivation, so the
+  time of a refusal does not tell whether the name exists. New hashes use SCRYPT_COST (OWASP
+  Password Storage Cheat Sheet minimum: N=2^17, r=8, p=1: 128 MiB, about 0.5 s on a small CPU);
+  a hash made with other parameters (the earlier N=2^14) still verifies, and is made again with
+  SCRYPT_COST at the user's next successful login. So is an ``aspnet$<base64>`` hash, the one
+  other kind stored: an ASP.NET Identity password hash imported from a legacy machine
+  (``legacy_password``; V2: PBKDF2-HMAC-SHA1, 1000 iterations; V3: PBKDF2-HMAC-SHA1/256/512
+  with the iteration count in the hash, at most MAX_PBKDF2_ITERATIONS), verified with
+  hashlib.pbkdf2_hmac and ``hmac.compare_digest`` at the first login, then replaced. must_change
+  (schema 5; NULL in older rows: False): the user logs in with a one-time password (or a legacy
+  one below the rules) and may do nothing but read, browse, subscribe and set a new password
+  (OPC UA Part 18 §5.2.8 ChangePassword: ``change_password``) until he has; ``set_password``
+  (an admin's ``tempering users passwd``) clears it too.
 - ``recipes``: one row per recipe, one column per field of ``plc.config.Recipe``, validated
   through that model before they are written and again when they are read; ``acceptance`` (the
   recipe's acceptance criteria) as JSON, NULL in rows made before it: the defaults (schema 4).
@@ -46,6 +54,8 @@ against both. Tables (created on first use):
 Errors (RecordsError and its subclasses; each carries the data at fault):
     RecordsError(Exception)
         InvalidUser(RecordsError, ValueError)   .field ("name", "password", "role"), .message
+            SamePassword(InvalidUser)           a new password that is the old one
+        WrongPassword(RecordsError)             .name: the old password given is not the user's
         NoSuchUser(RecordsError, KeyError)      .name
         UserExists(RecordsError)                .name
         LastAdmin(RecordsError)                 .name: the one admin left cannot go
@@ -54,20 +64,25 @@ Errors (RecordsError and its subclasses; each carries the data at fault):
 Database failures are SQLAlchemy's (``sqlalchemy.exc.OperationalError``...), unchanged.
 
 Calls block on the database (an fsync on SQLite; a round trip on PostgreSQL; about 0.5 s and
-128 MiB of scrypt in ``check_password``, add_user and set_password): from asyncio code, call
+128 MiB of scrypt in ``check_password``, add_user, set_password, twice in change_password;
+``legacy_password`` of a plain password): from asyncio code, call
 them with ``asyncio.to_thread`` (hashlib.scrypt releases the GIL). ``journal_alarms`` writes
-any number of events in one transaction (a flood of hundreds a second is one insert a batch).
+any number of events in one transaction (a flood of hundreds a second is one insert a batch),
+``import_users`` any number of users (all or none).
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import functools
 import hashlib
 import hmac
 import json
 import os
 import re
+import secrets
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -89,11 +104,11 @@ from .batches import VERDICTS, BatchRecord
 #: The roles, each with the rights of the ones before it (security.role_allows).
 ROLES: tuple[str, ...] = ("viewer", "operator", "technician", "admin")
 
-SCHEMA_VERSION = "4"     # 2: audit.command_id, origin, peer, certificate; 3: alarm_journal; 4: batches
+SCHEMA_VERSION = "5"     # 2: audit.command_id, origin, peer, certificate; 3: alarm_journal; 4: batches;
+                         # 5: users.must_change
 USER_NAME = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
 MIN_PASSWORD_LENGTH = 8
 MAX_PASSWORD_LENGTH = 1024
-
 
 
 class ScryptCost(NamedTuple):
@@ -131,6 +146,17 @@ class InvalidUser(RecordsError, ValueError):
     def __init__(self, field: str, message: str):
         self.field, self.message = field, message
         super().__init__(f"{field}: {message}")
+
+
+class SamePassword(InvalidUser):
+    def __init__(self):
+        super().__init__("password", "the new password must differ from the old one")
+
+
+class WrongPassword(RecordsError):
+    def __init__(self, name: str):
+        self.name = name
+        super().__init__(f"wrong password for {name!r}")
 
 
 class NoSuchUser(RecordsError, KeyError):
@@ -178,6 +204,7 @@ users = Table(
     Column("name", String(64), primary_key=True),
     Column("role", String(16), nullable=False),
     Column("password_hash", String(256), nullable=False),
+    Column("must_change", Boolean),     # schema 5: must set a new password; NULL (older rows): False
 )
 
 recipes = Table(
@@ -303,9 +330,17 @@ def hash_cost(stored: str) -> ScryptCost | None:
 
 
 def verify_password(password: str, stored: str) -> bool:
-    """True if ``password`` derives the key of ``stored``; the keys are compared in constant
-    time. A malformed ``stored`` is False (after the work of SCRYPT_COST, so it times like a
-    refusal); one asking for more than MAX_SCRYPT_MEMORY is False at once."""
+    """True if ``password`` derives the key of ``stored`` (``scrypt$...``, or an imported
+    ``aspnet$...``); the keys are compared in constant time. A malformed ``stored`` is False
+    (after the work of SCRYPT_COST, so it times like a refusal); one asking for more than
+    MAX_SCRYPT_MEMORY or MAX_PBKDF2_ITERATIONS is False at once."""
+    aspnet = _aspnet_hash(stored[len(ASPNET_PREFIX):]) if stored.startswith(ASPNET_PREFIX) else None
+    if aspnet is not None:
+        if aspnet.iterations > MAX_PBKDF2_ITERATIONS:
+            return False
+        derived = hashlib.pbkdf2_hmac(aspnet.prf, password.encode("utf-8", "surrogatepass"),
+                                      aspnet.salt, aspnet.iterations, len(aspnet.subkey))
+        return hmac.compare_digest(derived, aspnet.subkey)
     try:
         scheme, n, r, p, salt, key = stored.split("$")
         if scheme != "scrypt":
@@ -323,6 +358,172 @@ def verify_password(password: str, stored: str) -> bool:
     except ValueError:               # cost parameters out of range: not a hash of ours
         return False
     return hmac.compare_digest(derived, key_b)
+
+
+# --------------------------------------------------------------------------- legacy passwords
+
+#: The prefix of an imported ASP.NET Identity hash in ``users.password_hash``.
+ASPNET_PREFIX = "aspnet$"
+#: No imported PBKDF2 hash may ask for more iterations than this (a hostile hash would otherwise
+#: hold a login for minutes): such a hash is not kept on import, and refused like a wrong password.
+MAX_PBKDF2_ITERATIONS = 10_000_000
+_ASPNET_PRF = {0: "sha1", 1: "sha256", 2: "sha512"}     # ASP.NET Core KeyDerivationPrf
+_ASPNET_V2 = (0x00, 16, 32)                             # marker, salt and subkey bytes
+_ASPNET_V3_KEY = (16, 64)                               # salt and subkey bytes, least and most
+
+
+class _AspNetHash(NamedTuple):
+    version: str        # "v2" or "v3"
+    prf: str            # hashlib name
+    iterations: int
+    salt: bytes
+    subkey: bytes
+
+
+def _aspnet_hash(text: str) -> _AspNetHash | None:
+    """The parts of an ASP.NET Identity password hash (``PasswordHasher``, base64), None if
+    ``text`` is not exactly one: canonical base64; V2: 0x00, a 16-byte salt, a 32-byte
+    PBKDF2-HMAC-SHA1 subkey (1000 iterations), 49 bytes in all; V3: 0x01, then big-endian
+    uint32s prf (0 SHA-1, 1 SHA-256, 2 SHA-512), iteration count (>= 1) and salt length, the
+    salt and the subkey (the rest), each 16 to 64 bytes."""
+    if not isinstance(text, str) or not 60 <= len(text) <= 200:
+        return None
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    if _b64(raw) != text:
+        return None
+    marker, salt_bytes, key_bytes = _ASPNET_V2
+    if raw[0] == marker and len(raw) == 1 + salt_bytes + key_bytes:
+        return _AspNetHash("v2", "sha1", 1000, raw[1:1 + salt_bytes], raw[1 + salt_bytes:])
+    if raw[0] != 0x01 or len(raw) < 13:
+        return None
+    prf, iterations, salt_len = struct.unpack(">III", raw[1:13])
+    least, most = _ASPNET_V3_KEY
+    key_len = len(raw) - 13 - salt_len
+    if prf not in _ASPNET_PRF or iterations < 1 or not (least <= salt_len <= most and least <= key_len <= most):
+        return None
+    return _AspNetHash("v3", _ASPNET_PRF[prf], iterations, raw[13:13 + salt_len], raw[13 + salt_len:])
+
+
+#: Hashes of schemes this server cannot verify (scheme name, pattern of the whole text).
+_UNVERIFIABLE: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("bcrypt", re.compile(r"^\$2[abxy]?\$\d{2}\$[./A-Za-z0-9]{53}$")),
+    ("argon2", re.compile(r"^\$argon2(id|i|d)\$(v=\d+\$)?m=\d+,t=\d+,p=\d+\$[A-Za-z0-9+/]+\$[A-Za-z0-9+/]+$")),
+    ("md5-crypt", re.compile(r"^\$(1|apr1)\$[./A-Za-z0-9]{1,8}\$[./A-Za-z0-9]{22}$")),
+    ("sha256-crypt", re.compile(r"^\$5\$(rounds=\d+\$)?[./A-Za-z0-9]{1,16}\$[./A-Za-z0-9]{43}$")),
+    ("sha512-crypt", re.compile(r"^\$6\$(rounds=\d+\$)?[./A-Za-z0-9]{1,16}\$[./A-Za-z0-9]{86}$")),
+    ("ldap", re.compile(r"^\{(S?SHA(256|384|512)?|S?MD5|CRYPT|PBKDF2(-SHA\d+)?|ARGON2|BCRYPT)\}\S+$", re.I)),
+    ("unknown-digest", re.compile(r"^([0-9a-fA-F]{32}|[0-9a-fA-F]{40}|[0-9a-fA-F]{56}|[0-9a-fA-F]{64}|"
+                                  r"[0-9a-fA-F]{96}|[0-9a-fA-F]{128})$")),
+)
+_DIGEST_BYTES = frozenset({16, 20, 28, 32, 48, 64})     # MD5, SHA-1, SHA-224/256/384/512
+
+
+class LegacyPassword(NamedTuple):
+    """What becomes of a legacy Users.csv password cell (``legacy_password``): ``scheme`` (what
+    the cell holds), ``password_hash`` (what to store: ``scrypt$...``, ``aspnet$...``; None: the
+    user gets a one-time password, ``new_one_time_password``), ``note`` (why, for the migration
+    report), ``must_change`` (the user must set a new password at the first login)."""
+
+    scheme: str
+    password_hash: str | None
+    note: str
+    must_change: bool = False
+
+
+def legacy_password(text: str) -> LegacyPassword:
+    """Classify a legacy machine's password cell (the .NET application's Users.csv) and make
+    what to store of it. Never keeps a password as it was:
+
+    - "" -> scheme "none": no hash, a one-time password, must change.
+    - an ASP.NET Identity password hash (``_aspnet_hash``: the exact V2 or V3 layout, so a
+      plain password is never taken for one) -> "aspnet-identity-v2" / "aspnet-identity-v3",
+      kept as ``aspnet$<base64>``, verified at the first login and then hashed again with
+      scrypt; one of more than MAX_PBKDF2_ITERATIONS is not kept (a one-time password).
+    - a hash this server cannot verify -> "bcrypt", "argon2", "md5-crypt", "sha256-crypt",
+      "sha512-crypt", "ldap" ({SSHA}, {SHA}, ...), "unknown-digest" (a bare MD5/SHA-x digest in
+      hex or base64: which one, and whether salted, cannot be told): no hash, a one-time
+      password, must change. Taking one of these for a plain password would make the hash
+      itself a password that logs in.
+    - anything else -> "plain": ``hash_password`` of the text exactly as given (scrypt); one
+      shorter than MIN_PASSWORD_LENGTH still works (the legacy system allowed it) but must be
+      changed at the first login; one longer than MAX_PASSWORD_LENGTH could never be typed at a
+      login: a one-time password instead.
+
+    Hashes are recognised on the text without surrounding white space (no hash has any)."""
+    if text == "":
+        return LegacyPassword("none", None, "no password: a one-time password, to be changed at "
+                                            "the first login", True)
+    bare = text.strip()
+    aspnet = _aspnet_hash(bare)
+    if aspnet is not None:
+        scheme = f"aspnet-identity-{aspnet.version}"
+        what = f"ASP.NET Identity {aspnet.version.upper()} (PBKDF2-HMAC-{aspnet.prf.upper()}, " \
+               f"{aspnet.iterations} iterations)"
+        if aspnet.iterations > MAX_PBKDF2_ITERATIONS:
+            return LegacyPassword(scheme, None, f"{what}: more than {MAX_PBKDF2_ITERATIONS} iterations, "
+                                                "not verified: a one-time password", True)
+        return LegacyPassword(scheme, ASPNET_PREFIX + bare,
+                              f"{what}: kept, verified at the first login, then hashed with scrypt")
+    for scheme, pattern in _UNVERIFIABLE:
+        found = pattern.match(bare)
+        if found and scheme == "ldap":
+            scheme = f"ldap-{found.group(1).lower()}"
+        if found or (scheme == "unknown-digest" and _base64_digest(bare)):
+            return LegacyPassword(scheme, None, f"{scheme} hash: cannot be verified here: a "
+                                                "one-time password, to be changed at the first login", True)
+    if len(text) > MAX_PASSWORD_LENGTH:
+        return LegacyPassword("plain", None, f"longer than {MAX_PASSWORD_LENGTH} characters: a "
+                                             "one-time password, to be changed at the first login", True)
+    if len(text) < MIN_PASSWORD_LENGTH:
+        return LegacyPassword("plain", hash_password(text),
+                              f"shorter than {MIN_PASSWORD_LENGTH} characters: hashed with scrypt, "
+                              "to be changed at the first login", True)
+    return LegacyPassword("plain", hash_password(text), "hashed with scrypt")
+
+
+def _base64_digest(text: str) -> bool:
+    """Canonical base64 of exactly a digest's length (16, 20, 28, 32, 48 or 64 bytes)."""
+    if not 24 <= len(text) <= 88:
+        return False
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    return len(raw) in _DIGEST_BYTES and _b64(raw) == text
+
+
+#: The one-time password's characters: letters and digits less the ones read alike (0 O o 1 l I).
+_OTP_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnpqrstuvwxyz23456789"
+
+
+def new_one_time_password() -> str:
+    """A one-time password for a user who must set his own at the first login: 20 characters
+    (``secrets``; 55 symbols, about 115 bits) in groups of four (``abcd-efgh-...``, 24
+    characters)."""
+    chars = "".join(secrets.choice(_OTP_ALPHABET) for _ in range(20))
+    return "-".join(chars[i:i + 4] for i in range(0, 20, 4))
+
+
+class ImportedUser(NamedTuple):
+    """One user for ``Records.import_users``: ``password_hash`` is a hash of ours
+    (``scrypt$...`` or ``aspnet$...``), never a password."""
+
+    name: str
+    role: str
+    password_hash: str
+    must_change: bool
+
+
+def _check_hash(password_hash: object) -> str:
+    if isinstance(password_hash, str):
+        if password_hash.startswith(ASPNET_PREFIX) and _aspnet_hash(password_hash[len(ASPNET_PREFIX):]):
+            return password_hash
+        if hash_cost(password_hash) is not None and len(password_hash) <= 256:
+            return password_hash
+    raise InvalidUser("password", "must be a hash of ours (scrypt$... or aspnet$...), never a password")
 
 
 def _dummy_hash() -> str:
@@ -536,13 +737,16 @@ class Records:
         the same on SQLite and PostgreSQL; old rows get NULL). Schema 2 -> 3: the alarm_journal
         table and its indexes (made by ``create_all``, which adds missing tables only). Schema 3 ->
         4: the batches table and its indexes (``create_all`` too), recipes.acceptance (NULL in the
-        old rows: the default criteria)."""
+        old rows: the default criteria). Schema 4 -> 5: users.must_change (NULL in the old rows:
+        False)."""
         have = {c["name"] for c in inspect(db).get_columns("audit")}
         for name in _AUDIT_SINCE_2:
             if name not in have:
                 db.exec_driver_sql(f"ALTER TABLE audit ADD COLUMN {name} TEXT")
         if "acceptance" not in {c["name"] for c in inspect(db).get_columns("recipes")}:
             db.exec_driver_sql("ALTER TABLE recipes ADD COLUMN acceptance TEXT")
+        if "must_change" not in {c["name"] for c in inspect(db).get_columns("users")}:
+            db.exec_driver_sql("ALTER TABLE users ADD COLUMN must_change BOOLEAN")
         db.execute(update(meta).where(meta.c.key == "schema").values(value=SCHEMA_VERSION))
 
     def __repr__(self) -> str:
@@ -559,15 +763,77 @@ class Records:
         with self.engine.begin() as db:
             if db.scalar(select(users.c.name).where(users.c.name == name)) is not None:
                 raise UserExists(name)
-            db.execute(insert(users).values(name=name, role=role, password_hash=hashed))
+            db.execute(insert(users).values(name=name, role=role, password_hash=hashed, must_change=False))
+
+    def import_users(self, rows: Iterable[ImportedUser]) -> int:
+        """Add the users of ``rows`` (ImportedUser: a hash of ours, never a password) in one
+        transaction: all of them, or none. InvalidUser for a bad name, role or hash or a name
+        twice in ``rows``, UserExists for a name in the records already; nothing written then.
+        Returns the number added."""
+        values, seen = [], set()
+        for row in rows:
+            name, role, password_hash, must_change = row
+            _check_name(name), _check_role(role), _check_hash(password_hash)
+            if name in seen:
+                raise InvalidUser("name", f"{name!r} is given twice")
+            seen.add(name)
+            values.append({"name": name, "role": role, "password_hash": password_hash,
+                           "must_change": bool(must_change)})
+        if not values:
+            return 0
+        with self._user_lock, self.engine.begin() as db:
+            present = db.scalars(select(users.c.name).where(users.c.name.in_(seen))).first()
+            if present is not None:
+                raise UserExists(present)
+            db.execute(insert(users), values)
+        return len(values)
 
     def set_password(self, name: str, password: str) -> None:
+        """An admin's change of a user's password (``tempering users passwd``): no old one
+        asked; clears must_change."""
         _check_password(password)
         hashed = hash_password(password)
         with self.engine.begin() as db:
             if db.execute(update(users).where(users.c.name == name)
-                          .values(password_hash=hashed)).rowcount != 1:
+                          .values(password_hash=hashed, must_change=False)).rowcount != 1:
                 raise NoSuchUser(name)
+
+    def change_password(self, name: str, old: str, new: str) -> None:
+        """A user's own change of password (OPC UA Part 18 §5.2.8 ChangePassword): ``old`` must
+        be the user's password now and ``new`` keep the rules and differ from it; then the
+        scrypt hash of ``new`` is stored and must_change cleared. InvalidUser (the rules;
+        checked first, no scrypt), NoSuchUser, WrongPassword (also if the password was changed
+        meanwhile), SamePassword; nothing changed then. Two derivations: the check, the new
+        hash."""
+        _check_password(new)
+        with self.engine.connect() as db:
+            stored = db.scalar(select(users.c.password_hash).where(users.c.name == name))
+        if stored is None:
+            verify_password("", _dummy_hash())
+            raise NoSuchUser(name)
+        if not isinstance(old, str) or len(old) > MAX_PASSWORD_LENGTH or not verify_password(old, stored):
+            raise WrongPassword(name)
+        if new == old:
+            raise SamePassword()
+        hashed = hash_password(new)
+        with self.engine.begin() as db:      # only if it is still the hash just verified
+            if db.execute(update(users).where(users.c.name == name, users.c.password_hash == stored)
+                          .values(password_hash=hashed, must_change=False)).rowcount != 1:
+                raise WrongPassword(name)
+
+    def must_change(self, name: str) -> bool:
+        """Whether the user must set a new password before doing anything but read (NoSuchUser
+        for an unknown user)."""
+        with self.engine.connect() as db:
+            row = db.execute(select(users.c.must_change).where(users.c.name == name)).first()
+        if row is None:
+            raise NoSuchUser(name)
+        return bool(row.must_change)
+
+    def must_change_users(self) -> set[str]:
+        """The names of the users who must set a new password."""
+        with self.engine.connect() as db:
+            return set(db.scalars(select(users.c.name).where(users.c.must_change.is_(True))))
 
     def set_role(self, name: str, role: str) -> None:
         _check_role(role)
@@ -609,15 +875,18 @@ class Records:
         """The user's role if ``password`` is theirs, else None (also for an unknown user, after
         the same scrypt work). Never raises for bad input. A right password whose hash was made
         with other cost parameters than SCRYPT_COST is hashed again with SCRYPT_COST and stored
-        (unless the password was changed meanwhile): one more derivation, on that login only."""
+        (unless the password was changed meanwhile): one more derivation, on that login only.
+        So is a right password of an imported ``aspnet$`` hash, whose check costs the scrypt
+        work too (on top of its PBKDF2), so that the time does not tell such a user either."""
         if not isinstance(name, str) or not isinstance(password, str) or len(password) > MAX_PASSWORD_LENGTH:
             verify_password("", _dummy_hash())
             return None
         with self.engine.connect() as db:
             row = db.execute(select(users.c.role, users.c.password_hash)
                              .where(users.c.name == name)).first()
+        if row is None or row.password_hash.startswith(ASPNET_PREFIX):
+            verify_password(password, _dummy_hash())    # PBKDF2 alone would tell a legacy user by time
         if row is None:
-            verify_password(password, _dummy_hash())
             return None
         if not verify_password(password, row.password_hash):
             return None

@@ -26,6 +26,19 @@ Layers, from the bottom:
   decided by a hook around asyncua's ActivateSession before asyncua asks ``get_user``
   synchronously; every login, accepted or refused, is in the audit trail with the client's
   ``host:port``, its certificate's thumbprint and the reason.
+- Password changes (OPC UA Part 18 §5.2.8): a user whose records say must_change (a one-time
+  or too short password from a legacy machine, ``records.legacy_password``) gets his session,
+  answered Good_PasswordChangeRequired, with ``TemperingUser.must_change`` set
+  (``password_change_pending``): he may read, browse, subscribe and call ChangePassword
+  (``callable_before_change``) but nothing else; ``opcua_server.gate`` refuses every write and
+  every other call with BadUserAccessDenied, "password change required", and records it; he sees
+  only his own audit events. The standard method Server.ServerConfiguration.UserManagement.
+  ChangePassword (i=24310; OldPassword, NewPassword) is bound to
+  ``TemperingUserManager.change_password``: any user-name session, on an encrypted channel,
+  for its own user (records.change_password, scrypt in a worker thread); a wrong old password
+  counts as a failed login. The session has its role's rights from its next request; other
+  sessions of the user log in again. Every call is in the audit trail (action "call"), never
+  with a password.
 - Audit events (Part 5 §6.4.7, §6.4.8): every ActivateSession, accepted or refused, is an
   AuditActivateSessionEventType on the Server object (SessionId, UserIdentityToken without its
   secret, SecureChannelId, Status, StatusCodeId, ClientUserId, ServerId, ClientAuditEntryId,
@@ -43,13 +56,15 @@ Layers, from the bottom:
 asyncua 2.1 internals used (checked by the tests against a real asyncua server and client):
 ``UaProcessor._process_message`` (wrapped once per process; only servers whose InternalServer
 has a ``tempering_logins`` manager are affected), its ``name`` (the peer), ``session``,
-``_connection.security_policy``, ``InternalServer.decrypt_user_token`` and
-``lookup_external_session``.
+``_connection.security_policy`` (its ``Mode`` too), ``send_response`` (an ActivateSession
+answer's ServiceResult), ``InternalServer.decrypt_user_token`` and ``lookup_external_session``.
 
 Errors: PkiError(Exception) > NoSuchCertificate(PkiError, KeyError), AmbiguousCertificate,
 BadCertificateFile (a file that is not a certificate). Refusals towards clients are asyncua
 ServiceErrors with the StatusCode (BadCertificateUntrusted, BadCertificateTimeInvalid,
-BadCertificateUriInvalid) or a None user (BadUserAccessDenied).
+BadCertificateUriInvalid) or a None user (BadUserAccessDenied); ChangePassword answers with
+the codes of Part 18 §5.2.8 (BadIdentityTokenInvalid, BadOutOfRange, BadAlreadyExists,
+BadInvalidState, BadSecurityModeInsufficient) or BadUserAccessDenied (locked out).
 """
 
 from __future__ import annotations
@@ -87,25 +102,47 @@ from asyncua.ua.ua_binary import struct_from_binary
 
 from .limits import Key, LoginLimiter, apply_limits
 from .notifiers import SERVER, new_event, notify
-from .records import ROLES
+from .records import ROLES, InvalidUser, NoSuchUser, SamePassword, WrongPassword
 
 log = logging.getLogger(__name__)
 
 __all__ = ["ROLES", "AUDIT_ROLE", "sees_audit", "role_allows", "Pki", "CertificateEntry", "PkiError",
            "NoSuchCertificate", "AmbiguousCertificate", "BadCertificateFile", "TemperingUser",
            "TemperingUserManager", "LoginAttempt", "TemperingRuleset", "current_user", "current_session_id", "configure_security",
-           "thumbprint"]
+           "thumbprint", "CHANGE_PASSWORD", "PASSWORD_CHANGE_REQUIRED", "password_change_pending",
+           "callable_before_change"]
 
 
 AUDIT_ROLE = "admin"      # the least role that receives every audit event
+
+#: UserManagement.ChangePassword (OPC UA Part 18 §5.2.8), in asyncua's standard address space.
+CHANGE_PASSWORD = ua.NodeId(ua.ObjectIds.UserManagement_ChangePassword)
+#: The reason given for whatever a session refuses until its user has set a new password.
+PASSWORD_CHANGE_REQUIRED = "password change required"
+#: What a session may call before: ChangePassword, and the refresh of the alarms it subscribed to
+#: (Part 9 §5.5.7; changes nothing).
+_CALLABLE_BEFORE_CHANGE = frozenset({CHANGE_PASSWORD, ua.NodeId(ua.ObjectIds.ConditionType_ConditionRefresh),
+                                     ua.NodeId(ua.ObjectIds.ConditionType_ConditionRefresh2)})
+
+
+def password_change_pending(user: Any) -> bool:
+    """True while the session of ``user`` (a TemperingUser) must set a new password first: it
+    may read, browse, subscribe and call ``callable_before_change`` methods only."""
+    return bool(getattr(user, "must_change", False))
+
+
+def callable_before_change(method_id: ua.NodeId) -> bool:
+    """Whether a session whose password change is pending may call this method."""
+    return method_id in _CALLABLE_BEFORE_CHANGE
 
 
 def sees_audit(user: Any, actor: str | None = None) -> bool:
     """Whether a session of ``user`` (a TemperingUser) may receive an audit event of an action
     by ``actor`` (a user name; None: not a user's action, e.g. a login): an admin sees all, a
-    user the events of his own actions. Other users (asyncua's own, anonymous) see none."""
+    user the events of his own actions (so does an admin whose password change is pending).
+    Other users (asyncua's own, anonymous) see none."""
     role = getattr(user, "tempering_role", None)
-    if role_allows(role, AUDIT_ROLE):
+    if role_allows(role, AUDIT_ROLE) and not password_change_pending(user):
         return True
     name = getattr(user, "name", None)
     return actor is not None and name is not None and name == actor
@@ -380,9 +417,11 @@ _BASIC_CHECKS = CertificateValidator(CertificateValidatorOptions.TIME_RANGE | Ce
 class TemperingUser(User):
     """A session's user: asyncua's ``role`` is UserRole.User for everyone (asyncua's own Admin
     role, which may change the address space, is never given); ours is ``tempering_role``.
-    ``name`` is None for an anonymous session."""
+    ``name`` is None for an anonymous session. ``must_change``: the user must set a new password
+    before anything but reading (``password_change_pending``); cleared by ChangePassword."""
 
     tempering_role: str = "viewer"
+    must_change: bool = False
 
     @property
     def label(self) -> str:
@@ -434,7 +473,11 @@ class TemperingUserManager:
 
     A successful check is remembered for ``VERIFIED_TTL_S`` as an HMAC of name and password
     under a key that lives only in this process (never the password): the same user logging in
-    again in that time costs a microsecond; a wrong password always pays the full scrypt."""
+    again in that time costs a microsecond; a wrong password always pays the full scrypt.
+
+    A user whose records say must_change gets a session whose TemperingUser has ``must_change``
+    set, answered Good_PasswordChangeRequired, until he calls ``change_password`` (the
+    UserManagement.ChangePassword method; see the module's "Password changes")."""
 
     VERIFIED_TTL_S = 60.0
 
@@ -504,34 +547,40 @@ class TemperingUserManager:
                     until - now)
         return f"locked out ({until - now:.0f} s left)"
 
-    def _password(self, username: str, password: str) -> str | None:
-        """The user's role if the password is right (blocking: scrypt, or the database only if
-        remembered)."""
+    def _password(self, username: str, password: str) -> tuple[str, bool] | None:
+        """(role, must_change) of the user if the password is right (blocking: scrypt, or the
+        database only if remembered)."""
         digest = self._digest(username, password)
         seen = self._verified.get(username)
         now = self._clock()
         if seen is not None and now < seen[1] and hmac.compare_digest(seen[0], digest):
-            return self.records.role_of(username)          # a role change applies at once
-        role = self.records.check_password(username, password or "")
-        if role is None:
-            self._verified.pop(username, None)
+            role = self.records.role_of(username)          # a role change applies at once
         else:
-            self._verified[username] = (digest, now + self.VERIFIED_TTL_S)
-        return role
+            role = self.records.check_password(username, password or "")
+            if role is None:
+                self._verified.pop(username, None)
+            else:
+                self._verified[username] = (digest, now + self.VERIFIED_TTL_S)
+        try:
+            return (role, self.records.must_change(username)) if role is not None else None
+        except NoSuchUser:                                 # deleted meanwhile
+            return None
 
     def _account(self, keys: list[Key], username: str, password: str | None, certificate: bytes,
-                 role: str | None) -> LoginAttempt:
+                 found: tuple[str, bool] | None) -> LoginAttempt:
         now = self._clock()
-        if role is None:
+        if found is None:
             until = self.limiter.failed(keys, now)
             log.warning("refused user %r: unknown user or wrong password%s", username,
                         f"; locked out for {until - now:.0f} s" if until > now else "")
             reason = "wrong password or unknown user" + (
                 f"; now locked out ({until - now:.0f} s)" if until > now else "")
             return self._attempt(username, password, certificate, None, reason)
+        role, must_change = found
         self.limiter.succeeded(("user", username), now)
         return self._attempt(username, password, certificate,
-                             TemperingUser(role=UserRole.User, name=username, tempering_role=role))
+                             TemperingUser(role=UserRole.User, name=username, tempering_role=role,
+                                           must_change=must_change))
 
     def check(self, username: str | None, password: str | None, certificate: Any = None,
               peer: Any = None) -> LoginAttempt:
@@ -569,15 +618,19 @@ class TemperingUserManager:
                     locked = self._locked(keys)        # other names may have locked the certificate
                     if locked:
                         return self._attempt(username, password, certificate, None, locked)
-                if self._checks is None:
-                    self._checks = asyncio.Semaphore(self.parallel_checks)
-                async with self._checks:
-                    role = await asyncio.to_thread(self._password, username, password)
-                return self._account(keys, username, password, certificate, role)
+                async with self._check_slot():
+                    found = await asyncio.to_thread(self._password, username, password)
+                return self._account(keys, username, password, certificate, found)
         finally:
             entry[1] -= 1
             if entry[1] == 0:
                 del self._per_user[username]
+
+    def _check_slot(self) -> asyncio.Semaphore:
+        """One of the ``parallel_checks`` slots for scrypt work (made in the server's loop)."""
+        if self._checks is None:
+            self._checks = asyncio.Semaphore(self.parallel_checks)
+        return self._checks
 
     def get_user(self, iserver: Any = None, username: str | None = None, password: str | None = None,
                  certificate: Any = None) -> TemperingUser | None:
@@ -592,16 +645,17 @@ class TemperingUserManager:
 
     # ----------------------------------------------------------------------- the hooks
 
-    async def _audit(self, user: str, peer: str, certificate: bytes, result: str, role: str | None = None) -> None:
-        """One login row, written off the event loop; a database failure is logged, never
-        raised into the session's handling."""
+    async def _audit(self, user: str, peer: str, certificate: bytes, result: str, granted: str | None = None,
+                     action: str = "login", target: str = "session") -> None:
+        """One row of a login (``granted``: what the session got) or of a ChangePassword call,
+        written off the event loop; a database failure is logged, never raised into the
+        session's handling."""
         try:
-            await asyncio.to_thread(self.records.audit, user, "login", "session", None,
-                                    f"role {role}" if role else None, result, self._wall_clock(),
-                                    origin="opcua", peer=peer,
+            await asyncio.to_thread(self.records.audit, user, action, target, None, granted, result,
+                                    self._wall_clock(), origin="opcua", peer=peer,
                                     certificate=thumbprint(certificate) if certificate else "")
         except Exception:
-            log.exception("audit record of the login of %s from %s", user, peer)
+            log.exception("audit record of the %s of %s from %s", action, user, peer)
 
     async def serve_create_session(self, processor: Any, body: Any, proceed) -> Any:
         """Around asyncua's CreateSession: a refused one (an untrusted, expired or foreign
@@ -660,6 +714,9 @@ class TemperingUserManager:
         elif isinstance(token, ua.AnonymousIdentityToken):
             attempt = await self.check_async(None, None, certificate, processor.name)
         context = _attempt.set(attempt)
+        must_change = attempt is not None and password_change_pending(attempt.user)
+        if must_change:
+            _answer_password_change_required(processor)
         try:
             result = await proceed()
         except Exception as e:
@@ -671,12 +728,81 @@ class TemperingUserManager:
             raise
         finally:
             _attempt.reset(context)
+            if must_change:
+                del processor.send_response
         user = session.user if session is not None else None
         role = getattr(user, "tempering_role", None)
-        await self._audit(label, peer, certificate, "Good", role)
+        granted = (f"role {role}" + (f"; {PASSWORD_CHANGE_REQUIRED}: may only read until the user "
+                                     "sets a new password" if password_change_pending(user) else "")
+                   if role else None)
+        await self._audit(label, peer, certificate, "Good", granted)
         await self._activation_event(processor, requesthdr, session, params, token, label, peer,
-                                     certificate, ua.StatusCodes.Good, f"role {role}" if role else "")
+                                     certificate, ua.StatusCodes.Good, granted or "")
         return result
+
+    # ----------------------------------------------------------------------- ChangePassword
+
+    async def change_password(self, parent: Any, *args: Any) -> Any:
+        """asyncua's callback of UserManagement.ChangePassword (OPC UA Part 18 §5.2.8;
+        OldPassword, NewPassword: Strings) for the user of the calling session. Refused, in
+        this order: a session without a user name (BadInvalidState), a channel without
+        encryption (BadSecurityModeInsufficient: the passwords travel in the request), not two
+        Strings (BadInvalidArgument), a user name, certificate or host locked out
+        (BadUserAccessDenied), a new password outside the rules (BadOutOfRange), a wrong old
+        one (BadIdentityTokenInvalid; a failed login for the limiter), the same one
+        (BadAlreadyExists). Then the new hash is stored, must_change cleared, the session has
+        its role's rights from its next request, and a login with the old password fails
+        (also within VERIFIED_TTL_S). Every call is in the audit trail, never a password."""
+        user = current_user()
+        processor = _current_channel.get()
+        policy = getattr(getattr(processor, "_connection", None), "security_policy", None)
+        certificate = bytes(getattr(policy, "peer_certificate", None) or b"")
+        peer = getattr(processor, "name", None)
+        label = user.label if isinstance(user, TemperingUser) else "anonymous"
+        code, reason = await self._change_password(user, policy, certificate, peer,
+                                                   [a.Value if isinstance(a, ua.Variant) else a for a in args])
+        await self._audit(label, _peer_text(peer), certificate, _result(code, reason), action="call",
+                          target="ChangePassword")
+        if code == ua.StatusCodes.Good:
+            return []
+        log.info("ChangePassword of %s refused: %s", label, reason)
+        return ua.StatusCode(code)
+
+    async def _change_password(self, user: Any, policy: Any, certificate: bytes, peer: Any,
+                               values: list[Any]) -> tuple[int, str]:
+        """(StatusCode, reason) of one ChangePassword call (see ``change_password``)."""
+        SC = ua.StatusCodes
+        name = getattr(user, "name", None) if isinstance(user, TemperingUser) else None
+        if not name:
+            return SC.BadInvalidState, "not a session of a user name"
+        if getattr(policy, "Mode", None) != ua.MessageSecurityMode.SignAndEncrypt:
+            return SC.BadSecurityModeInsufficient, "the channel is not encrypted"
+        if len(values) != 2 or not all(isinstance(v, str) for v in values):
+            return SC.BadInvalidArgument, "OldPassword and NewPassword are two Strings"
+        old, new = values
+        keys = self._keys(name, certificate, peer)
+        locked = self._locked(keys)
+        if locked:
+            return SC.BadUserAccessDenied, locked
+        try:
+            async with self._check_slot():
+                await asyncio.to_thread(self.records.change_password, name, old, new)
+        except WrongPassword:
+            now = self._clock()
+            until = self.limiter.failed(keys, now)
+            return SC.BadIdentityTokenInvalid, "wrong old password" + (
+                f"; now locked out ({until - now:.0f} s)" if until > now else "")
+        except SamePassword as e:
+            return SC.BadAlreadyExists, e.message
+        except InvalidUser as e:
+            return SC.BadOutOfRange, f"new password: {e.message}"
+        except NoSuchUser:
+            return SC.BadUserAccessDenied, "no such user"
+        self.limiter.succeeded(("user", name), self._clock())
+        self._verified.pop(name, None)          # the old password is not remembered as right
+        user.must_change = False                # this session: its role's rights from now on
+        log.warning("user %r set a new password", name)
+        return SC.Good, ""
 
     # ----------------------------------------------------------------------- audit events
 
@@ -760,6 +886,18 @@ def _result(code: int, reason: str) -> str:
     return f"{name}: {reason}" if reason else name
 
 
+def _answer_password_change_required(processor: Any) -> None:
+    """Make the processor answer the ActivateSession being handled with Good_PasswordChangeRequired
+    (Part 4 §5.7.3, Part 18 §5.2.8), until ``del processor.send_response``."""
+    send = processor.send_response
+
+    def send_response(requesthandle, seqhdr, response, *args, **kwargs):
+        if isinstance(response, ua.ActivateSessionResponse):
+            response.ResponseHeader.ServiceResult = ua.StatusCode(ua.StatusCodes.GoodPasswordChangeRequired)
+        return send(requesthandle, seqhdr, response, *args, **kwargs)
+    processor.send_response = send_response
+
+
 def _peer_text(peer: Any) -> str:
     """``host:port`` of a socket's peer name (``[host]:port`` for IPv6)."""
     if not peer:
@@ -820,6 +958,7 @@ def _install_session_hooks() -> None:
         if logins is not None:
             _one_session_per_channel(self, typeid, requesthdr)
         _current_session.set(self.session)
+        _current_channel.set(self)
         if logins is None or typeid not in (_CREATE_SESSION, _ACTIVATE_SESSION):
             return await original(self, typeid, requesthdr, seqhdr, body)
         mine = body.copy()                  # asyncua reads ``body``; we read our own copy
@@ -839,6 +978,8 @@ _current_user: contextvars.ContextVar[TemperingUser | None] = contextvars.Contex
 
 
 _current_session: contextvars.ContextVar[Any] = contextvars.ContextVar("tempering_opcua_session", default=None)
+#: The UaProcessor (one secure channel) of the request being handled: its peer and security.
+_current_channel: contextvars.ContextVar[Any] = contextvars.ContextVar("tempering_opcua_channel", default=None)
 
 
 def current_session_id() -> ua.NodeId | None:
@@ -878,6 +1019,24 @@ class TemperingRuleset(PermissionRuleset):
 
 
 # --------------------------------------------------------------------------- the server
+
+
+async def _user_management(server, manager: TemperingUserManager) -> None:
+    """Server.ServerConfiguration.UserManagement (Part 18 §5.2): ChangePassword bound to the
+    user manager; PasswordLength the rules' range, PasswordOptions SupportInitialPasswordChange
+    (bit 0). AddUser, ModifyUser, RemoveUser and Users stay unserved (``tempering users``)."""
+    from .records import MAX_PASSWORD_LENGTH, MIN_PASSWORD_LENGTH
+
+    server.link_method(server.get_node(CHANGE_PASSWORD), manager.change_password)
+    ids = ua.ObjectIds
+    for nodeid, variant in (
+            (ids.UserManagement_PasswordLength,
+             ua.Variant(ua.Range(Low=float(MIN_PASSWORD_LENGTH), High=float(MAX_PASSWORD_LENGTH)))),
+            (ids.UserManagement_PasswordOptions, ua.Variant(1, ua.VariantType.UInt32)),
+            (ids.UserManagement_PasswordRestrictions,
+             ua.Variant(ua.LocalizedText(f"{MIN_PASSWORD_LENGTH} to {MAX_PASSWORD_LENGTH} characters; "
+                                         "not the old password")))):
+        await server.write_attribute_value(ua.NodeId(nodeid), ua.DataValue(variant))
 
 _POLICY_TYPES: dict[str, tuple[ua.SecurityPolicyType, ua.SecurityPolicyType]] = {
     "Basic256Sha256": (ua.SecurityPolicyType.Basic256Sha256_Sign,
@@ -937,6 +1096,7 @@ async def configure_security(server, settings, records, pki: Pki | None = None, 
                                    parallel_checks=settings.login_max_parallel_checks)
     manager.server_id = app_uri
     server.iserver.set_user_manager(manager)
+    await _user_management(server, manager)
     # the Server object is where a client watches for every event (audit events among them)
     await server.get_node(SERVER).set_event_notifier([ua.EventNotifier.SubscribeToEvents])
     _install_session_hooks()
