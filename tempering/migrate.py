@@ -207,6 +207,8 @@ class _Reader:
               default_source: str = "the default machine's") -> Any:
         """One cell as a field's value; the default (reported) when absent or empty."""
         column = row.column(key)
+        if kind == "outputs" and key in row.names and not row.has(key):
+            return ()                                  # an empty list of outputs: none
         if not row.has(key):
             shown = _camel(name) if key not in row.names else column
             state = "empty" if key in row.names else "absent"
