@@ -22,6 +22,8 @@
     tempering autotune ZONE... --server opc.tcp://HOST:PORT --user NAME [--amplitude PCT]
                                [--accept | --accept-pending | --reject-pending] [--json]
                                                                    [--config FILE] [--data-dir DIR]
+    tempering backup FILE [--include-keys]                         [--config FILE] [--data-dir DIR]
+    tempering restore FILE [--config FILE | --out DIR] [--force] [--database-url URL]
 
 ``run`` starts and supervises the PLC process and the plant-window process (``supervisor``)
 and, by default, the twin as a Modbus TCP slave on loopback in a process of its own; ``plc``
@@ -882,6 +884,8 @@ def main(argv: list[str] | None = None) -> int:
     _report_parser(_batches_parser(sub, where), where)
     from .autotune_cli import add_parser as _autotune_parser   # its module imports this one
     _autotune_parser(sub, where)
+    from .backup import add_parser as _backup_parser
+    _backup_parser(sub, where)
     from .migrate import add_parser as _migrate_parser
     _migrate_parser(sub, where)
     from .export_legacy import add_parser as _export_legacy_parser
