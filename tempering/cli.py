@@ -785,8 +785,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--duration-s", type=float, help="stop cleanly after this many seconds")
     r.add_argument("--plant", choices=("modbus-twin", "modbus", "inprocess"),
                    help="modbus-twin: the twin as a Modbus TCP slave on loopback, a process of its "
-                        "own (default with a fieldbus section); modbus: the links only (a real "
-                        "machine, or `tempering twin`); inprocess: the twin in the PLC process, no Modbus")
+                        "own (the default with one Modbus TCP link); modbus: the links only (a real "
+                        "machine, or `tempering twin`); inprocess: the twin in the PLC process, no "
+                        "Modbus (the default otherwise: no fieldbus, or RTU lines)")
     r.add_argument("--plc-hang-s", type=float, default=2.0,
                    help="PLC heartbeat silent this long: the supervisor kills and restarts it")
     r.add_argument("--window-hang-s", type=float, default=5.0,

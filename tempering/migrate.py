@@ -912,7 +912,7 @@ def cmd_migrate(args) -> int:
         return 1
     print(m.report(out), end="")
     print(f"\n{out / MACHINE_FILE}: the migrated machine; run it on the twin with\n"
-          f"  tempering run --config {out / MACHINE_FILE} --plant inprocess")
+          f"  tempering run --config {out / MACHINE_FILE}")
     if made:
         print(f"one-time passwords of {', '.join(n for n, _ in made)}: {out}/var/opcua/{ONE_TIME_FILE}")
     return 0

@@ -1,6 +1,6 @@
 """The plant the PLC runs against, chosen with ``tempering run --plant``.
 
-- ``modbus-twin`` (default when the config has a ``fieldbus`` section): the twin, a process of
+- ``modbus-twin`` (default when the config's ``fieldbus`` is one Modbus TCP link): the twin, a process of
   its own (``tempering twin``, started by the supervisor), served as a Modbus TCP slave on the
   TCP link's endpoint of the register map, and the PLC talking to it over real Modbus TCP on
   loopback (``plc.modbus``). Everything a real machine would exercise runs: the register map,
@@ -8,7 +8,8 @@
   would see (its I/O modules' communication watchdog drops the outputs).
 - ``modbus``: the PLC's links only, to a real machine or to a twin started on its own with
   ``tempering twin`` (TCP or RTU).
-- ``inprocess``: the twin inside the PLC's process with no Modbus in between.
+- ``inprocess`` (default otherwise: no fieldbus, or RTU lines): the twin inside the PLC's
+  process with no Modbus in between.
 
 ``Plant.outputs()`` is what the machine holds (the twin's I/O module, or the image last sent).
 """
@@ -50,7 +51,13 @@ class Plant:
 
 
 def default_plant(cfg) -> str:
-    return "modbus-twin" if cfg.fieldbus is not None else "inprocess"
+    """``modbus-twin`` when the fieldbus is one Modbus TCP link (the twin is served on its
+    endpoint); otherwise (no fieldbus, or serial RTU lines: a migrated machine's) ``inprocess``.
+    The real machine is always ``--plant modbus``."""
+    links = cfg.fieldbus.links if cfg.fieldbus is not None else {}
+    if len(links) == 1 and next(iter(links.values())).transport == "tcp":
+        return "modbus-twin"
+    return "inprocess"
 
 
 async def start_plant(kind: str, cfg, *, seed: int = 0, initial_temp_c: float | None = None) -> Plant:

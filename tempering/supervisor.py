@@ -207,6 +207,9 @@ async def run(args, cfg) -> int:
     from .plant import PlantError, default_plant, twin_endpoint
 
     kind = args.plant or default_plant(cfg)
+    if args.plant is None and kind == "inprocess" and cfg.fieldbus is not None:
+        print("plant: the twin in-process: the fieldbus is not one Modbus TCP link "
+              "(--plant modbus drives the real line)", flush=True)
     me = [sys.executable, "-m", "tempering.cli"]
     config = ["--config", str(args.config)] if args.config else []
     common = list(config)
