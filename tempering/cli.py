@@ -887,7 +887,7 @@ def main(argv: list[str] | None = None) -> int:
     _autotune_parser(sub, where)
     from .backup import add_parser as _backup_parser
     _backup_parser(sub, where)
-    from .migrate import add_parser as _migrate_parser
+    from .migrate_cli import add_parser as _migrate_parser
     _migrate_parser(sub, where)
     from .export_legacy import add_parser as _export_legacy_parser
     _export_legacy_parser(sub, where)

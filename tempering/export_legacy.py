@@ -35,7 +35,9 @@ from typing import Any
 from plc.config import AcceptanceCriteria, ErrorSettings, MachineParams, Recipe, SystemSettings, ZoneConfig
 from plc.modbus.legacy import COLUMNS, OPTIONAL_COLUMNS, legacy_rows
 
-from .migrate import DISPLAY_COLUMNS, FILES, PARITY, PEDAL, _camel, legacy_ids_of
+from .legacy_csv import column_name
+from .migrate import DISPLAY_COLUMNS, FILES, PARITY, PEDAL
+from .migrate_files import legacy_ids_of
 
 __all__ = ["export", "tables"]
 
@@ -54,7 +56,7 @@ def _cell(value: Any) -> str:
 
 
 def _record(model: type, section: Any) -> tuple[list[str], list[str]]:
-    columns = ["Id"] + [_camel(name) for name in model.model_fields]
+    columns = ["Id"] + [column_name(name) for name in model.model_fields]
     cells = ["1"] + [_cell(getattr(section, name)) for name in model.model_fields]
     return columns, cells
 
@@ -72,7 +74,7 @@ def tables(cfg, recipes: dict[str, Recipe], recipes_text: str,
     out["Screen.csv"] = [columns, cells]
     out["ErrorSettings.csv"] = list(_record(ErrorSettings, cfg.error_settings))
     zone_fields = list(ZoneConfig.model_fields)
-    rows = [["Id", "ZoneName"] + [_camel(n) for n in zone_fields] + ["IsActive"]]
+    rows = [["Id", "ZoneName"] + [column_name(n) for n in zone_fields] + ["IsActive"]]
     for zone, z in sorted(cfg.zones.items(), key=lambda item: item[1].number):
         rows.append([str(z.number), zone.replace("_", " ").capitalize()]
                     + [_cell(getattr(z, n)) for n in zone_fields] + ["1"])
@@ -80,7 +82,7 @@ def tables(cfg, recipes: dict[str, Recipe], recipes_text: str,
     legacy = legacy_ids_of(recipes_text)
     next_id = max((i for i, _ in legacy.values()), default=0) + 1
     recipe_fields = [n for n in Recipe.model_fields if n != "acceptance"]
-    rows = [["Id", "Code"] + [_camel(n) for n in recipe_fields] + ["Description", "IsActive"]]
+    rows = [["Id", "Code"] + [column_name(n) for n in recipe_fields] + ["Description", "IsActive"]]
     for code, recipe in recipes.items():
         if code not in legacy:
             legacy[code], next_id = (next_id, ""), next_id + 1

@@ -17,6 +17,10 @@ One job: the formats real exports come in, read the same way for all seven files
 
 Every problem is a message ``<file>:<line>: <column>: <message> (got <value>)`` (``<file>:
 <column>: ...`` for the file as a whole), the form of ``plc.modbus.legacy``.
+
+Columns and fields: a model field ``tank_max_heat`` is the column ``TankMaxHeat``
+(``column_name``; ``LEGACY_NAMES`` where the legacy name differs), read as a number, an integer,
+text or a ``|``-separated list according to the field's type (``field_columns``).
 """
 
 from __future__ import annotations
@@ -25,12 +29,15 @@ import csv
 import io
 import math
 import re
+import typing
+import unicodedata
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from plc.configbase import _NOTHING, _show
 
-__all__ = ["LegacyTable", "Row", "decode", "key_of", "message", "read_table"]
+__all__ = ["LEGACY_NAMES", "LegacyTable", "Row", "column_name", "decode", "field_columns", "key_of",
+           "kind_of", "known_columns", "message", "read_table", "show_value", "slug"]
 
 _INTEGER = re.compile(r"^[+-]?[0-9]+$")
 _DECIMAL_COMMA = re.compile(r"^[+-]?[0-9]*,[0-9]+$")
@@ -177,3 +184,56 @@ def read_table(file: str, data: bytes, known: dict[str, str], required: tuple[st
     if not problems and not rows:
         problems.append(message(file, None, "file", "has a header but no rows"))
     return LegacyTable(file, encoding, delimiter, rows, columns, problems)
+
+
+# --------------------------------------------------------------------------- columns and fields
+
+#: Legacy column names that are not the field's name in CamelCase.
+LEGACY_NAMES = {"number": "ZoneNumber", "pedal": "PedalMode"}
+
+
+def column_name(name: str) -> str:
+    """The legacy column name of a field: ``tank_max_heat`` -> ``TankMaxHeat``."""
+    if name in LEGACY_NAMES:
+        return LEGACY_NAMES[name]
+    return "".join(part[:1].upper() + part[1:] for part in name.split("_"))
+
+
+def kind_of(annotation: Any) -> str:
+    """How a model field's cell is read: number, integer, text or outputs (a ``|`` list)."""
+    if annotation is float:
+        return "number"
+    if annotation is int:
+        return "integer"
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return "integer" if isinstance(typing.get_args(annotation)[0], int) else "text"
+    if origin is tuple:
+        return "outputs"
+    return "text"
+
+
+def field_columns(model: type, skip: tuple[str, ...] = ()) -> dict[str, tuple[str, str]]:
+    """Column key -> (field, kind) of a pydantic model's fields."""
+    return {key_of(column_name(name)): (name, kind_of(f.annotation))
+            for name, f in model.model_fields.items() if name not in skip}
+
+
+def known_columns(fields: dict[str, tuple[str, str]], *extra: str) -> dict[str, str]:
+    """Column key -> canonical name: Id, IsActive, ``extra`` and the fields' columns."""
+    known = {key_of(c): c for c in ("Id", "IsActive", *extra)}
+    known.update({key: column_name(name) for key, (name, _) in fields.items()})
+    return known
+
+
+def slug(text: str) -> str:
+    """A recipe or machine id from a name: ``Dark 70 %`` -> ``dark-70``, ``Crème`` -> ``creme``."""
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    return re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")
+
+
+def show_value(value: Any) -> str:
+    """A converted value for the report: lists as ``[a, b]``, text as it is."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(map(str, value)) + "]"
+    return _show(value) if not isinstance(value, str) else value

@@ -24,6 +24,7 @@ import pytest
 from opcua_server import records as records_module
 from opcua_server.config import load
 from tempering import migrate as migrate_module
+from tempering.migrate_cli import write
 from tempering.legacy_csv import decode
 from tempering.migrate import MACHINE_FILE, MAP_FILE, ONE_TIME_FILE, RECIPES_FILE, REPORT_FILE
 
@@ -72,7 +73,7 @@ def problems_of(legacy: Path, tmp_path: Path) -> list[str]:
 def test_the_shipped_set_migrates_to_a_valid_machine_with_its_report(tmp_path):
     out = tmp_path / "tempering-01"
     m = migrate_module.plan(LEGACY, machine_id="tempering-01")
-    made = migrate_module.write(m, out)
+    made = write(m, out)
     cfg, book = load(out / MACHINE_FILE)
     default, default_book = load()
     # the default machine, as the old system exported it, comes back as the default machine
@@ -230,7 +231,7 @@ def test_an_output_directory_that_is_not_a_machine_is_left_alone(tmp_path):
 def test_into_postgresql(tmp_path, postgresql_url):
     out = tmp_path / "m1"
     m = migrate_module.plan(LEGACY, machine_id="m1", database_url=postgresql_url)
-    migrate_module.write(m, out)
+    write(m, out)
     cfg, _ = load(out / MACHINE_FILE)
     assert cfg.opcua.database_url == postgresql_url
     assert not (out / "var" / "opcua" / "tempering.db").exists()
@@ -315,7 +316,7 @@ BROKEN = {
         ["Machine.csv: file: has a header but no rows"]),
     "a missing file": (
         lambda d: (d / "ErrorSettings.csv").unlink(),
-        [f"ErrorSettings.csv: missing from {{legacy}}"]),
+        ["ErrorSettings.csv: missing from {legacy}"]),
     "bytes that are no text": (
         lambda d: (d / "Screen.csv").write_bytes((d / "Screen.csv").read_bytes() + b"\x81\r\n"),
         ["Screen.csv:3: file: neither UTF-8 nor Windows-1252 text (byte 0x81)"]),
