@@ -30,6 +30,7 @@ from opcua_server.security import Pki
 from plc.commands import Event
 from plc.persist import write_atomic
 from runs import TemperingRun
+from tempering import archive as archive_module
 from tempering import backup as backup_module
 from tempering.cli import main
 
@@ -446,19 +447,19 @@ def test_sqlite_to_postgresql_and_back(tmp_path, capsys, opcua_client_certificat
     expected = rows(postgresql_url)
     # a restore into PostgreSQL that fails in its transaction (after the renames) changes nothing
     before = tree(tmp_path / "pg")
-    real_rows = backup_module.Archive.rows
+    real_rows = archive_module.Archive.rows
 
     def failing_rows(self, table):
         if table == "users":
             raise OSError(5, "Input/output error")
         return real_rows(self, table)
 
-    monkeypatch.setattr(backup_module.Archive, "rows", failing_rows)
+    monkeypatch.setattr(archive_module.Archive, "rows", failing_rows)
     code, _, err = run_cli(capsys, "restore", archive, "--config", pg_machine, "--force",
                            "--database-url", postgresql_url)
     assert code == 1 and "Input/output error" in err
     assert tree(tmp_path / "pg") == before and rows(postgresql_url) == expected
-    monkeypatch.setattr(backup_module.Archive, "rows", real_rows)
+    monkeypatch.setattr(archive_module.Archive, "rows", real_rows)
     # and back: a backup of the PostgreSQL machine (one REPEATABLE READ snapshot) into SQLite
     pg_archive = tmp_path / "pg.tgz"
     assert run_cli(capsys, "backup", pg_archive, "--config", pg_machine)[0] == 0
