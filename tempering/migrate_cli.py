@@ -12,8 +12,6 @@ machine is never touched.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import shutil
 import sys
@@ -23,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .legacy_csv import slug
+from .machine_dir import Layout, MachineRunning, claim, exchange
 from .migrate import (MACHINE_FILE, MAP_FILE, ONE_TIME_FILE, RECIPES_FILE, REPORT_FILE, Migration,
                       MigrationError, plan)
 
@@ -31,17 +30,6 @@ __all__ = ["OutputError", "add_parser", "cmd_migrate", "write"]
 
 class OutputError(Exception):
     """The output directory cannot take the machine (exists without --force, not writable)."""
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two directories in one step (Linux renameat2 RENAME_EXCHANGE); False where the
-    system cannot."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-    renameat2 = getattr(libc, "renameat2", None)
-    if renameat2 is None:
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def is_machine_dir(out: Path) -> bool:
@@ -54,9 +42,9 @@ def write(m: Migration, out: str | Path, *, force: bool = False,
     ``force``, exchanged with the existing one, whose records (audit trail, alarm journal,
     batches), PKI and PLC state are carried over; its users named in Users.csv and all its
     recipes are replaced). Returns the one-time passwords made, (user, password).
-    OutputError when ``out`` exists (without ``force``) or is not a machine directory."""
-    from opcua_server import records as records_module
-
+    OutputError when ``out`` exists (without ``force``) or is not a machine directory;
+    machine_dir.MachineRunning while the machine there runs (its spool stays locked until the
+    exchange is done)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a directory")
@@ -66,6 +54,30 @@ def write(m: Migration, out: str | Path, *, force: bool = False,
     if existing and not force:
         raise OutputError(f"{out}: holds a machine already ({MACHINE_FILE}); --force replaces its "
                           "configuration, recipes and the users of Users.csv")
+    locks = _claim(out) if existing else []
+    try:
+        return _write(m, out, existing, one_time)
+    finally:
+        for fd in locks:
+            os.close(fd)
+
+
+def _claim(out: Path) -> list[int]:
+    """The existing machine in ``out`` stopped, and its spool locked (MachineRunning if not)."""
+    from opcua_server.config import load
+    from plc.config import ConfigError
+
+    try:
+        cfg, _ = load(out / MACHINE_FILE)
+    except ConfigError as exc:
+        raise OutputError(f"{out / MACHINE_FILE}: not a valid machine file ({exc.messages[0]})") from None
+    return claim(str(out), Layout.of(out / MACHINE_FILE, cfg))
+
+
+def _write(m: Migration, out: Path, existing: bool,
+           one_time: typing.Callable[[], str] | None) -> list[tuple[str, str]]:
+    from opcua_server import records as records_module
+
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.migrate-", dir=out.parent))
     try:
@@ -101,8 +113,11 @@ def write(m: Migration, out: str | Path, *, force: bool = False,
         if m.database_url is not None:
             try:
                 _store(url, users, m.recipes)
-            except Exception:
-                _swap(stage, out, True) if existing else os.rename(out, stage)
+            except Exception:                          # back as it was
+                if existing:
+                    _swap(stage, out, True)
+                else:
+                    os.rename(out, stage)
                 raise
         return made
     finally:
@@ -114,7 +129,7 @@ def _swap(stage: Path, out: Path, existing: bool) -> None:
         if out.exists():
             out.rmdir()                                   # an empty directory
         os.rename(stage, out)
-    elif not _exchange(stage, out):
+    elif not exchange(stage, out):
         old = out.with_name(f".{out.name}.old")
         os.rename(out, old)
         os.rename(stage, out)
@@ -186,7 +201,7 @@ def cmd_migrate(args) -> int:
         return 0
     try:
         made = write(m, out, force=args.force)
-    except (OutputError, OSError) as exc:
+    except (OutputError, MachineRunning, OSError) as exc:
         print(f"tempering migrate: {exc}; nothing written", file=sys.stderr)
         return 1
     print(m.report(out), end="")

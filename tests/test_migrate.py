@@ -179,6 +179,10 @@ def test_the_migrated_machine_serves_its_users_over_opcua(tmp_path, opcua_pki):
             return names
 
         assert {"dark-70", "milk-35", "white-28"} <= set(asyncio.run(logins()))
+        before = machine.read_bytes()
+        p = tempering("migrate", LEGACY, "--out", out, "--force")      # not under a running machine
+        assert p.returncode == 1 and "the machine is running" in p.stderr, p.stderr
+        assert "nothing written" in p.stderr and machine.read_bytes() == before
     p = tempering("users", "list", "--config", machine, cwd=tmp_path)
     assert "jan" in p.stdout and "(must set a new password)" in p.stdout, p.stdout
 
