@@ -17,7 +17,7 @@ $(STAMP): requirements.lock pyproject.toml
 # System packages the tests need (installed only when running as root, e.g. in CI). nodejs and
 # npm only where npm is missing: a NodeSource nodejs brings its own npm and conflicts with Debian's.
 JS_SYSTEM_PACKAGES := $(if $(shell command -v npm),,nodejs npm)
-SYSTEM_PACKAGES := socat mbpoll influxdb victoria-metrics openssl postgresql $(JS_SYSTEM_PACKAGES)
+SYSTEM_PACKAGES := socat mbpoll influxdb victoria-metrics prometheus openssl postgresql $(JS_SYSTEM_PACKAGES)
 system-deps:
 	@if [ -n "$(SYSTEM_PACKAGES)" ] && [ "$$(id -u)" = "0" ]; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES); \

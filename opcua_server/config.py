@@ -122,10 +122,36 @@ class OpcUaSettings(_Frozen):
         return self.database_url or f"sqlite:///{Path(self.data_dir) / 'tempering.db'}"
 
 
+class MonitoringSettings(_Frozen):
+    """The ``monitoring:`` section: Prometheus metrics (``/metrics``) and a health check
+    (``/healthz``) over HTTP, served by the plant window (never by the PLC). ``listen`` is
+    ``host:port``, loopback by default; ``0.0.0.0`` listens on every interface."""
+
+    enabled: Flag = True
+    listen: Text = "127.0.0.1:9840"
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        host, _, port = value.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("must be host:port (e.g. 127.0.0.1:9840)")
+        return value
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
 class AppConfig(MachineConfig):
     twin: TwinConfig = TwinConfig()
     historian: HistorianSettings = HistorianSettings()
     opcua: OpcUaSettings = OpcUaSettings()
+    monitoring: MonitoringSettings = MonitoringSettings()
 
 
 def load(path: str | Path | None = None) -> tuple[AppConfig, RecipeBook]:

@@ -117,7 +117,7 @@ __all__ = [
 #: Zone names in zone-number order.
 ZONE_NAMES: tuple[str, ...] = ZONES
 #: Top-level sections owned by components outside ``plc``; dropped unless the model declares them.
-OPTIONAL_SECTIONS: tuple[str, ...] = ("twin", "historian", "opcua")
+OPTIONAL_SECTIONS: tuple[str, ...] = ("twin", "historian", "opcua", "monitoring")
 # The literals are built from the contract, so a zone or output added there is accepted here.
 ZoneName = Literal[ZONES]  # type: ignore[valid-type]
 OutputName = Literal[ZONE_OUTPUTS]  # type: ignore[valid-type]
