@@ -229,7 +229,10 @@ async def run_plc(args, cfg, book) -> int:
 
 
 def main(args, cfg, book) -> int:
+    from .systemd import journal_logging
+
     if args.parent_pid:
         die_with_parent(args.parent_pid)
+    journal_logging("plc", cfg.machine.id)       # under systemd: records to the journal
     args.scheduling = raise_priority(args.priority)
     return asyncio.run(run_plc(args, cfg, book))

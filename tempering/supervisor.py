@@ -73,6 +73,7 @@ class Supervisor:
         self.say = say or (lambda line: print(f"supervisor: {line}", flush=True))
         self.stopping = False
         self.quit = asyncio.Event()
+        self.tick = lambda now_s: None        # called from the loop of ``watch`` (systemd)
 
     async def start(self, child: Child, extra: tuple[str, ...] = ()) -> None:
         loop = asyncio.get_running_loop()
@@ -146,6 +147,7 @@ class Supervisor:
                     with contextlib.suppress(ProcessLookupError):
                         proc.kill()
                     await proc.wait()
+            self.tick(time.monotonic())
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.05)
 
@@ -191,6 +193,27 @@ def _terminal_state():
     return restore
 
 
+def _service_status(sup: Supervisor) -> dict:
+    """What ``systemd.ServiceState.update`` is told: the PLC's and the window's last beats and
+    a STATUS line that changes only when a process changes state."""
+    words = {"plc": ("PLC", "scanning"), "window": ("window", "serving")}
+    parts = []
+    for name, (label, doing) in words.items():
+        c = sup.children[name]
+        if c.proc is None or c.proc.returncode is not None:
+            parts.append(f"{label} restarting")
+        elif c.last_beat_s is None:
+            parts.append(f"{label} starting (pid {c.proc.pid})")
+        elif time.monotonic() - c.last_beat_s > (c.hang_after_s or 0) / 2:
+            parts.append(f"{label} silent (pid {c.proc.pid})")
+        else:
+            parts.append(f"{label} {doing} (pid {c.proc.pid})")
+    restarts = sum(c.restarts for c in sup.children.values())
+    status = ", ".join(parts) + (f"; {restarts} restart(s)" if restarts else "")
+    return {"plc_beat_s": sup.children["plc"].last_beat_s,
+            "window_beat_s": sup.children["window"].last_beat_s, "status": status}
+
+
 def _wait_for_port(host: str, port: int, timeout_s: float, proc) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -205,7 +228,16 @@ def _wait_for_port(host: str, port: int, timeout_s: float, proc) -> bool:
 async def run(args, cfg) -> int:
     """``tempering run``: the processes of the configuration, until asked to stop."""
     from .plant import PlantError, default_plant, twin_endpoint
+    from .systemd import Notifier, ServiceState, journal_logging
 
+    journal_logging("supervisor", cfg.machine.id)
+    service = ServiceState(Notifier.from_environ())     # the children inherit none of it
+    if service.ping_every_s is not None:
+        print(f"systemd: watchdog {service.notifier.watchdog_s:g} s: WATCHDOG=1 every "
+              f"{service.ping_every_s:g} s while the PLC scans"
+              + (f" (shorter than --plc-hang-s {args.plc_hang_s:g} s plus a PLC's restart: "
+                 f"systemd restarts the service before the supervisor restarts the PLC)"
+                 if service.notifier.watchdog_s < args.plc_hang_s + 5 else ""), flush=True)
     kind = args.plant or default_plant(cfg)
     if args.plant is None and kind == "inprocess" and cfg.fieldbus is not None:
         print("plant: the twin in-process: the fieldbus is not one Modbus TCP link "
@@ -251,6 +283,7 @@ async def run(args, cfg) -> int:
                           own_session=False))
     order_start += ["plc", "window"]
     sup = Supervisor(children)
+    sup.tick = lambda now_s: service.update(now_s, **_service_status(sup))
     stop = stop_event(args.duration_s)
     codes: dict[str, int | None] = {}
     terminal = _terminal_state()
@@ -268,6 +301,7 @@ async def run(args, cfg) -> int:
                     break
         await sup.watch(stop, order_start)
     finally:
+        service.stop()
         codes = await sup.stop_all(["plc", "window", "twin"])
         shutil.rmtree(workdir, ignore_errors=True)
         terminal()

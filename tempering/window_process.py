@@ -262,6 +262,8 @@ def main(args, cfg, book) -> int:
 
     if args.parent_pid:
         die_with_parent(args.parent_pid)
+    from .systemd import journal_logging
+    journal_logging("window", cfg.machine.id)    # under systemd: records to the journal
     if args.nice:                     # always allowed: the PLC comes first even without privileges
         try:
             os.nice(args.nice)

@@ -44,8 +44,9 @@ def machine_dir(base: Path, **opcua) -> Path:
 class TemperingRun:
     """``tempering run --config FILE ARGS...`` with its stdout collected line by line."""
 
-    def __init__(self, config: Path, *args: str):
+    def __init__(self, config: Path, *args: str, env: dict[str, str] | None = None):
         self.config = config
+        self.env = env                   # added to this environment (None: inherited as it is)
         data = yaml.safe_load(config.read_text())
         self.modbus = (data["fieldbus"]["links"]["io"]["host"], data["fieldbus"]["links"]["io"]["port"])
         self.endpoint = data["opcua"]["endpoint"]
@@ -57,7 +58,8 @@ class TemperingRun:
     def __enter__(self) -> "TemperingRun":
         self.proc = subprocess.Popen(self.argv, cwd=self.config.parent.parent, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
-                                     start_new_session=True)
+                                     start_new_session=True,
+                                     env=None if self.env is None else {**os.environ, **self.env})
         threading.Thread(target=self._read, daemon=True).start()
         return self
 
