@@ -8,9 +8,15 @@ Loop (``step`` is one turn, callable without the thread in tests)::
     read_batch (<= batch_max_lines, <= batch_max_bytes) -> sink.write -> spool.ack
 
 - ``SinkUnavailable`` (network, 5xx, credentials, missing database) and any unexpected exception
-  from the sink or the spool: keep the batch, wait ``backoff_s`` (``retry_min_s``, doubling up to
-  ``retry_max_s``, back to nothing after a success), then send it again. Logged once per outage,
-  and once when delivery resumes.
+  from the sink or the spool: keep the batch, wait ``backoff_s``, then send it again. Logged once
+  per outage, and once when delivery resumes. The wait is drawn with *equal jitter* from the
+  exponential backoff b (``retry_min_s``, doubling up to ``retry_max_s``, back to nothing after
+  a success): uniform in [b/2, b], so machines that lose their InfluxDB together spread their
+  retries over half the backoff instead of coming back in lock-step, while none retries sooner
+  than half of it (full jitter, uniform in [0, b], would let some hammer a database that just
+  came back). A server that says when to come back (``Retry-After`` on 429 / 503:
+  ``SinkUnavailable.retry_after_s``) is obeyed instead: the next wait is exactly that, capped by
+  ``retry_max_s``. ``rng`` (a ``random.Random``) draws the jitter: seed it for repeatable tests.
 - ``SinkRejected`` (400 / 413 / 422: the data itself is refused): a batch of n > 1 lines is split
   in halves and each half sent, recursively, so the good lines get through and each bad one is
   isolated in about 2·log2(n) requests. A single refused line is set aside
@@ -26,6 +32,7 @@ seconds: the ``last_*_wall`` fields); the thread only sleeps between steps.
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections import deque
@@ -61,7 +68,8 @@ class Forwarder:
     def __init__(self, spool: Spool, sink: Sink, *, batch_max_lines: int = 5000,
                  retry_min_s: float = 0.5, retry_max_s: float = 30.0,
                  clock: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], float] = time.time, batch_max_bytes: int = 4 * 2**20):
+                 wall: Callable[[], float] = time.time, batch_max_bytes: int = 4 * 2**20,
+                 rng: random.Random | None = None):
         if batch_max_lines < 1 or batch_max_bytes < 1:
             raise ValueError("batch_max_lines and batch_max_bytes must be >= 1")
         if not 0 < retry_min_s <= retry_max_s:
@@ -70,12 +78,14 @@ class Forwarder:
         self.batch_max_lines, self.batch_max_bytes = batch_max_lines, batch_max_bytes
         self.retry_min_s, self.retry_max_s = retry_min_s, retry_max_s
         self._clock, self._wall = clock, wall
+        self._rng = rng if rng is not None else random.Random()
         self._lock = threading.Lock()                 # guards what stats() reads
         self._pending: Batch | None = None            # read, not yet acknowledged
         self._todo: list[tuple[int, int]] = []        # [lo, hi) ranges of it still to send
         self._refused: list[tuple[str, str]] = []     # (line, server message) to set aside
         self._state = "idle"
-        self._backoff_s = 0.0
+        self._backoff_s = 0.0                         # the wait drawn for this retry
+        self._base_s = 0.0                            # the exponential backoff it is drawn from
         self._next_attempt = float("-inf")
         self._delivered = self._batches = self._set_aside = self._retries = 0
         self._last_error: str | None = None
@@ -148,7 +158,7 @@ class Forwarder:
         self._pending = None
         with self._lock:
             self._batches += 1
-            self._backoff_s = 0.0
+            self._backoff_s = self._base_s = 0.0
             self._next_attempt = float("-inf")
             self._last_success_wall = self._wall()
         if self._outage_since is not None:
@@ -171,8 +181,9 @@ class Forwarder:
         now = self._clock()
         message = str(e) if isinstance(e, SinkError) else f"{type(e).__name__}: {e}"
         with self._lock:
-            self._backoff_s = (self.retry_min_s if self._backoff_s == 0
-                               else min(self._backoff_s * 2, self.retry_max_s))
+            self._base_s = (self.retry_min_s if self._base_s == 0
+                            else min(self._base_s * 2, self.retry_max_s))
+            self._backoff_s = self.next_wait_s(self._base_s, getattr(e, "retry_after_s", None))
             self._next_attempt = now + self._backoff_s
             self._retries += 1
             self._last_error, self._last_error_wall = message, self._wall()
@@ -184,6 +195,13 @@ class Forwarder:
                         exc_info=not isinstance(e, SinkError))
         else:
             log.debug("%s: still cannot deliver: %s", self.sink.name, message)
+
+    def next_wait_s(self, base_s: float, retry_after_s: float | None = None) -> float:
+        """The wait before the next attempt: the server's ``Retry-After`` (capped by
+        ``retry_max_s``) if it gave one, else uniform in [base_s / 2, base_s] (equal jitter)."""
+        if retry_after_s is not None:
+            return min(max(0.0, retry_after_s), self.retry_max_s)
+        return self._rng.uniform(base_s / 2, base_s)
 
     def _set_state(self, state: str) -> None:
         with self._lock:

@@ -23,7 +23,9 @@ Errors (``SinkError(Exception)``: ``.sink`` the sink's name, ``.message`` what h
     SinkUnavailable(SinkError)  everything worth retrying: connection refused or reset, timeout,
         .status                 DNS, TLS, 5xx, 401/403 (credentials), 404 (database, bucket or
                                 org missing), any other status; ``.status`` None when no HTTP
-                                answer came.
+        .retry_after_s          answer came. ``.retry_after_s``: the server's ``Retry-After``
+                                on 429 / 503 in seconds from now (delta-seconds or an HTTP
+                                date, RFC 9110 §10.2.3), else None.
 ``.message`` carries the server's own error text (InfluxDB's ``{"error": ...}`` or
 ``{"message": ...}``), at most ``MESSAGE_MAX_CHARS`` characters.
 """
@@ -36,6 +38,8 @@ import http.client
 import json
 import ssl
 import threading
+import time
+from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any, Protocol, Sequence
 from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
@@ -56,11 +60,13 @@ REDACTED = "***"
 class SinkError(Exception):
     """A batch was not written. ``.sink``: the sink's name; ``.message``: what happened."""
 
-    def __init__(self, sink: str, message: str, status: int | None = None):
+    def __init__(self, sink: str, message: str, status: int | None = None,
+                 retry_after_s: float | None = None):
         super().__init__(f"{sink}: {message}")
         self.sink = sink
         self.message = message
         self.status = status
+        self.retry_after_s = retry_after_s
 
 
 class SinkRejected(SinkError):
@@ -79,10 +85,31 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
-def error_for_status(sink: str, status: int, message: str) -> SinkError:
-    """The exception an HTTP error ``status`` stands for (see the module docstring)."""
+def error_for_status(sink: str, status: int, message: str,
+                     retry_after: str | None = None) -> SinkError:
+    """The exception an HTTP error ``status`` stands for (see the module docstring);
+    ``retry_after``: the answer's ``Retry-After`` header, kept on 429 and 503."""
     kind = SinkRejected if status in REJECTED_STATUSES else SinkUnavailable
-    return kind(sink, f"HTTP {status}: {message}" if message else f"HTTP {status}", status)
+    return kind(sink, f"HTTP {status}: {message}" if message else f"HTTP {status}", status,
+                retry_after_seconds(retry_after) if status in (429, 503) else None)
+
+
+def retry_after_seconds(value: str | None, now_s: float | None = None) -> float | None:
+    """A ``Retry-After`` header as seconds from ``now_s`` (epoch s, default now): delay-seconds
+    (``"120"``) or an HTTP date (``"Wed, 21 Oct 2015 07:28:00 GMT"``), never negative; None
+    when absent or unreadable."""
+    if value is None or not value.strip():
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None or when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now_s is None else now_s))
 
 
 def redact(text: str, secrets: Sequence[str | None]) -> str:
@@ -210,7 +237,7 @@ class Influx1Sink:
         if 200 <= status < 300:
             return
         message = redact(_server_message(answer, headers, reason), self._secrets)
-        raise error_for_status(self.name, status, message)
+        raise error_for_status(self.name, status, message, headers.get("Retry-After"))
 
     def _post(self, body: bytes) -> tuple[int, str, http.client.HTTPMessage, bytes]:
         # A kept-alive connection may have been closed by the server meanwhile (restart, idle
@@ -300,7 +327,9 @@ class Influx2Sink:
             message = redact(self._message(e), self._secrets)
             if status is None:
                 raise SinkUnavailable(self.name, message) from None
-            raise error_for_status(self.name, int(status), message) from None
+            headers = getattr(getattr(e, "response", None), "headers", None) or {}
+            raise error_for_status(self.name, int(status), message,
+                                   headers.get("Retry-After")) from None
         except (HTTPError, OSError) as e:
             raise SinkUnavailable(self.name, redact(
                 f"cannot reach {self.url}: {type(e).__name__}: {e}", self._secrets)) from None

@@ -7,6 +7,7 @@ thread to check start / stop / drain.
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Callable, Sequence
 import pytest
 
 from historian.forwarder import Forwarder
-from historian.sinks import SinkRejected, SinkUnavailable
+from historian.sinks import SinkRejected, SinkUnavailable, error_for_status, retry_after_seconds
 from historian.spool import Spool
 
 
@@ -125,7 +126,7 @@ def test_backoff_doubles_up_to_the_cap_and_resets_after_a_success(spool: Spool) 
     clock = FakeClock()
     sink = FakeSink()
     sink.down = True
-    fw = make(spool, sink, clock, retry_min_s=0.5, retry_max_s=4.0)
+    fw = make(spool, sink, clock, retry_min_s=0.5, retry_max_s=4.0, rng=NoJitter())
     spool.append([line(0)])
     seen = []
     for _ in range(6):
@@ -149,6 +150,97 @@ def test_backoff_doubles_up_to_the_cap_and_resets_after_a_success(spool: Spool) 
     spool.append([line(1)])
     assert not fw.step()
     assert fw.stats().backoff_s == 0.5                   # a new outage starts from the minimum
+
+
+class NoJitter(random.Random):
+    """Draws the top of every jitter range: the wait is the backoff itself."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+def test_the_wait_is_drawn_with_equal_jitter_and_a_seed_repeats_it(spool: Spool) -> None:
+    def waits(seed: int) -> list[float]:
+        clock, sink = FakeClock(), FakeSink()
+        sink.down = True
+        fw = make(spool, sink, clock, retry_min_s=1.0, retry_max_s=8.0, rng=random.Random(seed))
+        spool.append([line(0)])
+        out = []
+        for _ in range(8):
+            assert not fw.step()
+            out.append(fw.stats().backoff_s)
+            clock.t += out[-1]
+        return out
+    first = waits(1)
+    for wait, backoff in zip(first, [1, 2, 4, 8, 8, 8, 8, 8]):
+        assert backoff / 2 <= wait <= backoff
+    assert waits(1) == first and waits(2) != first
+
+
+@pytest.mark.parametrize("status, header, now_s, expected", [
+    (503, "7", 0.0, 7.0),
+    (429, "120", 0.0, 120.0),
+    (503, "Wed, 21 Oct 2015 07:28:00 GMT", 1445412470.0, 10.0),     # an HTTP date: 10 s on
+    (503, "Wed, 21 Oct 2015 07:28:00 GMT", 1445412490.0, 0.0),      # already past: at once
+    (503, "soon", 0.0, None),
+    (503, None, 0.0, None),
+    (500, "7", 0.0, None),                                          # only on 429 and 503
+])
+def test_retry_after_in_seconds_or_an_http_date(status, header, now_s, expected) -> None:
+    if status in (429, 503) and header and header[0].isalpha():
+        assert retry_after_seconds(header, now_s) == expected
+    else:
+        e = error_for_status("sink", status, "busy", header)
+        assert isinstance(e, SinkUnavailable) and e.retry_after_s == expected
+
+
+def test_retry_after_is_the_next_wait_capped_by_retry_max(spool: Spool) -> None:
+    clock, sink = FakeClock(), FakeSink()
+    fw = make(spool, sink, clock, retry_min_s=0.5, retry_max_s=30.0, rng=random.Random(0))
+    spool.append([line(0)])
+    for retry_after_s, wait_s in ((7.0, 7.0), (300.0, 30.0), (0.0, 0.0)):
+        sink.fail_with = lambda r=retry_after_s: SinkUnavailable(sink.name, "HTTP 503: busy", 503, r)
+        calls = len(sink.calls)
+        assert not fw.step()
+        assert fw.stats().backoff_s == wait_s
+        clock.t += wait_s - 0.01
+        if wait_s:
+            assert not fw.step() and len(sink.calls) == calls + 1    # not before the server said
+        clock.t += 0.01
+    sink.fail_with = None
+    assert fw.step() and sink.written == [line(0)]
+
+
+def test_twenty_machines_losing_their_database_together_do_not_retry_in_lock_step(
+        tmp_path: Path) -> None:
+    """20 forwarders, one outage starting at the same instant, in virtual time: their retries
+    spread over the backoff instead of landing at the same moments."""
+    clock = FakeClock()
+    machines = []
+    for i in range(20):
+        sp = Spool(tmp_path / f"spool-{i}", fsync_interval_s=0, segment_bytes=4096)
+        sink = FakeSink()
+        sink.down = True
+        sp.append([line(0)])
+        machines.append((sp, sink, make(sp, sink, clock, retry_min_s=0.5, retry_max_s=30.0,
+                                        rng=random.Random(i))))
+    attempts: list[list[float]] = [[] for _ in machines]
+    while clock.t < 1000.0 + 300.0:                    # 5 minutes of outage, 10 ms steps
+        for (_, sink, fw), times in zip(machines, attempts):
+            before = len(sink.calls)
+            fw.step()
+            if len(sink.calls) > before:
+                times.append(clock.t)
+        clock.t = round(clock.t + 0.01, 2)
+    for sp, _, _ in machines:
+        sp.close()
+    for k in range(3, 12):                             # the k-th retry of each machine
+        at = sorted(times[k] for times in attempts)
+        backoff_s = min(0.5 * 2 ** (k - 1), 30.0)
+        assert at[-1] - at[0] > backoff_s / 4          # spread over the backoff, not lock-step
+        assert max(at.count(t) for t in at) <= 2       # hardly two at the same 10 ms
+    # without jitter they would all be at the very same instants
+    assert len({tuple(times[:8]) for times in attempts}) == 20
 
 
 def test_invalid_retry_settings_are_refused(spool: Spool) -> None:
