@@ -160,3 +160,11 @@ class InfluxHistory:
 
     def close(self) -> None:
         return None
+
+
+def history_store(sink_settings, local_store):
+    """What HistoryRead reads: the InfluxDB the sink writes to (kind influxdb1 / influxdb2),
+    else ``local_store`` (the historian's embedded store, or None)."""
+    if sink_settings.kind in ("influxdb1", "influxdb2"):
+        return InfluxHistory.from_settings(sink_settings)
+    return local_store
