@@ -18,6 +18,11 @@ Starts its own ``influxd`` on free loopback ports in a temporary directory
   produces. ``produced``, ``delivered`` (points in the server), ``lost`` (sequence numbers missing from
   the server) and ``duplicated`` (points beyond one per sequence number) are counted by
   querying the server, as are the points of the throughput runs.
+- ``historyread_influx_ms`` / ``historyread_local_ms``: one OPC UA HistoryRead (ReadRaw, one
+  request, no NumValuesPerNode) of one hour of one zone at 1 s (3600 samples, written through
+  the real sinks) from a loopback asyncua server whose history is ``LocalHistory`` over the
+  InfluxDB (``InfluxHistory``, InfluxQL over ``/query``) and over the local SQLite store, in
+  the same run; the median of ``--reads`` reads each (the first of each not counted).
 
 Exits 1 if any run lost or duplicated a point.
 """
@@ -27,8 +32,10 @@ from __future__ import annotations
 import argparse
 import gzip
 import http.client
+import asyncio
 import json
 import logging
+import statistics
 import sys
 import tempfile
 import threading
@@ -183,7 +190,77 @@ def outage_run(server: InfluxServer, database: str, spool_dir: Path, rate: float
             "retries": stats.retries_total}
 
 
-def measure(points: int, chunk: int, outage_rate: float, outage_s: float, down_s: float) -> dict:
+HISTORY_SAMPLES = 3600        # one hour of one zone at 1 s
+
+
+async def _historyread_ms(stores: dict, t0_s: float, reads: int) -> dict[str, float]:
+    """Median ms of one HistoryRead of HISTORY_SAMPLES values, per store, over OPC UA."""
+    from datetime import datetime, timezone
+
+    from asyncua import Client, Server, ua
+
+    from opcua_server.history import LocalHistory, answer_per_node
+    from tests.servers import find_free_port
+
+    server = Server()
+    await server.init()
+    endpoint = f"opc.tcp://127.0.0.1:{find_free_port()}/bench"
+    server.set_endpoint(endpoint)
+    server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+    ns = await server.register_namespace("urn:bench:history")
+    node = await server.nodes.objects.add_variable(ns, "Temperature", 0.0)
+    await node.set_attr_bit(ua.AttributeIds.AccessLevel, ua.AccessLevel.HistoryRead)
+    await node.set_attr_bit(ua.AttributeIds.UserAccessLevel, ua.AccessLevel.HistoryRead)
+    answer_per_node(server)
+    out = {}
+    async with server:
+        async with Client(endpoint, timeout=30) as client:
+            remote = client.get_node(node.nodeid)
+            start = datetime.fromtimestamp(t0_s, timezone.utc)
+            end = datetime.fromtimestamp(t0_s + HISTORY_SAMPLES - 1, timezone.utc)
+            for name, store in stores.items():
+                server.iserver.history_manager.set_storage(
+                    LocalHistory(store, {node.nodeid: "pump"}, "bench"))
+                took = []
+                for _ in range(reads + 1):
+                    started = time.perf_counter()
+                    values = await remote.read_raw_history(start, end)
+                    took.append((time.perf_counter() - started) * 1000)
+                    if len(values) != HISTORY_SAMPLES:
+                        raise RuntimeError(f"HistoryRead from {name}: {len(values)} values, "
+                                           f"expected {HISTORY_SAMPLES}")
+                out[name] = statistics.median(took[1:])
+    return out
+
+
+def historyread_run(server: InfluxServer, database: str, store_path: Path, reads: int) -> dict:
+    """One hour of one zone at 1 s into InfluxDB and the local store, read back over OPC UA."""
+    from historian.local import LocalStore
+    from historian.schema import line
+    from historian.sinks import LocalSink
+    from opcua_server.history_influx import InfluxHistory
+
+    t0_s = float(int(time.time()) - 2 * HISTORY_SAMPLES)
+    lines = [line("zone", {"machine": "bench", "zone": zone, "phase": "pouring", "batch": "b1",
+                           "recipe": "dark-70"},
+                  {"temp_c": 31.0 + (i % 100) / 100, "setpoint_c": 31.5, "output_pct": 40.0,
+                   "quality": "good"}, int((t0_s + i) * 1e9))
+             for i in range(HISTORY_SAMPLES) for zone in ZONES]        # 4 zones, one is read
+    sink = Influx1Sink(server.url, database)
+    sink.write(lines)
+    sink.close()
+    store = LocalStore(store_path)
+    LocalSink(store).write(lines)
+    try:
+        return asyncio.run(_historyread_ms(
+            {"influx": InfluxHistory(server.url, database, timeout_s=10.0), "local": store},
+            t0_s, reads))
+    finally:
+        store.close()
+
+
+def measure(points: int, chunk: int, outage_rate: float, outage_s: float, down_s: float,
+            reads: int = 7) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-historian-") as tmp:
         tmp_path = Path(tmp)
         server = InfluxServer(tmp_path / "influxdb")
@@ -206,6 +283,8 @@ def measure(points: int, chunk: int, outage_rate: float, outage_s: float, down_s
             create_database(server, "bench_outage")
             outage = outage_run(server, "bench_outage", tmp_path / "spool-outage", outage_rate,
                                 outage_s, down_s)
+            create_database(server, "bench_history")
+            history = historyread_run(server, "bench_history", tmp_path / "history.sqlite", reads)
         finally:
             server.stop()
     bad_runs = {k: v for k, v in runs.items() if v["lost"] or v["duplicated"]}
@@ -230,6 +309,10 @@ def measure(points: int, chunk: int, outage_rate: float, outage_s: float, down_s
         "outage_max_backlog_lines": outage["max_backlog_lines"],
         "outage_retries": outage["retries"],
         "outage_drained": outage["drained"],
+        "historyread_samples": HISTORY_SAMPLES,
+        "historyread_reads": reads,
+        "historyread_influx_ms": history["influx"],
+        "historyread_local_ms": history["local"],
         "influxdb": "1.x (influxd on loopback)",
     }
 
@@ -246,10 +329,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="seconds of production in the outage run (default 9)")
     ap.add_argument("--down-s", type=float, default=3.0,
                     help="seconds the server is down in the outage run (default 3)")
+    ap.add_argument("--reads", type=int, default=7,
+                    help="HistoryReads of one hour per store, median taken (default 7)")
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    r = measure(args.points, args.chunk, args.outage_rate, args.outage_s, args.down_s)
+    r = measure(args.points, args.chunk, args.outage_rate, args.outage_s, args.down_s,
+                args.reads)
     print(f"Historian to InfluxDB 1.x on loopback: {r['points']} points, batches of {BATCH_LINES} "
           f"({r['batch_bytes_plain']} bytes, {r['batch_bytes_gzip']} gzipped)")
     emit([("historian: spool append + forwarder + Influx1Sink, until all acknowledged",
@@ -269,6 +355,12 @@ def main(argv: list[str] | None = None) -> int:
           ("send retries", r["outage_retries"]),
           ("catch-up after the restart, s", fmt(r["outage_catch_up_s"], 2))],
          ("outage run", "value"), r, as_json=False)
+    print()
+    print(f"OPC UA HistoryRead of one hour of one zone at 1 s ({r['historyread_samples']} values, "
+          f"one request), median of {r['historyread_reads']}")
+    emit([("from InfluxDB 1.x (InfluxQL over /query)", fmt(r["historyread_influx_ms"], 1)),
+          ("from the local store (SQLite)", fmt(r["historyread_local_ms"], 1))],
+         ("history backend", "ms"), r, as_json=False)
     if args.json:
         sys.stdout.flush()
         print(json.dumps(r, sort_keys=True))
