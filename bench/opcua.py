@@ -114,12 +114,15 @@ async def secure_client(endpoint: str, cert: Path, key: Path, server_cert: Path,
 # -- start-up of `tempering run` ----------------------------------------------------------------
 
 
-def machine_files(directory: Path, opcua_port: int, modbus_port: int) -> Path:
-    """The default machine's files copied to ``directory``, on the given loopback ports."""
+def machine_files(directory: Path, opcua_port: int, modbus_port: int,
+                  monitoring_port: int | None = None) -> Path:
+    """The default machine's files copied to ``directory``, on the given loopback ports (the
+    monitoring's on a free one unless given: two machines never share 9840)."""
     source = DEFAULT_CONFIG.parent
     directory.mkdir(parents=True, exist_ok=True)
     data = yaml.safe_load(DEFAULT_CONFIG.read_text())
     data["opcua"]["endpoint"] = f"opc.tcp://127.0.0.1:{opcua_port}"
+    data["monitoring"]["listen"] = f"127.0.0.1:{monitoring_port or _free_port()}"
     for link in data["fieldbus"]["links"].values():
         link["port"] = modbus_port
     for name in (data["machine"]["recipes_file"], data["fieldbus"].get("map_file")):

@@ -22,6 +22,7 @@ advances when the loop sleeps), so the same loop runs in virtual time for tests 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import threading
 import time
 from collections import deque
@@ -83,8 +84,19 @@ class VirtualClock:
         await asyncio.sleep(0)
 
 
+#: Upper bounds (s) of the scan histograms: cumulative counts per bound since the start, for
+#: Prometheus (``tempering_scan_lateness_seconds``, ``tempering_scan_logic_seconds``).
+SCAN_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
+
+
+def bucket_key(what: str, le_s: float) -> str:
+    """The summary's key of a histogram bucket: ``bucket_key("late", 0.001)`` -> "late_s_le_0.001"."""
+    return f"{what}_s_le_{le_s:g}"
+
+
 class ScanStats:
-    """Per-scan logic time and lateness over a sliding window, overrun counters."""
+    """Per-scan logic time and lateness over a sliding window, overrun counters, and histograms
+    since the start (counts per bucket of ``SCAN_BUCKETS_S``, sums): one bisect per figure."""
 
     def __init__(self, window: int = 3000):
         self.sink: Callable[[float, float], None] | None = None   # (logic_s, late_s) of each scan
@@ -96,9 +108,17 @@ class ScanStats:
         self.skipped_deadlines = 0
         self.max_logic_s = 0.0
         self.max_late_s = 0.0
+        self.late_counts = [0] * (len(SCAN_BUCKETS_S) + 1)     # the last one: above every bound
+        self.logic_counts = [0] * (len(SCAN_BUCKETS_S) + 1)
+        self.late_sum_s = 0.0
+        self.logic_sum_s = 0.0
 
     def record(self, logic_s: float, late_s: float, overrun: bool) -> None:
         self.scans += 1
+        self.late_counts[bisect.bisect_left(SCAN_BUCKETS_S, late_s)] += 1
+        self.logic_counts[bisect.bisect_left(SCAN_BUCKETS_S, logic_s)] += 1
+        self.late_sum_s += late_s
+        self.logic_sum_s += logic_s
         self.logic_s.append(logic_s)
         self.late_s.append(late_s)
         self.max_logic_s = max(self.max_logic_s, logic_s)
@@ -114,7 +134,13 @@ class ScanStats:
     def summary(self) -> dict[str, float]:
         out = {"scans": float(self.scans), "overruns": float(self.overruns),
                "skipped_deadlines": float(self.skipped_deadlines),
-               "logic_ms_max": self.max_logic_s * 1e3, "late_ms_max": self.max_late_s * 1e3}
+               "logic_ms_max": self.max_logic_s * 1e3, "late_ms_max": self.max_late_s * 1e3,
+               "late_s_sum": self.late_sum_s, "logic_s_sum": self.logic_sum_s}
+        for what, counts in (("late", self.late_counts), ("logic", self.logic_counts)):
+            n = 0
+            for le_s, count in zip(SCAN_BUCKETS_S, counts):
+                n += count
+                out[bucket_key(what, le_s)] = float(n)
         if self.logic_s:
             lg = np.fromiter(self.logic_s, float) * 1e3
             lt = np.fromiter(self.late_s, float) * 1e3

@@ -101,6 +101,9 @@ async def run_window(args, cfg, book) -> int:
         if opc is None:               # the records are the recipe book (the server sends it too)
             plc.set_recipes(await asyncio.to_thread(recipe_book, records))
         gate = opc.gate if opc is not None else Gate(None, plc, records)
+        metrics = _start_monitoring(cfg, program, plc, diagnostics, opc)
+        if metrics is not None:
+            undo.push_async_callback(asyncio.to_thread, metrics.stop)
         recipe = args.recipe or cfg.machine.default_recipe
         quit_asked = asyncio.Event()
         console = Console(plc.channel, f"{cfg.machine.id} ({cfg.machine.name})", gate.command, recipe,
@@ -117,7 +120,8 @@ async def run_window(args, cfg, book) -> int:
                                  EnergyModel.from_twin(cfg.twin, program.limits.phase_count))
         tasks.append(asyncio.create_task(batches_task(plc.channel, plc.channel.subscribe(maxlen=4096), recorder,
                                                   records, history, opc.batches if opc else None, stop,
-                                                  stored=plc.set_batch_floor)))
+                                                  stored=plc.set_batch_floor,
+                                                  judged=metrics.sources.judged if metrics else None)))
         # connect once every observer (publisher, historian, live view) is subscribed: the first
         # snapshot carries the events of the time this window was away (alarms, verdicts)
         tasks.append(asyncio.create_task(plc.run(stop)))
@@ -133,6 +137,28 @@ async def run_window(args, cfg, book) -> int:
         await asyncio.wait({quitting, stopping}, return_when=asyncio.FIRST_COMPLETED)
         quit_asked.set()
         return QUIT if not stop.is_set() else 0
+
+
+def _start_monitoring(cfg, program, plc, history, opc):
+    """``/metrics`` and ``/healthz`` (``tempering.monitoring``) on the ``monitoring:`` address;
+    None when disabled or when the address cannot be bound (said once: the window goes on)."""
+    if not cfg.monitoring.enabled:
+        return None
+    from .monitoring import MetricsServer, Sources
+
+    sources = Sources(cfg.machine.id, cfg.machine.name, program.period_s, snapshot=lambda: plc.latest,
+                      plc_status=plc.status, plc_pid=lambda: plc.info.get("pid"),
+                      plc_dropped=lambda: plc.plc_dropped, links=plc.links, history=history,
+                      sessions=opc._sessions if opc is not None else None)
+    server = MetricsServer(sources, cfg.monitoring.host, cfg.monitoring.port)
+    try:
+        url = server.start()
+    except OSError as e:
+        print(f"metrics: cannot listen on {cfg.monitoring.listen}: {e.strerror or e}; the machine "
+              f"runs without /metrics and /healthz", file=sys.stderr, flush=True)
+        return None
+    print(f"metrics: {url}/metrics (health: {url}/healthz)", flush=True)
+    return server
 
 
 def _log_failure(task: asyncio.Task) -> None:
@@ -180,7 +206,7 @@ BATCHES_EVERY_S = 0.5
 
 
 async def batches_task(channel, sub, recorder, records, history, view, stop: asyncio.Event,
-                   stored=lambda seq: None) -> None:
+                   stored=lambda seq: None, judged=None) -> None:
     """Every snapshot into the batch recorder (``opcua_server.batches``); each finished record
     judged, stored in the records (on a thread), written to the historian as a ``batch`` line,
     shown to the OPC UA clients (``view``: Batches/Last and a BatchCompletedEventType event) and
@@ -204,6 +230,8 @@ async def batches_task(channel, sub, recorder, records, history, view, stop: asy
                     continue
                 if record is not None:
                     unsaved.append(record)
+                    if judged is not None:          # the metrics' batch counts
+                        judged(record)
                     print(f"batch {record.batch_id} ({record.recipe_id}) {record.outcome}: {record.verdict}"
                           + (f": {'; '.join(record.reasons)}" if record.reasons else ""), flush=True)
                     if history is not None:
