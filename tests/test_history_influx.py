@@ -166,3 +166,20 @@ async def test_a_database_that_never_answers_is_bad_within_the_timeout(opcua_pki
                 assert 0.9 < took < 1.0 + 1.0
     finally:
         listener.close()
+
+
+def test_the_window_reads_history_where_the_sink_writes():
+    from historian.config import SinkSettings
+    from opcua_server.history_influx import history_store
+
+    local = object()
+    assert history_store(SinkSettings(), local) is local
+    one = history_store(SinkSettings(kind="influxdb1", url="http://db:8086", database="plant",
+                                     retention_policy="year", username="u", password="pw"), local)
+    assert (one.url, one.database, one.retention_policy) == ("http://db:8086", "plant", "year")
+    assert one._headers["Authorization"].startswith("Basic ")
+    two = history_store(SinkSettings(kind="influxdb2", url="https://db:8086", org="o",
+                                     bucket="tempering/autogen", token="secret-token"), local)
+    assert (two.database, two.retention_policy) == ("tempering", "autogen")
+    assert two._headers["Authorization"] == "Token secret-token"
+    assert "secret-token" not in repr(two)
