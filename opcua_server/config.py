@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator, model_validator
 
 from plc.config import MachineConfig, RecipeBook, load_all
-from plc.configbase import _NOTHING, Flag, Int, Number, Text, _Frozen, _Problems
+from plc.configbase import _NOTHING, Flag, Int, Number, Slug, Text, _Frozen, _Problems
 from historian.config import HistorianSettings
 from twin.config import TwinConfig
 
@@ -54,6 +54,9 @@ class OpcUaSettings(_Frozen):
     endpoint: Text = "opc.tcp://127.0.0.1:4840"
     data_dir: Text = "var/opcua"
     database_url: Text | None = None
+    # the recipe book: null, the machine's own (kept under its machine.id); a name: the plant
+    # library of that name, shared by every machine naming it (opcua_server.records.book_of)
+    recipe_library: Slug | None = None
     security_policies: Annotated[list[SecurityPolicyName], Field(min_length=1)] = list(DEFAULT_POLICIES)
     allow_anonymous: Flag = False       # True: anonymous sessions, with the viewer role (read only)
     allow_none_policy: Flag = False

@@ -4,7 +4,11 @@ batch records (SQLAlchemy 2.x Core, sync).
 One job: keep what must survive a restart and be shared by the OPC UA server and the
 ``tempering users`` commands. SQLite by default (``<data_dir>/tempering.db``), PostgreSQL in a
 plant (``postgresql+psycopg://user:password@host/db``); the same code and the same tests run
-against both. Tables (created on first use):
+against both. Several machines may share one database (a plant's PostgreSQL): a ``Records``
+opened with a machine id writes that id into every audit, journal and batch row and reads only
+that machine's rows; users are the database's, shared by every machine on it (a plant's
+people); the recipe book is the machine's own or a plant library (``book_of``). Tables
+(created on first use):
 
 - ``users``: name, role (one of ROLES), password hash, must_change. Passwords are never
   stored: only ``scrypt$<n>$<r>$<p>$<salt>$<key>`` (hashlib.scrypt, RFC 7914, a random 16-byte
@@ -22,15 +26,19 @@ against both. Tables (created on first use):
   one below the rules) and may do nothing but read, browse, subscribe and set a new password
   (OPC UA Part 18 §5.2.8 ChangePassword: ``change_password``) until he has; ``set_password``
   (an admin's ``tempering users passwd``) clears it too.
-- ``recipes``: one row per recipe, one column per field of ``plc.config.Recipe``, validated
-  through that model before they are written and again when they are read; ``acceptance`` (the
-  recipe's acceptance criteria) as JSON, NULL in rows made before it: the defaults (schema 4).
+- ``recipes``: one row per recipe of a book, one column per field of ``plc.config.Recipe``,
+  validated through that model before they are written and again when they are read;
+  ``acceptance`` (the recipe's acceptance criteria) as JSON, NULL in rows made before it: the
+  defaults (schema 4). ``book`` (schema 6; key (book, id)): ``machine:<id>``, a machine's own
+  recipes, or ``library:<name>``, a library shared by the machines whose ``opcua.recipe_library``
+  names it; "" in rows made before it, until a machine opens the database (``_claim``).
 - ``audit``: one row per operator action (an OPC UA write or method call) and per login:
   time (ISO 8601, UTC), user, action, target (node or method), old value, new value, result
   (StatusCode name), and, where they apply, the PLC command it became (command_id), where it
   came from (origin), the client's address (peer, ``host:port``) and certificate thumbprint
   (certificate); all as text, NULL where not given. Databases made before these four columns
-  get them added on open (schema 2).
+  get them added on open (schema 2). machine (schema 6): the machine's id; NULL in older rows
+  until the first machine to open the database after takes them (``_claim``).
 - ``alarm_journal``: one row per alarm transition the PLC reported (``plc.commands.Event`` of
   kind "alarm") and per PLC start ("alarm_system", kind "restart"): time (ISO 8601, UTC, to the
   microsecond, so the text sorts as the time), machine, alarm_id, kind (the transition: "active",
@@ -49,7 +57,12 @@ against both. Tables (created on first use):
   filters without reading the record's JSON; ``next_batch_seq`` is the machine's highest seq + 1:
   the floor of the PLC's batch numbering, so a machine whose PLC state file is new (a restored
   or migrated PLC) does not reuse a batch id (schema 4).
-- ``meta``: key/value (schema version; whether the recipes were seeded from recipes.yaml).
+- ``meta``: key/value (schema version; per book, whether it was seeded from a recipes.yaml:
+  ``recipes_seeded:<book>``).
+
+The schema version is checked at open: an older database is migrated (logged "records schema
+N -> M"); a newer one (written by a newer program) is refused with SchemaTooNew before anything
+is written; ``check_schema(url)`` checks without opening.
 
 Errors (RecordsError and its subclasses; each carries the data at fault):
     RecordsError(Exception)
@@ -61,6 +74,7 @@ Errors (RecordsError and its subclasses; each carries the data at fault):
         LastAdmin(RecordsError)                 .name: the one admin left cannot go
         InvalidRecipe(RecordsError, ValueError) .recipe_id, .messages ("recipes.<id>.<field>: ...")
         NoSuchRecipe(RecordsError, KeyError)    .recipe_id
+        SchemaTooNew(RecordsError)              .url, .found, .supported: a newer program's database
 Database failures are SQLAlchemy's (``sqlalchemy.exc.OperationalError``...), unchanged.
 
 Calls block on the database (an fsync on SQLite; a round trip on PostgreSQL; about 0.5 s and
@@ -79,6 +93,7 @@ import functools
 import hashlib
 import hmac
 import json
+import logging
 import os
 import re
 import secrets
@@ -101,11 +116,13 @@ from plc.configbase import _messages
 
 from .batches import VERDICTS, BatchRecord
 
+log = logging.getLogger(__name__)
+
 #: The roles, each with the rights of the ones before it (security.role_allows).
 ROLES: tuple[str, ...] = ("viewer", "operator", "technician", "admin")
 
-SCHEMA_VERSION = "5"     # 2: audit.command_id, origin, peer, certificate; 3: alarm_journal; 4: batches;
-                         # 5: users.must_change
+SCHEMA_VERSION = "6"     # 2: audit.command_id, origin, peer, certificate; 3: alarm_journal; 4: batches;
+                         # 5: users.must_change; 6: audit.machine, recipes.book (key: book, id)
 USER_NAME = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
 MIN_PASSWORD_LENGTH = 8
 MAX_PASSWORD_LENGTH = 1024
@@ -186,6 +203,20 @@ class InvalidRecipe(RecordsError, ValueError):
         super().__init__("\n".join(self.messages))
 
 
+class SchemaTooNew(RecordsError):
+    """The database's records schema is newer than this program's (or not a number): written by
+    a newer version of the program, whose tables this one would misread or damage. Nothing was
+    written. ``.url`` (without password), ``.found``, ``.supported``."""
+
+    def __init__(self, url: str, found: str):
+        self.url, self.found, self.supported = url, found, SCHEMA_VERSION
+        super().__init__(
+            f"the records database {url} has schema {found}, newer than this program's schema "
+            f"{SCHEMA_VERSION}: a newer version of the program has used it. Run that version here "
+            f"too (every machine sharing the database needs it), or give this machine another "
+            f"database (opcua.database_url); nothing was written")
+
+
 class NoSuchRecipe(RecordsError, KeyError):
     def __init__(self, recipe_id: str):
         self.recipe_id = recipe_id
@@ -209,6 +240,7 @@ users = Table(
 
 recipes = Table(
     "recipes", _metadata,
+    Column("book", String(128), primary_key=True, default=""),  # schema 6: book_of(); "": unclaimed
     Column("id", String(64), primary_key=True),
     Column("name", Text, nullable=False),
     Column("heating_goal", Float, nullable=False),
@@ -241,6 +273,8 @@ audit_log = Table(
     Column("origin", Text),         # schema 2: where the action came from
     Column("peer", Text),           # schema 2: the client's host:port (logins)
     Column("certificate", Text),    # schema 2: the client certificate's thumbprint (logins)
+    Column("machine", String(64)),  # schema 6: the machine's id; NULL: not claimed yet
+    Index("audit_machine", "machine", "id"),
 )
 _AUDIT_SINCE_2 = ("command_id", "origin", "peer", "certificate")
 
@@ -294,13 +328,13 @@ JOURNAL_KINDS: frozenset[str] = frozenset({"alarm", "alarm_system"})
 
 meta = Table(
     "meta", _metadata,
-    Column("key", String(64), primary_key=True),
+    Column("key", String(200), primary_key=True),   # 64 before schema 6
     Column("value", Text, nullable=False),
 )
 
 #: The recipe's fields, as columns (a JSON column the Recipe does not have yet is left alone).
 RECIPE_FIELDS: tuple[str, ...] = tuple(c.name for c in recipes.columns
-                                       if c.name != "id" and c.name in Recipe.model_fields)
+                                       if c.name not in ("book", "id") and c.name in Recipe.model_fields)
 assert set(RECIPE_FIELDS) == set(Recipe.model_fields), "recipes table out of step with plc.config.Recipe"
 
 
@@ -707,28 +741,121 @@ def _journal_row(r: Mapping[str, Any]) -> JournalRow:
         value=r["value"], batch_id=r["batch_id"], recipe_id=r["recipe_id"], event_id=r["event_id"])
 
 
+# --------------------------------------------------------------------------- schema check
+
+_OPEN_LOCK = 0x7465_6D70_6572    # PostgreSQL advisory lock held while a Records opens ("temper")
+
+
+def book_of(machine: str | None, recipe_library: str | None = None) -> str:
+    """The recipe book a machine uses: ``library:<name>`` (``opcua.recipe_library``: shared by
+    every machine naming it), else ``machine:<id>`` (its own); "" without either (the
+    unclaimed recipes of an older database)."""
+    if recipe_library:
+        return f"library:{recipe_library}"
+    return f"machine:{machine}" if machine else ""
+
+
+def _seeded_key(book: str) -> str:
+    return f"recipes_seeded:{book}"
+
+
+def stored_schema(db) -> str | None:
+    """The schema version in the ``meta`` table of the database on connection ``db``; None if
+    it has none (a new database)."""
+    if "meta" not in inspect(db).get_table_names():
+        return None
+    return db.scalar(select(meta.c.value).where(meta.c.key == "schema"))
+
+
+def _newer(found: str) -> bool:
+    return not found.isdigit() or int(found) > int(SCHEMA_VERSION)
+
+
+def check_schema(url: str) -> None:
+    """SchemaTooNew if the records at ``url`` were written by a newer program; nothing else
+    (a database that does not exist yet, or cannot be reached now, is for ``Records`` to make
+    or to report). Reads only: a SQLite file that is not there is not made."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and not (parsed.database and Path(parsed.database).is_file()):
+        return
+    engine = create_engine(parsed)
+    try:
+        with engine.connect() as db:
+            found = stored_schema(db)
+    except SQLAlchemyError:
+        return
+    finally:
+        engine.dispose()
+    if found is not None and _newer(found):
+        raise SchemaTooNew(parsed.render_as_string(hide_password=True), found)
+
+
+def _recipes_by_book(db, columns: list[str]) -> None:
+    """Schema 5 -> 6 of the recipes table: ``book`` ("" in the old rows) in the primary key."""
+    if db.dialect.name == "postgresql":
+        db.exec_driver_sql("ALTER TABLE recipes ADD COLUMN book VARCHAR(128) NOT NULL DEFAULT ''")
+        key = db.exec_driver_sql("SELECT conname FROM pg_constraint WHERE conrelid = 'recipes'::regclass "
+                                 "AND contype = 'p'").scalar()
+        if key is not None:
+            db.exec_driver_sql(f'ALTER TABLE recipes DROP CONSTRAINT "{key}"')
+        db.exec_driver_sql("ALTER TABLE recipes ADD PRIMARY KEY (book, id)")
+        db.exec_driver_sql("ALTER TABLE meta ALTER COLUMN key TYPE VARCHAR(200)")
+        return
+    names = ", ".join(c for c in columns if c in recipes.c)
+    db.exec_driver_sql("ALTER TABLE recipes RENAME TO recipes_v5")
+    recipes.create(db)
+    db.exec_driver_sql(f"INSERT INTO recipes (book, {names}) SELECT '', {names} FROM recipes_v5")
+    db.exec_driver_sql("DROP TABLE recipes_v5")
+
+
 # --------------------------------------------------------------------------- records
 
 
 class Records:
     """Users, recipes, the audit trail, the alarm journal and the batch records in the database
-    at ``url`` (an SQLAlchemy URL).
+    at ``url`` (an SQLAlchemy URL), as machine ``machine`` sees them.
+
+    ``machine`` (the config's ``machine.id``): the audit rows written carry it, and the reads of
+    the audit trail, the alarm journal and the batch records return that machine's rows only;
+    None: every machine's rows (a plant's view, the backup), and audit rows written without a
+    machine. The recipe book is ``book_of(machine, recipe_library)``. Users are the database's
+    (plant-wide). Opening checks the schema (SchemaTooNew: written by a newer program, nothing
+    touched), makes the missing tables, migrates an older schema, and gives the rows that have
+    no machine yet to ``machine`` (``_claim``).
 
     Safe to share between threads (one engine, a connection per call)."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, machine: str | None = None, recipe_library: str | None = None):
         parsed = make_url(url)
-        if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        sqlite_file = parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:")
+        if sqlite_file:
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         self.url = parsed.render_as_string(hide_password=True)
+        self.machine = str(machine) if machine else None
+        self.book = book_of(self.machine, recipe_library)
         self.engine: Engine = create_engine(parsed)
-        _metadata.create_all(self.engine)
-        if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        try:
+            with self.engine.begin() as db:
+                if db.dialect.name == "postgresql":     # machines starting together: one at a time
+                    db.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_OPEN_LOCK})")
+                found = stored_schema(db)
+                if found is not None and _newer(found):
+                    raise SchemaTooNew(self.url, found)
+                _metadata.create_all(db)
+                if found is None:
+                    db.execute(insert(meta).values(key="schema", value=SCHEMA_VERSION))
+                elif found != SCHEMA_VERSION:
+                    log.warning("records schema %s -> %s (%s)", found, SCHEMA_VERSION, self.url)
+                self._migrate(db)
+                if self.machine is not None:
+                    self._claim(db)
+        except BaseException:
+            self.engine.dispose()
+            raise
+        if sqlite_file:
             os.chmod(parsed.database, 0o600)   # hashes only, but nobody else's business
-        with self.engine.begin() as db:
-            if db.scalar(select(meta.c.value).where(meta.c.key == "schema")) is None:
-                db.execute(insert(meta).values(key="schema", value=SCHEMA_VERSION))
-            self._migrate(db)
         self._user_lock = threading.Lock()
 
     @staticmethod
@@ -738,16 +865,43 @@ class Records:
         table and its indexes (made by ``create_all``, which adds missing tables only). Schema 3 ->
         4: the batches table and its indexes (``create_all`` too), recipes.acceptance (NULL in the
         old rows: the default criteria). Schema 4 -> 5: users.must_change (NULL in the old rows:
-        False)."""
+        False). Schema 5 -> 6: audit.machine and its index (NULL in the old rows); recipes.book
+        in the primary key (book, id) (PostgreSQL: the column added and the key made again;
+        SQLite, which cannot change a key: the table made again and the rows copied), "" in the
+        old rows (unclaimed); meta.key 200 characters long (``recipes_seeded:<book>``). The old
+        rows are the first machine's to open the database after (``_claim``)."""
         have = {c["name"] for c in inspect(db).get_columns("audit")}
         for name in _AUDIT_SINCE_2:
             if name not in have:
                 db.exec_driver_sql(f"ALTER TABLE audit ADD COLUMN {name} TEXT")
-        if "acceptance" not in {c["name"] for c in inspect(db).get_columns("recipes")}:
+        if "machine" not in have:
+            db.exec_driver_sql("ALTER TABLE audit ADD COLUMN machine VARCHAR(64)")
+            next(i for i in audit_log.indexes if i.name == "audit_machine").create(db, checkfirst=True)
+        recipe_columns = [c["name"] for c in inspect(db).get_columns("recipes")]
+        if "acceptance" not in recipe_columns:
             db.exec_driver_sql("ALTER TABLE recipes ADD COLUMN acceptance TEXT")
+            recipe_columns.append("acceptance")
+        if "book" not in recipe_columns:
+            _recipes_by_book(db, recipe_columns)
         if "must_change" not in {c["name"] for c in inspect(db).get_columns("users")}:
             db.exec_driver_sql("ALTER TABLE users ADD COLUMN must_change BOOLEAN")
         db.execute(update(meta).where(meta.c.key == "schema").values(value=SCHEMA_VERSION))
+
+    def _claim(self, db) -> None:
+        """Give this machine the rows that have none: audit rows with no machine (written before
+        schema 6, or restored from an older backup) and the unclaimed recipes (book "") whose id
+        its book does not have, with the mark that they were seeded. So a machine's own database
+        keeps its history across the upgrade; in a shared one, the first machine to start after
+        the upgrade takes them (the database was that machine's before it was shared)."""
+        db.execute(update(audit_log).where(audit_log.c.machine.is_(None)).values(machine=self.machine))
+        mine = select(recipes.c.id).where(recipes.c.book == self.book).scalar_subquery()
+        db.execute(update(recipes).where(recipes.c.book == "", recipes.c.id.not_in(mine))
+                   .values(book=self.book))
+        seeded = db.scalar(select(meta.c.value).where(meta.c.key == "recipes_seeded"))
+        if seeded is not None:
+            db.execute(delete(meta).where(meta.c.key == "recipes_seeded"))
+            if db.scalar(select(meta.c.value).where(meta.c.key == _seeded_key(self.book))) is None:
+                db.execute(insert(meta).values(key=_seeded_key(self.book), value=seeded))
 
     def __repr__(self) -> str:
         return f"Records({self.url!r})"
@@ -903,10 +1057,12 @@ class Records:
     # ----------------------------------------------------------------------- recipes
 
     def load_recipes(self) -> dict[str, dict[str, Any]]:
-        """Every recipe, id -> fields, each validated again through ``plc.config.Recipe``
-        (InvalidRecipe if a row was changed behind our back into something invalid)."""
+        """Every recipe of the book (``self.book``), id -> fields, each validated again through
+        ``plc.config.Recipe`` (InvalidRecipe if a row was changed behind our back into something
+        invalid)."""
         with self.engine.connect() as db:
-            rows = db.execute(select(recipes).order_by(recipes.c.id)).mappings().all()
+            rows = db.execute(select(recipes).where(recipes.c.book == self.book)
+                              .order_by(recipes.c.id)).mappings().all()
         out = {}
         for row in rows:
             fields = {k: (json.loads(row[k]) if k in _RECIPE_JSON else row[k])
@@ -915,34 +1071,39 @@ class Records:
         return out
 
     def save_recipe(self, recipe_id: str, fields: Mapping[str, Any]) -> dict[str, Any]:
-        """Insert or replace the recipe; returns the validated fields (InvalidRecipe: nothing
-        written)."""
+        """Insert or replace the recipe in the book; returns the validated fields (InvalidRecipe:
+        nothing written)."""
         values = validate_recipe(recipe_id, fields)
+        this = (recipes.c.book == self.book) & (recipes.c.id == recipe_id)
         with self.engine.begin() as db:
-            exists = db.scalar(select(recipes.c.id).where(recipes.c.id == recipe_id)) is not None
-            if exists:
-                db.execute(update(recipes).where(recipes.c.id == recipe_id).values(**_recipe_row(values)))
+            if db.scalar(select(recipes.c.id).where(this)) is not None:
+                db.execute(update(recipes).where(this).values(**_recipe_row(values)))
             else:
-                db.execute(insert(recipes).values(id=recipe_id, **_recipe_row(values)))
+                db.execute(insert(recipes).values(book=self.book, id=recipe_id, **_recipe_row(values)))
         return values
 
     def delete_recipe(self, recipe_id: str) -> None:
         with self.engine.begin() as db:
-            if db.execute(delete(recipes).where(recipes.c.id == recipe_id)).rowcount != 1:
+            if db.execute(delete(recipes).where(recipes.c.book == self.book,
+                                                recipes.c.id == recipe_id)).rowcount != 1:
                 raise NoSuchRecipe(recipe_id)
 
     def seed_recipes(self, book: RecipeBook) -> int:
-        """On the first start only: copy the recipes file's recipes in; the number copied (0 on
-        every later start, even if all recipes were deleted since: the database is the source
-        of truth from then on)."""
+        """On the book's first use only: copy the recipes file's recipes in; the number copied
+        (0 on every later start, even if all recipes were deleted since: the database is the
+        source of truth from then on). A library is seeded by the first machine naming it."""
+        key = _seeded_key(self.book)
         with self.engine.begin() as db:
-            if db.scalar(select(meta.c.value).where(meta.c.key == "recipes_seeded")) is not None:
+            if db.dialect.name == "postgresql":     # two machines seeding one library: one does
+                db.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_OPEN_LOCK})")
+            if db.scalar(select(meta.c.value).where(meta.c.key == key)) is not None:
                 return 0
-            have = set(db.scalars(select(recipes.c.id)))
+            have = set(db.scalars(select(recipes.c.id).where(recipes.c.book == self.book)))
             new = {rid: r.model_dump() for rid, r in book.recipes.items() if rid not in have}
             if new:
-                db.execute(insert(recipes), [{"id": rid, **_recipe_row(fields)} for rid, fields in new.items()])
-            db.execute(insert(meta).values(key="recipes_seeded", value=_utc_text(time.time())))
+                db.execute(insert(recipes), [{"book": self.book, "id": rid, **_recipe_row(fields)}
+                                             for rid, fields in new.items()])
+            db.execute(insert(meta).values(key=key, value=_utc_text(time.time())))
         return len(new)
 
     # ----------------------------------------------------------------------- audit trail
@@ -955,32 +1116,40 @@ class Records:
         stays NULL); ``result`` the StatusCode's name ("Good", "BadUserAccessDenied: ...").
         Optional, NULL when empty: ``command_id`` (the PLC command an accepted write or call
         became), ``origin`` (where it came from), ``peer`` (the client's ``host:port``),
-        ``certificate`` (the client certificate's thumbprint)."""
+        ``certificate`` (the client certificate's thumbprint). The row's machine is
+        ``self.machine``."""
         with self.engine.begin() as db:
             db.execute(insert(audit_log).values(
                 time=_utc_text(time_s), user_name=str(user), action=str(action), target=str(target),
                 old_value=_text(old), new_value=_text(new), result=str(result),
                 command_id=str(command_id) or None, origin=str(origin) or None, peer=str(peer) or None,
-                certificate=str(certificate) or None))
+                certificate=str(certificate) or None, machine=self.machine))
 
     def audit_entries(self, limit: int = 100) -> list[dict[str, str | None]]:
-        """The newest ``limit`` entries, newest first: dicts with time, user, action, target,
-        old, new, result, command_id, origin, peer, certificate (None where not given)."""
+        """The machine's newest ``limit`` entries (every machine's without one), newest first:
+        dicts with time, user, action, target, old, new, result, command_id, origin, peer,
+        certificate, machine (None where not given)."""
+        query = select(audit_log).order_by(audit_log.c.id.desc()).limit(limit)
+        if self.machine is not None:
+            query = query.where(audit_log.c.machine == self.machine)
         with self.engine.connect() as db:
-            rows = db.execute(select(audit_log).order_by(audit_log.c.id.desc()).limit(limit)).mappings()
+            rows = db.execute(query).mappings()
             return [{"time": r["time"], "user": r["user_name"], "action": r["action"],
                      "target": r["target"], "old": r["old_value"], "new": r["new_value"],
-                     "result": r["result"], **{k: r[k] for k in _AUDIT_SINCE_2}} for r in rows]
+                     "result": r["result"], **{k: r[k] for k in _AUDIT_SINCE_2},
+                     "machine": r["machine"]} for r in rows]
 
     # ----------------------------------------------------------------------- alarm journal
 
     def journal_alarms(self, events: Iterable, machine: str = "") -> int:
         """Store the "alarm" and "alarm_system" events among ``events`` (``plc.commands.Event``;
-        other kinds are skipped) as journal rows of ``machine``, in one transaction. An event
+        other kinds are skipped) as journal rows of ``machine`` (default: ``self.machine``), in
+        one transaction. An event
         stored before (the same machine, alarm, kind, time and EventId) is skipped, also within
         ``events``: handing the same events in again changes nothing. Returns the number of
         rows added."""
         rows, seen = [], set()
+        machine = machine or self.machine or ""
         for e in events:
             values = journal_values(e, machine)
             if values is None:
@@ -1015,9 +1184,12 @@ class Records:
         seconds since the epoch; None: no bound), of one alarm and/or one batch if given,
         ordered by time, then by id (the order they were stored in). ``limit``: at most that
         many, the first ones in that order, or with ``newest=True`` the last ones (still
-        returned oldest first). ValueError for a negative limit."""
+        returned oldest first). The machine's rows only (every machine's without one).
+        ValueError for a negative limit."""
         c = alarm_journal.c
         query = select(alarm_journal)
+        if self.machine is not None:
+            query = query.where(c.machine == self.machine)
         if since is not None:
             query = query.where(c.time >= _utc_text_us(_epoch_s(since)))
         if until is not None:
@@ -1047,9 +1219,12 @@ class Records:
 
     def batch(self, batch_id: str) -> BatchRecord | None:
         """The stored record of ``batch_id`` (``BatchRecord.from_dict`` of its JSON), None if
-        there is none."""
+        there is none (or it is another machine's)."""
+        query = select(batches.c.record).where(batches.c.batch_id == batch_id)
+        if self.machine is not None:
+            query = query.where(batches.c.machine == self.machine)
         with self.engine.connect() as db:
-            text = db.scalar(select(batches.c.record).where(batches.c.batch_id == batch_id))
+            text = db.scalar(query)
         return None if text is None else BatchRecord.from_dict(json.loads(text))
 
     def batches(self, since: datetime | float | None = None, until: datetime | float | None = None,
@@ -1058,10 +1233,13 @@ class Records:
         naive ones taken as UTC, or seconds since the epoch; None: no bound), with ``verdict``
         if given, oldest first; ``limit``: the newest that many (still oldest first). Reads the
         summary columns only (indexed on started_at and on verdict), never a record's JSON.
-        ValueError for an unknown verdict or a negative limit."""
+        The machine's batches only (every machine's without one). ValueError for an unknown
+        verdict or a negative limit."""
         c = batches.c
         query = select(c.batch_id, c.machine, c.recipe_id, c.started_at, c.ended_at, c.outcome,
                        c.verdict, c.reasons)
+        if self.machine is not None:
+            query = query.where(c.machine == self.machine)
         if since is not None:
             query = query.where(c.started_at >= _epoch_s(since))
         if until is not None:
@@ -1081,10 +1259,11 @@ class Records:
                     for r in db.execute(query)]
         return rows[::-1]
 
-    def next_batch_seq(self, machine: str) -> int:
+    def next_batch_seq(self, machine: str | None = None) -> int:
         """The machine's highest batch number in the records + 1 (1 if it has none): the PLC
         numbers its next batch at least this (``plc.runtime.Controller.set_batch_floor`` of this
-        minus one)."""
+        minus one). ``machine``: default ``self.machine``."""
+        machine = machine or self.machine
         with self.engine.connect() as db:
             top = db.scalar(select(func.max(batches.c.seq)).where(batches.c.machine == machine))
         return (top or 0) + 1

@@ -358,9 +358,11 @@ def recipe_book(records) -> dict[str, Recipe]:
 INITIAL_ADMIN_FILE = "initial-admin-password"
 
 
-def open_records(settings, book, base_dir: str | Path = "."):
-    """The records database (``opcua.database_url``, else SQLite in ``opcua.data_dir``), seeded
-    with the recipes file on its first start, with an administrator: when no user exists yet,
+def open_records(settings, book, base_dir: str | Path = ".", machine: str | None = None):
+    """The records database (``opcua.database_url``, else SQLite in ``opcua.data_dir``) as
+    ``machine`` sees it, its recipe book (its own, or ``opcua.recipe_library``) seeded with the
+    recipes file on the book's first use (SchemaTooNew: a newer program's database, nothing
+    written), with an administrator: when no user exists yet,
     one ``admin`` with a random password, written to ``<data_dir>/initial-admin-password``
     (mode 0600) and announced once. Returns (records, note or "")."""
     import os
@@ -370,7 +372,7 @@ def open_records(settings, book, base_dir: str | Path = "."):
 
     data_dir = Path(base_dir) / settings.data_dir
     url = settings.database_url or f"sqlite:///{(data_dir / 'tempering.db').resolve()}"
-    records = Records(url)
+    records = Records(url, machine=machine, recipe_library=settings.recipe_library)
     records.seed_recipes(book)
     note = ""
     if not records.list_users():

@@ -116,6 +116,12 @@ def cmd_run(args) -> int:
     if args.recipe and args.recipe not in book:
         print(f"unknown recipe {args.recipe!r} (known: {', '.join(book.ids)})", file=sys.stderr)
         return 2
+    from opcua_server.records import SchemaTooNew, check_schema
+    try:                              # a newer program's records: refused before anything starts
+        check_schema(cfg.opcua.records_url)
+    except SchemaTooNew as e:
+        print(f"tempering run: {e}", file=sys.stderr)
+        return 2
     from .supervisor import run
     return asyncio.run(run(args, cfg))
 
@@ -168,7 +174,7 @@ def cmd_simulate(args) -> int:
     records = store = None
     if not args.no_record:
         from opcua_server.server import open_records
-        records, _ = open_records(cfg.opcua, book)
+        records, _ = open_records(cfg.opcua, book, machine=cfg.machine.id)
         c.set_batch_floor(records.next_batch_seq(cfg.machine.id) - 1)
         if cfg.historian.sink.kind == "local":
             store = LocalStore(Path(cfg.historian.sink.path), cfg.historian.sink.retention_days)
@@ -296,9 +302,10 @@ def cmd_import_mapping(args) -> int:
     return 0
 
 
-def _opcua_settings(args):
-    """The config's ``opcua`` section, ``--data-dir`` applied; None after printing problems."""
-    loaded = _load(args.config)
+def _opcua_settings(args, cfg=None):
+    """The config's ``opcua`` section (of ``cfg``, else of the loaded ``--config``), ``--data-dir``
+    applied; None after printing problems."""
+    loaded = (cfg,) if cfg is not None else _load(args.config)
     if loaded is None:
         return None
     settings = loaded[0].opcua
@@ -323,12 +330,11 @@ def _read_password(args) -> str | None:
 
 
 def cmd_users(args) -> int:
-    from opcua_server.records import Records, RecordsError
+    from opcua_server.records import RecordsError
 
-    settings = _opcua_settings(args)
-    if settings is None:
+    records = _records(args)          # users are plant-wide: every machine on the database's
+    if records is None:
         return 1
-    records = Records(settings.records_url)
     try:
         if args.action == "list":
             users = records.list_users()
@@ -449,14 +455,11 @@ def _empty_interval(cmd: str, since: datetime | None, until: datetime | None) ->
 
 
 def cmd_alarms(args) -> int:
-    from opcua_server.records import Records
-
     if _empty_interval("alarms journal", args.since, args.until):
         return 2
-    settings = _opcua_settings(args)
-    if settings is None:
+    records = _records(args)
+    if records is None:
         return 1
-    records = Records(settings.records_url)
     try:
         rows = records.alarm_journal(since=args.since, until=args.until, alarm_id=args.alarm,
                                      batch_id=args.batch, limit=args.limit, newest=True)
@@ -476,12 +479,21 @@ def cmd_alarms(args) -> int:
 # --------------------------------------------------------------------------- batch records
 
 
-def _records(args):
-    """The records database of the config (``--data-dir`` applied); None after printing why."""
-    from opcua_server.records import Records
+def _records(args, every_machine: bool = False):
+    """The records database of the config (``--data-dir`` applied) as the config's machine sees
+    it (``--all-machines`` or ``every_machine``: every machine's rows); None after printing why."""
+    from opcua_server.records import Records, SchemaTooNew
 
-    settings = _opcua_settings(args)
-    return None if settings is None else Records(settings.records_url)
+    loaded = _load(args.config)
+    if loaded is None:
+        return None
+    settings = _opcua_settings(args, loaded[0])
+    machine = None if every_machine or getattr(args, "all_machines", False) else loaded[0].machine.id
+    try:
+        return Records(settings.records_url, machine=machine, recipe_library=settings.recipe_library)
+    except SchemaTooNew as e:
+        print(f"tempering {args.cmd}: {e}", file=sys.stderr)
+        return None
 
 
 def _utc(time_s: float, sep: str = " ") -> str:
@@ -572,8 +584,9 @@ def _record_text(rec) -> list[str]:
 
 def _batch_record(args, command: str):
     """The record ``args.id`` from the records database of the config: (record, exit code) — the
-    record, or None and 1 (no database) or 2 (no such batch, said on stderr)."""
-    records = _records(args)
+    record, or None and 1 (no database) or 2 (no such batch, said on stderr). Any machine's: a
+    batch id names its machine (``<machine>-NNNNNN``)."""
+    records = _records(args, every_machine=True)
     if records is None:
         return None, 1
     try:
@@ -663,6 +676,8 @@ def _batches_parser(sub, where: argparse.ArgumentParser):
                            "offset) or a time ago (10m, 2h, 1d)")
     when.add_argument("--until", type=_journal_time, metavar="T", help="started before this time (same forms)")
     when.add_argument("--verdict", choices=VERDICTS, help="only the batches with this verdict")
+    when.add_argument("--all-machines", action="store_true",
+                      help="every machine's batches in the database (default: the config's machine's)")
     x = actions.add_parser("list", parents=[where, when], help="list the batches, oldest first")
     x.add_argument("--limit", type=_positive_int, metavar="N", help="only the newest N batches")
     x.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -882,6 +897,8 @@ def main(argv: list[str] | None = None) -> int:
     x.add_argument("--batch", metavar="ID", help="only the entries of this batch")
     x.add_argument("--limit", type=_positive_int, metavar="N", help="only the newest N entries")
     x.add_argument("--json", action="store_true", help="one JSON object per line, every field")
+    x.add_argument("--all-machines", action="store_true",
+                   help="every machine's entries in the database (default: the config's machine's)")
     _report_parser(_batches_parser(sub, where), where)
     from .autotune_cli import add_parser as _autotune_parser   # its module imports this one
     _autotune_parser(sub, where)

@@ -138,7 +138,8 @@ def export(config: str | Path | None, out: str | Path, *, force: bool = False,
     path = Path(config or DEFAULT_CONFIG)
     cfg, book = load(path)
     settings = cfg.opcua.model_copy(update={"data_dir": data_dir}) if data_dir else cfg.opcua
-    records = records_module.Records(settings.records_url)
+    records = records_module.Records(settings.records_url, machine=cfg.machine.id,
+                                     recipe_library=settings.recipe_library)
     try:
         stored = records.load_recipes()
         with records.engine.connect() as db:

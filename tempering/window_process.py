@@ -60,7 +60,12 @@ async def run_window(args, cfg, book) -> int:
             stop.set()
             await asyncio.gather(*tasks, return_exceptions=True)
         undo.push_async_callback(end_tasks)
-        records, note = await asyncio.to_thread(open_records, cfg.opcua, book)
+        from opcua_server.records import SchemaTooNew
+        try:
+            records, note = await asyncio.to_thread(open_records, cfg.opcua, book, machine=cfg.machine.id)
+        except SchemaTooNew as e:                 # never write into a newer program's tables
+            print(f"records: {e}", file=sys.stderr, flush=True)
+            return 2
         undo.callback(records.close)
         if note:
             print(f"opc ua: {note}", flush=True)

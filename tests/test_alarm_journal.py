@@ -296,7 +296,8 @@ def journal_cli(tmp_path, *argv) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def journal_dir(tmp_path):
-    """A records database in ``tmp_path/opcua`` with a batch's alarm history, the last hour."""
+    """A records database in ``tmp_path/opcua`` with a batch's alarm history, the last hour, of
+    the default machine (tempering-01), and one row of another machine sharing the database."""
     now = time.time()
     r = Records(f"sqlite:///{tmp_path / 'opcua' / 'tempering.db'}")
     r.journal_alarms([
@@ -305,7 +306,9 @@ def journal_dir(tmp_path):
         alarm_event("zone.tank.over_temp", "acknowledged", State.ACK_ACTIVE, now - 1700, 2,
                     user="olga", comment="heater checked", acked=True),
         alarm_event("zone.pump.under_temp", "active", State.UNACK_ACTIVE, now - 300, 1, batch_id="B-2"),
-    ], machine="tm-1")
+    ], machine="tempering-01")
+    r.journal_alarms([alarm_event("zone.pump.under_temp", "active", State.UNACK_ACTIVE, now - 200, 1)],
+                     machine="tm-2")
     r.close()
     return tmp_path
 
@@ -337,6 +340,7 @@ def test_alarms_journal_prints_a_table_and_json(journal_dir):
     (("--since", "1d", "--until", "2h"), 0),
     (("--since", "2000-01-01T00:00:00+01:00", "--until", "2100-01-01"), 4),
     (("--since", "0.75h"), 3),
+    (("--all-machines",), 5),                                # tm-2's row too
 ])
 def test_alarms_journal_selects(journal_dir, capsys, argv, rows):
     assert main(["alarms", "journal", "--json", "--data-dir", str(journal_dir / "opcua"), *argv]) == 0
