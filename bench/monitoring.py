@@ -51,13 +51,15 @@ class PrometheusServer(_Process):
     binary = "prometheus"
 
     def __init__(self, directory: str | Path, targets: Iterable[str], interval_s: float = SCRAPE_INTERVAL_S,
-                 port: int | None = None):
+                 port: int | None = None, scrape_configs: list[dict] | None = None):
+        """``scrape_configs``: these instead of one job ``tempering`` scraping ``targets``."""
         super().__init__(directory, port)
         self.config_path = self.directory / "prometheus.yml"
         self.config_path.write_text(json.dumps({        # JSON is YAML
             "global": {"scrape_interval": f"{round(interval_s * 1000)}ms",     # whole units only
                        "scrape_timeout": f"{round(min(interval_s, 10.0) * 900)}ms"},
-            "scrape_configs": [{"job_name": "tempering", "static_configs": [{"targets": list(targets)}]}],
+            "scrape_configs": scrape_configs or [{"job_name": "tempering",
+                                                  "static_configs": [{"targets": list(targets)}]}],
         }, indent=1))
 
     def command(self) -> list[str]:
@@ -134,7 +136,7 @@ async def measure(args) -> dict:
                 q, f"quantile_over_time(0.5, scrape_duration_seconds{window})")
             out["scrape_ms_max"] = 1e3 * await asyncio.to_thread(q, f"max_over_time(scrape_duration_seconds{window})")
             out["scrapes"] = int(await asyncio.to_thread(q, f"count_over_time(up{window})"))
-            out["scrapes_failed"] = int(await asyncio.to_thread(q, f"count_over_time((up == 0){window})") or 0)
+            out["scrapes_failed"] = int(await asyncio.to_thread(q, f"count_over_time(up{window}) - sum_over_time(up{window})") or 0)
             out["samples_per_scrape"] = int(await asyncio.to_thread(q, "scrape_samples_scraped"))
             recs = await wait_scan_log(m, t3)
             for name, (a, b) in (("idle", (t0, t1)), ("scraped", (t2, t3))):

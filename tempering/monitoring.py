@@ -11,7 +11,8 @@ Rules:
   nothing.
 - One machine per target. Series carry no ``machine`` label: the target is the machine
   (Prometheus's "target labels, not static scraped labels"); ``tempering_machine_info`` says
-  which one, and a scrape config adds a ``machine`` label to the target if several are kept.
+  which one (``machine_id``, ``machine_name``), and the scrape config gives the target its
+  ``machine`` label (README, Monitoring).
 - ``health(sources)`` is pure: 200 ``{"status": "ok"}`` while the PLC's snapshots arrive
   (scanning, window connected), no watchdog trip is latched, the scan's lateness p99 stays
   within its period and every link and unit answers; otherwise 503 with every problem.
@@ -89,7 +90,7 @@ class TemperingCollector:
     def collect(self) -> Iterable:
         s = self.s
         info = GaugeMetricFamily("tempering_machine_info", "The machine this target is (always 1)",
-                                 labels=["machine", "name"])
+                                 labels=["machine_id", "machine_name"])   # `machine`: the target's
         info.add_metric([s.machine, s.name], 1)
         yield info
         status = s.plc_status()

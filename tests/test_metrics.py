@@ -11,11 +11,13 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -76,7 +78,7 @@ def test_the_collector_reads_the_snapshot_links_historian_and_server():
     src = _sources()
     src.judged(SimpleNamespace(verdict="PASS"))
     m = _scrape(src)
-    assert m[("tempering_machine_info", (("machine", "tempering-01"), ("name", "Line 1")))] == 1
+    assert m[("tempering_machine_info", (("machine_id", "tempering-01"), ("machine_name", "Line 1")))] == 1
     assert m[("tempering_plc_up", ())] == 1
     late = "tempering_scan_lateness_seconds_bucket"
     assert m[(late, (("le", "0.0005"),))] == 1                   # cumulative, le = "<="
@@ -172,11 +174,16 @@ def test_the_server_answers_and_a_taken_port_is_an_oserror(free_port):
 
 
 def _prometheus(tmp_path, target: str):
+    """Prometheus with the README's scrape config, its target replaced by ``target``."""
     from bench.monitoring import PrometheusServer
 
     if shutil.which(PrometheusServer.binary) is None:
         pytest.skip("prometheus is not installed (make system-deps)")
-    return PrometheusServer(tmp_path / "prometheus", [target]).start()
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    example = re.search(r"\*\*Scraping it\.\*\*.*?```yaml\n(.*?)```", readme, re.S).group(1)
+    configs = yaml.safe_load(example)["scrape_configs"]
+    configs[0]["static_configs"][0]["targets"] = [target]
+    return PrometheusServer(tmp_path / "prometheus", [], scrape_configs=configs).start()
 
 
 def test_a_real_run_scraped_by_prometheus_and_its_health(tmp_path):
@@ -195,7 +202,8 @@ def test_a_real_run_scraped_by_prometheus_and_its_health(tmp_path):
                 assert time.monotonic() < deadline, _get(url + "/healthz")
                 time.sleep(0.2)
             prom.wait_for("tempering_scan_lateness_seconds_count", lambda v: v > 10)
-            assert prom.value(f'up{{instance="{listen}"}}') == 1
+            assert prom.value(f'up{{instance="{listen}",job="tempering"}}') == 1
+            assert prom.value('tempering_machine_info{machine="tempering-01",machine_id="tempering-01"}') == 1
             assert prom.value('tempering_modbus_link_up{link="io"}') == 1
             assert prom.value("tempering_plc_up") == 1
             assert prom.value("tempering_plc_process_resident_memory_bytes") > 10e6
@@ -220,3 +228,20 @@ def test_a_real_run_scraped_by_prometheus_and_its_health(tmp_path):
                 time.sleep(0.2)
         finally:
             prom.stop()
+
+
+def test_a_taken_monitoring_port_leaves_the_machine_running(tmp_path):
+    from runs import TemperingRun, machine_dir
+
+    config = machine_dir(tmp_path)
+    host, _, port = yaml.safe_load(config.read_text())["monitoring"]["listen"].rpartition(":")
+    with socket.socket() as taken:
+        taken.bind((host, int(port)))
+        taken.listen()
+        with TemperingRun(config, "--no-start") as run:
+            run.wait_for(rf"metrics: cannot listen on {host}:{port}: Address already in use; the "
+                         r"machine runs without /metrics and /healthz")
+            run.wait_for(r"^plc: pid")
+            time.sleep(1.0)             # the window goes on: no restart by the supervisor
+            assert run.proc.poll() is None
+            assert len([l for l in run.lines if "supervisor: window started" in l]) == 1, run.output
