@@ -756,7 +756,9 @@ def book_of(machine: str | None, recipe_library: str | None = None) -> str:
 
 
 def _seeded_key(book: str) -> str:
-    return f"recipes_seeded:{book}"
+    """The meta key that marks ``book`` seeded ("recipes_seeded" for the unclaimed book, as
+    before schema 6)."""
+    return f"recipes_seeded:{book}" if book else "recipes_seeded"
 
 
 def stored_schema(db) -> str | None:

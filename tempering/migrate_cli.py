@@ -108,11 +108,11 @@ def _write(m: Migration, out: Path, existing: bool,
                 f.writelines(f"{name} {password}\n" for name, password in made)
         url = m.database_url or f"sqlite:///{opcua / 'tempering.db'}"
         if m.database_url is None:
-            _store(url, users, m.recipes)
+            _store(url, users, m.recipes, m.machine_id)
         _swap(stage, out, existing)
         if m.database_url is not None:
             try:
-                _store(url, users, m.recipes)
+                _store(url, users, m.recipes, m.machine_id)
             except Exception:                          # back as it was
                 if existing:
                     _swap(stage, out, True)
@@ -136,9 +136,11 @@ def _swap(stage: Path, out: Path, existing: bool) -> None:
         os.rename(old, stage)
 
 
-def _store(url: str, users: list, recipes: dict[str, dict[str, Any]]) -> None:
+def _store(url: str, users: list, recipes: dict[str, dict[str, Any]], machine: str) -> None:
     """Users and recipes into the records at ``url`` in one transaction: the users of the
-    legacy set replace those of the same name, the recipes replace all recipes."""
+    legacy set replace those of the same name, the recipes replace all recipes of ``machine``
+    (its own book and the unclaimed one, where they go: the machine takes them when it opens
+    its records; the other books of a shared database are left alone)."""
     from sqlalchemy import delete, insert
 
     from opcua_server import records as records_module
@@ -149,7 +151,8 @@ def _store(url: str, users: list, recipes: dict[str, dict[str, Any]]) -> None:
         with records.engine.begin() as db:
             names = [u.name for u in users]
             db.execute(delete(records_module.users).where(records_module.users.c.name.in_(names)))
-            db.execute(delete(records_module.recipes))
+            db.execute(delete(records_module.recipes).where(
+                records_module.recipes.c.book.in_(("", records_module.book_of(machine)))))
             if users:
                 db.execute(insert(records_module.users), [
                     {"name": u.name, "role": u.role, "password_hash": u.password_hash,
