@@ -273,7 +273,7 @@ audit_log = Table(
     Column("origin", Text),         # schema 2: where the action came from
     Column("peer", Text),           # schema 2: the client's host:port (logins)
     Column("certificate", Text),    # schema 2: the client certificate's thumbprint (logins)
-    Column("machine", String(64)),  # schema 6: the machine's id; NULL: not claimed yet
+    Column("machine", Text),        # schema 6: the machine's id; NULL: not claimed yet
     Index("audit_machine", "machine", "id"),
 )
 _AUDIT_SINCE_2 = ("command_id", "origin", "peer", "certificate")
@@ -877,7 +877,7 @@ class Records:
             if name not in have:
                 db.exec_driver_sql(f"ALTER TABLE audit ADD COLUMN {name} TEXT")
         if "machine" not in have:
-            db.exec_driver_sql("ALTER TABLE audit ADD COLUMN machine VARCHAR(64)")
+            db.exec_driver_sql("ALTER TABLE audit ADD COLUMN machine TEXT")
             next(i for i in audit_log.indexes if i.name == "audit_machine").create(db, checkfirst=True)
         recipe_columns = [c["name"] for c in inspect(db).get_columns("recipes")]
         if "acceptance" not in recipe_columns:

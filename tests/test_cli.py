@@ -133,9 +133,12 @@ def batches_dir(tmp_path):
 
 
 def batches(data_dir, *argv: str) -> int:
+    """``tempering batches ARGV --data-dir DIR``; list and export of every machine's batches (the
+    samples are tm-1's, the config's machine is tempering-01)."""
     from tempering.cli import main
 
-    return main(["batches", *argv, "--data-dir", str(data_dir)])
+    every = ["--all-machines"] if argv[:1] in (("list",), ("export",)) else []
+    return main(["batches", *argv, "--data-dir", str(data_dir), *every])
 
 
 def test_batches_list_prints_a_table_json_and_selects(batches_dir, capsys):

@@ -250,7 +250,7 @@ def test_audit_rows_are_text_newest_first(records):
     records.audit("olga", "call", "Sequencer.Hold", None, "[]", "Good", t0 + 3, command_id="c-17",
                   origin="opcua")
     entries = records.audit_entries(limit=10)
-    none = {"command_id": None, "origin": None, "peer": None, "certificate": None}
+    none = {"command_id": None, "origin": None, "peer": None, "certificate": None, "machine": None}
     assert entries == [
         {"time": "2026-03-01T12:00:03.000Z", "user": "olga", "action": "call",
          "target": "Sequencer.Hold", "old": None, "new": "[]", "result": "Good",
@@ -266,7 +266,7 @@ def test_audit_rows_are_text_newest_first(records):
     columns = {c.name: str(c.type) for c in records_module.audit_log.columns}
     assert columns == {"id": "INTEGER", **{c: "TEXT" for c in (
         "time", "user_name", "action", "target", "old_value", "new_value", "result",
-        "command_id", "origin", "peer", "certificate")}}
+        "command_id", "origin", "peer", "certificate", "machine")}}
 
 
 def test_records_url_hides_the_database_password(postgresql_url):
