@@ -154,8 +154,9 @@ class TemperingServer:
     async def _serve_history(self) -> None:
         """Zone temperatures: Historizing, HistoryRead access, answered from the local store
         (when there is one); the machine's events from the alarm journal."""
-        from .history import LocalHistory
+        from .history import LocalHistory, answer_per_node
 
+        answer_per_node(self.server)         # a store's failure is that node's StatusCode
         zones = {}
         for zone, nodes in self.nodes.zones.items():
             if self.history_store is None:

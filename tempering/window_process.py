@@ -87,7 +87,6 @@ async def run_window(args, cfg, book) -> int:
         diagnostics = history.diagnostics if history else (lambda: None)
         opc = None
         if not args.no_opcua:
-            from opcua_server.history import answer_per_node
             from opcua_server.history_influx import history_store
             from opcua_server.server import start_server
             try:
@@ -95,7 +94,6 @@ async def run_window(args, cfg, book) -> int:
                                          link_names=tuple(cfg.fieldbus.links) if cfg.fieldbus else (),
                                          history_store=history_store(cfg.historian.sink, history.store)
                                          if history else None)
-                answer_per_node(opc.server)
             except (OSError, ValueError) as e:
                 print(f"opc ua: cannot start the server at {cfg.opcua.endpoint}: {e}", file=sys.stderr)
                 return 2
