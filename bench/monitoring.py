@@ -19,7 +19,7 @@ The lateness figures come from the PLC's scan log, cut by wall time to each wind
 ``late_ms_max_idle``, ``overruns_idle``, ``scans_idle`` and the same with ``_scraped``;
 ``scrape_ms_p50``, ``scrape_ms_max``, ``scrapes``, ``samples_per_scrape``, ``cores``.
 
-``PrometheusServer`` is the tests' one too (``tests/test_metrics.py``).
+``PrometheusServer`` (``tests/servers.py``) is the tests' one too (``tests/test_metrics.py``).
 """
 
 from __future__ import annotations
@@ -33,67 +33,14 @@ import shutil
 import sys
 import tempfile
 import time
-import urllib.parse
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
-from tests.servers import ServerError, _http, _Process  # the tests' servers; run from the repository root
+from tests.servers import PrometheusServer, _http  # the tests' servers; run from the repository root
 
 SETTLE_S = 5.0
 PAUSE_S = 3.0
 SCRAPE_INTERVAL_S = 1.0
-
-
-class PrometheusServer(_Process):
-    """``prometheus`` scraping ``targets`` (host:port, path ``/metrics``) every ``interval_s``,
-    its data and config in ``directory``, its API on a free loopback port."""
-
-    binary = "prometheus"
-
-    def __init__(self, directory: str | Path, targets: Iterable[str], interval_s: float = SCRAPE_INTERVAL_S,
-                 port: int | None = None, scrape_configs: list[dict] | None = None):
-        """``scrape_configs``: these instead of one job ``tempering`` scraping ``targets``."""
-        super().__init__(directory, port)
-        self.config_path = self.directory / "prometheus.yml"
-        self.config_path.write_text(json.dumps({        # JSON is YAML
-            "global": {"scrape_interval": f"{round(interval_s * 1000)}ms",     # whole units only
-                       "scrape_timeout": f"{round(min(interval_s, 10.0) * 900)}ms"},
-            "scrape_configs": scrape_configs or [{"job_name": "tempering",
-                                                  "static_configs": [{"targets": list(targets)}]}],
-        }, indent=1))
-
-    def command(self) -> list[str]:
-        return [self.binary, f"--config.file={self.config_path}",
-                f"--storage.tsdb.path={self.directory / 'data'}",
-                f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"]
-
-    def ready(self) -> bool:
-        return _http("GET", f"{self.url}/-/ready", timeout_s=1.0)[0] == 200
-
-    def query(self, promql: str) -> list[dict[str, Any]]:
-        """``/api/v1/query`` (instant, now): the result vector."""
-        status, body = _http("POST", f"{self.url}/api/v1/query",
-                             data=urllib.parse.urlencode({"query": promql}).encode(),
-                             headers={"Content-Type": "application/x-www-form-urlencoded"})
-        if status != 200:
-            raise ServerError(f"query {promql!r}: HTTP {status}: {body[:300]!r}")
-        return json.loads(body)["data"]["result"]
-
-    def value(self, promql: str) -> float | None:
-        """The first series' value of ``promql`` now; None when there is none."""
-        result = self.query(promql)
-        return float(result[0]["value"][1]) if result else None
-
-    def wait_for(self, promql: str, ok: Callable[[float], bool], timeout_s: float = 30.0) -> float:
-        """Poll ``value(promql)`` until ``ok(value)``; ServerError after ``timeout_s``."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            v = self.value(promql)
-            if v is not None and ok(v):
-                return v
-            if time.monotonic() > deadline:
-                raise ServerError(f"{promql}: {v} after {timeout_s:g} s; {self.log_tail(500)}")
-            time.sleep(0.25)
 
 
 async def _healthy(url: str, timeout_s: float) -> None:
@@ -105,7 +52,7 @@ async def _healthy(url: str, timeout_s: float) -> None:
 
 
 async def measure(args) -> dict:
-    from .isolation import Machine, Run, scan_records, scan_stats, wait_scan_log
+    from .isolation import Machine, Run, scan_stats, wait_scan_log
     from .opcua import client_certificate
 
     out: dict[str, Any] = {"cores": os.cpu_count(), "scrape_interval_s": SCRAPE_INTERVAL_S}
@@ -125,7 +72,7 @@ async def measure(args) -> dict:
             t0 = time.time()
             await asyncio.sleep(args.idle_s)
             t1 = time.time()
-            prom = await asyncio.to_thread(PrometheusServer(tmp / "prometheus", [listen]).start)
+            prom = await asyncio.to_thread(PrometheusServer(tmp / "prometheus", [listen], SCRAPE_INTERVAL_S).start)
             await asyncio.sleep(PAUSE_S)
             t2 = time.time()
             await asyncio.sleep(args.scraped_s)

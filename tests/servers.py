@@ -1,10 +1,12 @@
-"""Real time-series servers on loopback for the tests and the benchmark: InfluxDB 1.x
-(``influxd``) and VictoriaMetrics (``victoria-metrics``), each in its own directory on free ports.
+"""Real time-series servers on loopback for the tests and the benchmarks: InfluxDB 1.x
+(``influxd``), VictoriaMetrics (``victoria-metrics``) and Prometheus (``prometheus``, scraping
+the machine's ``/metrics``), each in its own directory on free ports.
 
 One job: start, stop, restart (same port, same data: for outage tests) and read back. Nothing
 here is used by the historian itself; the tests' fixtures (``tests/conftest.py``, which imports
 it as ``servers``: ``tests/`` is on ``sys.path`` under pytest, as for ``conftest``) and
-``bench/historian.py`` (as ``tests.servers``, run from the repository root) share this code.
+``bench/historian.py`` and ``bench/monitoring.py`` (as ``tests.servers``, run from the
+repository root) share this code.
 
 Rules
 - Processes are started by path from ``$PATH``, with their output in ``<directory>/*.log``; they
@@ -36,7 +38,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 
 class ServerError(RuntimeError):
@@ -390,3 +392,55 @@ class VictoriaMetricsServer(_Process):
         if status != 200:
             raise ServerError(f"query {promql!r}: HTTP {status}: {body[:300]!r}")
         return json.loads(body)
+
+
+class PrometheusServer(_Process):
+    """``prometheus`` scraping ``targets`` (host:port, path ``/metrics``) every ``interval_s``,
+    its data and config in ``directory``, its API on a free loopback port."""
+
+    binary = "prometheus"
+
+    def __init__(self, directory: str | Path, targets: Iterable[str], interval_s: float = 1.0,
+                 port: int | None = None, scrape_configs: list[dict] | None = None):
+        """``scrape_configs``: these instead of one job ``tempering`` scraping ``targets``."""
+        super().__init__(directory, port)
+        self.config_path = self.directory / "prometheus.yml"
+        self.config_path.write_text(json.dumps({        # JSON is YAML
+            "global": {"scrape_interval": f"{round(interval_s * 1000)}ms",     # whole units only
+                       "scrape_timeout": f"{round(min(interval_s, 10.0) * 900)}ms"},
+            "scrape_configs": scrape_configs or [{"job_name": "tempering",
+                                                  "static_configs": [{"targets": list(targets)}]}],
+        }, indent=1))
+
+    def command(self) -> list[str]:
+        return [self.binary, f"--config.file={self.config_path}",
+                f"--storage.tsdb.path={self.directory / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"]
+
+    def ready(self) -> bool:
+        return _http("GET", f"{self.url}/-/ready", timeout_s=1.0)[0] == 200
+
+    def query(self, promql: str) -> list[dict[str, Any]]:
+        """``/api/v1/query`` (instant, now): the result vector."""
+        status, body = _http("POST", f"{self.url}/api/v1/query",
+                             data=urllib.parse.urlencode({"query": promql}).encode(),
+                             headers={"Content-Type": "application/x-www-form-urlencoded"})
+        if status != 200:
+            raise ServerError(f"query {promql!r}: HTTP {status}: {body[:300]!r}")
+        return json.loads(body)["data"]["result"]
+
+    def value(self, promql: str) -> float | None:
+        """The first series' value of ``promql`` now; None when there is none."""
+        result = self.query(promql)
+        return float(result[0]["value"][1]) if result else None
+
+    def wait_for(self, promql: str, ok: Callable[[float], bool], timeout_s: float = 30.0) -> float:
+        """Poll ``value(promql)`` until ``ok(value)``; ServerError after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            v = self.value(promql)
+            if v is not None and ok(v):
+                return v
+            if time.monotonic() > deadline:
+                raise ServerError(f"{promql}: {v} after {timeout_s:g} s; {self.log_tail(500)}")
+            time.sleep(0.25)

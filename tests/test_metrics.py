@@ -175,7 +175,7 @@ def test_the_server_answers_and_a_taken_port_is_an_oserror(free_port):
 
 def _prometheus(tmp_path, target: str):
     """Prometheus with the README's scrape config, its target replaced by ``target``."""
-    from bench.monitoring import PrometheusServer
+    from servers import PrometheusServer
 
     if shutil.which(PrometheusServer.binary) is None:
         pytest.skip("prometheus is not installed (make system-deps)")
