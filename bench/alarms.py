@@ -499,7 +499,7 @@ async def run(cfg, book, tmp: Path, *, seconds: float, clients: int, cycle_s: fl
         (tmp / "clients.json").write_text(json.dumps(spec))
         clients_proc = await Worker.start("--clients-worker", tmp / "clients.json", tmp / "clients.log")
         await clients_proc.answer()
-        subscriptions = server._sessions()[1]
+        subscriptions = server.sessions()[1]
 
         async def idle(span_s: float) -> None:
             a = time.time()

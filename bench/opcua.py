@@ -403,7 +403,7 @@ async def load_run(cfg, book, tmp: Path, clients: int, seconds: float) -> dict:
             a, w0, t0 = stats.scans, server.publisher.writes, time.monotonic()
             windows["connecting"].append((connecting, a))
             overruns_connecting = stats.overruns - overruns_before
-            subscriptions = server._sessions()[1]
+            subscriptions = server.sessions()[1]
             line = await asyncio.wait_for(proc.stdout.readline(), seconds + 60.0)
             windows["loaded"].append((a, stats.scans))
             writes.append((server.publisher.writes - w0, time.monotonic() - t0))

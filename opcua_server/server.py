@@ -132,7 +132,7 @@ class TemperingServer:
                         # later collection (a full one over it would take the scan's time)
         self.publisher = Publisher(self.server, self.nodes, self.channel,
                                    interval_s=self.settings.publish_interval_ms / 1000.0,
-                                   links=self.links, history=self.history, sessions=self._sessions,
+                                   links=self.links, history=self.history, sessions=self.sessions,
                                    conditions=self.conditions,
                                    plc_status=self.plc.status,
                                    plc_info=lambda: (self.plc.info.get("scheduling", ""),
@@ -173,7 +173,8 @@ class TemperingServer:
 
     # -- diagnostics and events --------------------------------------------------------------
 
-    def _sessions(self) -> tuple[int, int]:
+    def sessions(self) -> tuple[int, int]:
+        """(OPC UA sessions open, subscriptions): the diagnostics' and the metrics' figures."""
         iserver = self.server.iserver
         sessions = len(getattr(iserver, "_external_sessions", ()) or ())   # asyncua 2.1
         subs = len(getattr(iserver.subscription_service, "subscriptions", {}) or {})

@@ -152,7 +152,7 @@ def _start_monitoring(cfg, program, plc, history, opc):
     sources = Sources(cfg.machine.id, cfg.machine.name, program.period_s, snapshot=lambda: plc.latest,
                       plc_status=plc.status, plc_pid=lambda: plc.info.get("pid"),
                       plc_dropped=lambda: plc.plc_dropped, links=plc.links, history=history,
-                      sessions=opc._sessions if opc is not None else None)
+                      sessions=opc.sessions if opc is not None else None)
     server = MetricsServer(sources, cfg.monitoring.host, cfg.monitoring.port)
     try:
         url = server.start()
